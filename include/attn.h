@@ -1,0 +1,265 @@
+/* libattn: efficient attention for transformer models.
+ *
+ * One header, C11. Every function returns an attn_status; on failure
+ * attn_last_error() gives a sentence (thread-local) naming the argument and
+ * the rule it broke. The library never aborts, exits or prints, and a call
+ * either writes its whole output or leaves it untouched.
+ *
+ * Shapes use these names:
+ *   B batch, N query length, M key length, H query heads, Hk key/value heads
+ *   (Hk divides H), D query/key head dim, Dv value head dim.
+ * Default layout is [B, seq, heads, dim]; any element strides work.
+ * LSE (row log-sum-exp, natural log) is f32 [B, H, N].
+ */
+#ifndef ATTN_H
+#define ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ATTN_VERSION_MAJOR 0
+#define ATTN_VERSION_MINOR 1
+#define ATTN_VERSION_PATCH 0
+#define ATTN_VERSION_NUMBER \
+    (ATTN_VERSION_MAJOR * 10000 + ATTN_VERSION_MINOR * 100 + ATTN_VERSION_PATCH)
+
+#if defined(_WIN32) && defined(ATTN_BUILD_SHARED)
+#define ATTN_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define ATTN_API __attribute__((visibility("default")))
+#else
+#define ATTN_API
+#endif
+
+/* ---------------------------------------------------------------- status */
+
+/* Numeric values are stable across releases. */
+#define ATTN_STATUS_LIST(X)                                                  \
+    X(ATTN_OK, 0, "success")                                                 \
+    X(ATTN_ERR_NULL, 1, "a required pointer is null")                        \
+    X(ATTN_ERR_SHAPE, 2, "tensor shapes do not match")                       \
+    X(ATTN_ERR_DTYPE, 3, "unsupported or mismatched dtype")                  \
+    X(ATTN_ERR_ARG, 4, "an argument has an invalid value")                   \
+    X(ATTN_ERR_OVERFLOW, 5, "a size overflows")                              \
+    X(ATTN_ERR_ALIAS, 6, "an output overlaps an input")                      \
+    X(ATTN_ERR_NOMEM, 7, "out of memory")                                    \
+    X(ATTN_ERR_UNSUPPORTED, 8, "not supported by this backend or machine")   \
+    X(ATTN_ERR_INTERNAL, 9, "internal error")
+
+typedef enum attn_status {
+#define ATTN_STATUS_ENUM_(name, value, text) name = value,
+    ATTN_STATUS_LIST(ATTN_STATUS_ENUM_)
+#undef ATTN_STATUS_ENUM_
+} attn_status;
+
+/* Short fixed description of a status code ("unknown status" if invalid). */
+ATTN_API const char *attn_status_str(attn_status s);
+/* The last error of this thread as a full sentence; "" after success. */
+ATTN_API const char *attn_last_error(void);
+
+/* ---------------------------------------------------------------- version */
+
+ATTN_API const char *attn_version(void);  /* "0.1.0" */
+ATTN_API int attn_version_number(void);   /* ATTN_VERSION_NUMBER */
+
+/* ---------------------------------------------------------------- tensors */
+
+typedef enum attn_dtype {
+    ATTN_F32 = 0,
+    ATTN_F16 = 1,  /* IEEE binary16, stored as uint16_t */
+    ATTN_BF16 = 2, /* bfloat16, stored as uint16_t */
+    ATTN_F64 = 3   /* reference backend only (tests, oracles) */
+} attn_dtype;
+
+#define ATTN_MAX_DIMS 4
+
+/* A strided view; nothing is owned. Strides are in elements, >= 0
+ * (0 broadcasts an input; outputs need strides that never overlap). */
+typedef struct attn_tensor {
+    void *data;
+    attn_dtype dtype;
+    int32_t ndim;
+    int64_t shape[ATTN_MAX_DIMS];
+    int64_t stride[ATTN_MAX_DIMS];
+} attn_tensor;
+
+/* Contiguous row-major views. */
+ATTN_API attn_tensor attn_tensor_3d(void *data, attn_dtype dt, int64_t d0, int64_t d1,
+                                    int64_t d2);
+ATTN_API attn_tensor attn_tensor_4d(void *data, attn_dtype dt, int64_t d0, int64_t d1,
+                                    int64_t d2, int64_t d3);
+ATTN_API size_t attn_dtype_size(attn_dtype dt); /* 0 for an invalid dtype */
+ATTN_API const char *attn_dtype_name(attn_dtype dt);
+
+/* Scalar conversions (round to nearest even; NaN stays NaN). */
+ATTN_API float attn_f16_to_f32(uint16_t h);
+ATTN_API uint16_t attn_f32_to_f16(float f);
+ATTN_API float attn_bf16_to_f32(uint16_t h);
+ATTN_API uint16_t attn_f32_to_bf16(float f);
+
+/* ---------------------------------------------------------------- context */
+
+typedef enum attn_backend {
+    ATTN_BACKEND_AUTO = 0, /* ATTN_BACKEND env var, else cpu */
+    ATTN_BACKEND_CPU = 1,  /* tiled engine with SIMD micro-kernels */
+    ATTN_BACKEND_REF = 2   /* double-precision reference (slow, exact) */
+} attn_backend;
+
+typedef enum attn_isa {
+    ATTN_ISA_AUTO = 0, /* ATTN_ISA env var, else the best the CPU and OS support */
+    ATTN_ISA_SCALAR = 1,
+    ATTN_ISA_AVX2 = 2,   /* AVX2 + FMA + F16C */
+    ATTN_ISA_AVX512 = 3, /* AVX-512 F/BW/VL/DQ */
+    ATTN_ISA_NEON = 4
+} attn_isa;
+
+typedef struct attn_ctx_options {
+    int32_t threads;     /* 0: ATTN_NUM_THREADS env var, else all cores */
+    attn_backend backend;
+    attn_isa isa;        /* asking for an ISA this machine lacks is an error */
+    uint64_t seed;       /* for mechanisms that draw random numbers */
+} attn_ctx_options;
+
+typedef struct attn_ctx attn_ctx;
+
+ATTN_API attn_ctx_options attn_ctx_options_default(void);
+/* opt may be NULL (defaults). */
+ATTN_API attn_status attn_ctx_create(attn_ctx **out, const attn_ctx_options *opt);
+ATTN_API void attn_ctx_free(attn_ctx *ctx); /* NULL is a no-op */
+ATTN_API int attn_ctx_threads(const attn_ctx *ctx);
+ATTN_API attn_backend attn_ctx_backend(const attn_ctx *ctx);
+ATTN_API attn_isa attn_ctx_isa(const attn_ctx *ctx);
+ATTN_API const char *attn_isa_name(attn_isa isa);
+ATTN_API const char *attn_backend_name(attn_backend b);
+/* Best ISA that this CPU and OS support (cpuid + xgetbv). */
+ATTN_API attn_isa attn_isa_detected(void);
+
+/* ---------------------------------------------------------------- plans */
+
+/* A plan lists, for each query block, the key blocks the engine visits.
+ * Dense, causal and sliding-window plans are implicit (params, plan = NULL).
+ * Explicit plans are built once and reused across calls and layers. */
+
+typedef enum attn_block_mask {
+    ATTN_BLOCK_FULL = 0,  /* every key of the block is visible */
+    ATTN_BLOCK_PARAMS = 1 /* causal/window rule of the params applied per element */
+} attn_block_mask;
+
+typedef struct attn_plan_entry {
+    int32_t key_block; /* index of the key block, ascending within a query block */
+    uint8_t level;     /* pyramid level: 0 = full resolution (only 0 for now) */
+    uint8_t mask;      /* attn_block_mask */
+    uint16_t reserved; /* 0 */
+} attn_plan_entry;
+
+typedef struct attn_plan attn_plan;
+
+/* n, m: query and key lengths; block_q, block_k: block sizes (1..512);
+ * heads: 1 (shared by all heads) or the number of query heads H, or Hk
+ *   (shared by a GQA group);
+ * row_offsets: int64 [heads * ceil(n/block_q) + 1], CSR offsets into entries;
+ * entries: [row_offsets[last]]. The plan copies what it needs. */
+ATTN_API attn_status attn_plan_create(attn_plan **out, int64_t n, int64_t m,
+                                      int64_t block_q, int64_t block_k, int64_t heads,
+                                      const int64_t *row_offsets,
+                                      const attn_plan_entry *entries);
+ATTN_API void attn_plan_free(attn_plan *plan); /* NULL is a no-op */
+/* Fraction of the N×M logits that the plan visits (0..1). */
+ATTN_API double attn_plan_density(const attn_plan *plan);
+
+/* ---------------------------------------------------------------- params */
+
+typedef struct attn_params {
+    float scale;         /* logit scale; 0 means 1/sqrt(D) */
+    float softcap;       /* > 0: logit s becomes softcap * tanh(s / softcap); 0 off */
+    int32_t causal;      /* key j visible to query i iff j <= i + (M - N):
+                            the diagonal is aligned bottom-right when N != M */
+    int64_t window_left; /* -1 unbounded; else j >= i + (M - N) - window_left */
+    int64_t window_right;/* -1 unbounded; else j <= i + (M - N) + window_right */
+    /* Variable-length batch (packed, no padding): when cu_seqlens_q is set,
+     * q/o are [1, total_q, H, *], k/v [1, total_k, Hk, *], lse [1, H, total_q],
+     * and sequence b holds rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1. */
+    int64_t batch;                 /* number of sequences (varlen only) */
+    const int32_t *cu_seqlens_q;   /* int32 [batch + 1], non-decreasing, from 0 */
+    const int32_t *cu_seqlens_k;   /* int32 [batch + 1] */
+    const attn_plan *plan;         /* NULL: implicit dense/causal/window plan */
+} attn_params;
+
+/* scale 0, no softcap, not causal, windows -1, no varlen, no plan. */
+ATTN_API attn_params attn_params_default(void);
+
+/* ---------------------------------------------------------------- ops */
+
+/* Exact softmax attention, forward.
+ *   q   [B, N, H, D]      f32 | f16 | bf16
+ *   k   [B, M, Hk, D]     f32 | f16 | bf16 (k and v share a dtype)
+ *   v   [B, M, Hk, Dv]
+ *   o   [B, N, H, Dv]     output, f32 | f16 | bf16
+ *   lse [B, H, N] f32     output, may be NULL
+ * A row that sees no key gets O = 0 and LSE = -inf. NaN or Inf in an input
+ * make the rows whose logits they reach non-finite; other rows are exact. */
+ATTN_API attn_status attn_forward(attn_ctx *ctx, const attn_params *p,
+                                  const attn_tensor *q, const attn_tensor *k,
+                                  const attn_tensor *v, attn_tensor *o,
+                                  attn_tensor *lse);
+
+/* Backward of attn_forward with the same params. P is recomputed from lse.
+ *   o, dout [B, N, H, Dv]; lse [B, H, N] f32 from attn_forward;
+ *   dq [B, N, H, D], dk [B, M, Hk, D], dv [B, M, Hk, Dv]: outputs. */
+ATTN_API attn_status attn_backward(attn_ctx *ctx, const attn_params *p,
+                                   const attn_tensor *q, const attn_tensor *k,
+                                   const attn_tensor *v, const attn_tensor *o,
+                                   const attn_tensor *lse, const attn_tensor *dout,
+                                   attn_tensor *dq, attn_tensor *dk, attn_tensor *dv);
+
+#define ATTN_DECODE_MAX_QUERIES 16
+
+/* KV-cache decode: 1..16 new queries per sequence against a long cache,
+ * split across threads by key ranges and merged by LSE.
+ *   q   [B, Nq, H, D]; Nq <= ATTN_DECODE_MAX_QUERIES
+ *   k   [B, Mcap, Hk, D], v [B, Mcap, Hk, Dv]: the cache
+ *   cache_lens int32 [B] or NULL (all Mcap): keys 0..cache_lens[b]-1 are live;
+ *     the new queries are the last Nq positions (causal aligns bottom-right)
+ *   o [B, Nq, H, Dv]; lse [B, H, Nq] f32 or NULL.
+ * p may set scale, softcap, causal and windows; varlen and plans are
+ * not used by decode. */
+ATTN_API attn_status attn_decode(attn_ctx *ctx, const attn_params *p,
+                                 const attn_tensor *q, const attn_tensor *k,
+                                 const attn_tensor *v, const int32_t *cache_lens,
+                                 attn_tensor *o, attn_tensor *lse);
+
+/* LSE merge: (O1, L1) ⊕ (O2, L2) = attention over the union of two disjoint
+ * key sets. o1, o2, o [B, N, H, Dv]; lse1, lse2, lse [B, H, N] f32.
+ * A side with LSE = -inf contributes nothing; both -inf gives O = 0. */
+ATTN_API attn_status attn_lse_merge(attn_ctx *ctx, const attn_tensor *o1,
+                                    const attn_tensor *lse1, const attn_tensor *o2,
+                                    const attn_tensor *lse2, attn_tensor *o,
+                                    attn_tensor *lse);
+
+/* ---------------------------------------------------------------- capability */
+
+typedef enum attn_op {
+    ATTN_OP_FORWARD = 0,
+    ATTN_OP_BACKWARD = 1,
+    ATTN_OP_DECODE = 2,
+    ATTN_OP_LSE_MERGE = 3
+} attn_op;
+
+typedef struct attn_config {
+    attn_dtype q_dtype, kv_dtype, o_dtype;
+    int64_t dim, dim_v, heads, kv_heads;
+    int32_t has_plan;
+} attn_config;
+
+/* ATTN_OK if ctx runs op on config as asked (no fallback), else
+ * ATTN_ERR_UNSUPPORTED (or an argument error) with attn_last_error() saying why. */
+ATTN_API attn_status attn_supports(const attn_ctx *ctx, attn_op op, const attn_config *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ATTN_H */

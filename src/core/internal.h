@@ -1,0 +1,120 @@
+/* Internal declarations shared by core, ref and engine. Not installed. */
+#ifndef ATTN_INTERNAL_H
+#define ATTN_INTERNAL_H
+
+#include "attn.h"
+
+#include <math.h>
+#include <stdbool.h>
+
+#if defined(__GNUC__)
+#define ATTN_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define ATTN_PRINTF(a, b)
+#endif
+
+/* Record a sentence as this thread's last error and return s. */
+attn_status attn_err(attn_status s, const char *fmt, ...) ATTN_PRINTF(2, 3);
+void attn_clear_error(void);
+
+/* An explicit plan (see attn_plan_create). */
+struct attn_plan {
+    int64_t n, m, block_q, block_k, heads;
+    int64_t n_qblocks, n_kblocks;
+    int64_t *row_offsets;      /* [heads * n_qblocks + 1] */
+    attn_plan_entry *entries;  /* [row_offsets[heads * n_qblocks]] */
+    double density;
+};
+
+/* A validated problem: every op is described by one of these once the
+ * arguments passed the checks at the API edge. Kernels trust it. */
+typedef struct attn_problem {
+    int64_t batch;             /* sequences */
+    int64_t n, m;              /* per-sequence lengths (dense); tensor rows (varlen) */
+    int64_t h, hk, d, dv;
+    float scale;               /* resolved: never 0 */
+    float softcap;             /* 0 = off */
+    int causal;
+    int64_t window_left, window_right; /* -1 = unbounded */
+    const int32_t *cu_q, *cu_k;        /* varlen offsets, or NULL */
+    const int32_t *kv_lens;            /* decode: live keys per sequence, or NULL */
+    const attn_plan *plan;             /* explicit plan or NULL */
+} attn_problem;
+
+/* Where sequence b lives in the tensors. */
+typedef struct attn_seq {
+    int64_t tb;   /* index along the tensors' dim 0 */
+    int64_t q0;   /* first query row along dim 1 */
+    int64_t n;    /* queries */
+    int64_t k0;   /* first key row along dim 1 */
+    int64_t m;    /* keys */
+} attn_seq;
+
+static inline attn_seq attn_problem_seq(const attn_problem *p, int64_t b) {
+    attn_seq s;
+    if (p->cu_q) {
+        s.tb = 0;
+        s.q0 = p->cu_q[b];
+        s.n = p->cu_q[b + 1] - p->cu_q[b];
+        s.k0 = p->cu_k[b];
+        s.m = p->cu_k[b + 1] - p->cu_k[b];
+    } else {
+        s.tb = b;
+        s.q0 = 0;
+        s.n = p->n;
+        s.k0 = 0;
+        s.m = p->kv_lens ? p->kv_lens[b] : p->m;
+    }
+    return s;
+}
+
+/* Keys visible to query i of a sequence with n queries and m keys under the
+ * causal/window rule: the inclusive range [*lo, *hi] clipped to [0, m-1]
+ * (empty when *lo > *hi). Explicit plans restrict this further. */
+static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t m,
+                                      int64_t i, int64_t *lo, int64_t *hi) {
+    int64_t diag = i + (m - n);
+    int64_t l = 0, r = m - 1;
+    if (p->window_left >= 0 && diag - p->window_left > l) l = diag - p->window_left;
+    int64_t right = p->window_right;
+    if (p->causal && (right < 0 || right > 0)) right = 0;
+    if (right >= 0 && diag + right < r) r = diag + right;
+    *lo = l;
+    *hi = r;
+}
+
+/* Plan row of query head hq: index into plan->row_offsets' head dimension. */
+static inline int64_t attn_plan_head(const attn_plan *plan, int64_t hq, int64_t h,
+                                     int64_t hk) {
+    if (plan->heads == 1) return 0;
+    if (plan->heads == h) return hq;
+    return hq / (h / hk);
+}
+
+/* Element offset of a 4-D index in a tensor view. */
+static inline int64_t attn_off4(const attn_tensor *t, int64_t a, int64_t b, int64_t c,
+                                int64_t d) {
+    return a * t->stride[0] + b * t->stride[1] + c * t->stride[2] + d * t->stride[3];
+}
+static inline int64_t attn_off3(const attn_tensor *t, int64_t a, int64_t b, int64_t c) {
+    return a * t->stride[0] + b * t->stride[1] + c * t->stride[2];
+}
+
+/* Scalar element access in any dtype, as double (slow paths: ref, tests). */
+double attn_load_f64(const attn_tensor *t, int64_t off);
+void attn_store_f64(attn_tensor *t, int64_t off, double x);
+
+/* Reference backend (src/ref): double precision, naive loops, the oracle.
+ * Arguments are already validated. Each computes into its own buffers and
+ * writes outputs only when it succeeded. */
+attn_status ref_forward(const attn_problem *p, const attn_tensor *q, const attn_tensor *k,
+                        const attn_tensor *v, attn_tensor *o, attn_tensor *lse);
+attn_status ref_backward(const attn_problem *p, const attn_tensor *q, const attn_tensor *k,
+                         const attn_tensor *v, const attn_tensor *o,
+                         const attn_tensor *lse, const attn_tensor *dout, attn_tensor *dq,
+                         attn_tensor *dk, attn_tensor *dv);
+attn_status ref_lse_merge(const attn_tensor *o1, const attn_tensor *lse1,
+                          const attn_tensor *o2, const attn_tensor *lse2, attn_tensor *o,
+                          attn_tensor *lse);
+
+#endif

@@ -1,0 +1,261 @@
+/* AVX-512 micro-kernels (F/BW/VL/DQ + F16C): the contract of kernels.h with
+ * 16-lane vectors. Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq. */
+#include <immintrin.h>
+#include <math.h>
+
+#include "../kernels.h"
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+static ALWAYS_INLINE __mmask16 tail_mask(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+}
+
+/* 2^x, about 1 ulp on the normal range; 2^-inf = 0 exactly, NaN stays NaN. */
+static ALWAYS_INLINE __m512 exp2v(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x); /* NaN in x survives (2nd operand) */
+    x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5] */
+    /* Taylor series of 2^f = e^(f ln 2) to degree 6: relative error < 3e-8 */
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* ---------------------------------------------------------------- gemm */
+
+enum { MR = 6, NV = 4 }; /* 6 rows x 64 columns: 24 accumulators of 32 */
+
+/* One MRxNV register tile; mr and nv are constants after inlining. The last
+ * vector column uses mask `last` (all ones when n is a multiple of 16). */
+static ALWAYS_INLINE void tile(int mr, int nv, int64_t k, const float *a, int64_t rsa,
+                               int64_t csa, const float *b, int64_t ldb, float *c,
+                               int64_t ldc, int accumulate, const float *c_scale,
+                               __mmask16 last) {
+    __m512 acc[MR][NV];
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk++) {
+        const float *bk = b + kk * ldb;
+        const float *ak = a + kk * csa;
+        __m512 bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++)
+            bv[v] = v == nv - 1 ? _mm512_maskz_loadu_ps(last, bk + 16 * v)
+                                : _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 6
+        for (int r = 0; r < mr; r++) {
+            __m512 ar = _mm512_set1_ps(ak[r * rsa]);
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++) {
+        float *cr = c + r * ldc;
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) {
+            __mmask16 mk = v == nv - 1 ? last : (__mmask16)0xffff;
+            __m512 x = acc[r][v];
+            if (c_scale)
+                x = _mm512_fmadd_ps(_mm512_set1_ps(c_scale[r]),
+                                    _mm512_maskz_loadu_ps(mk, cr + 16 * v), x);
+            else if (accumulate)
+                x = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, cr + 16 * v), x);
+            _mm512_mask_storeu_ps(cr + 16 * v, mk, x);
+        }
+    }
+}
+
+typedef void (*tile_fn)(int64_t, const float *, int64_t, int64_t, const float *, int64_t,
+                        float *, int64_t, int, const float *, __mmask16);
+
+#define TILE_FN(R, V)                                                                   \
+    static void tile_##R##x##V(int64_t k, const float *a, int64_t rsa, int64_t csa,      \
+                               const float *b, int64_t ldb, float *c, int64_t ldc,       \
+                               int acc, const float *cs, __mmask16 last) {               \
+        tile(R, V, k, a, rsa, csa, b, ldb, c, ldc, acc, cs, last);                       \
+    }
+#define TILE_ROW(R) TILE_FN(R, 1) TILE_FN(R, 2) TILE_FN(R, 3) TILE_FN(R, 4)
+TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6)
+#define TILE_PTRS(R) {tile_##R##x1, tile_##R##x2, tile_##R##x3, tile_##R##x4}
+static const tile_fn tiles[MR][NV] = {TILE_PTRS(1), TILE_PTRS(2), TILE_PTRS(3),
+                                      TILE_PTRS(4), TILE_PTRS(5), TILE_PTRS(6)};
+
+static void gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa, int64_t csa,
+                 const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate,
+                 const float *c_scale) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16 * NV) {
+        int64_t nc = n - j0 < 16 * NV ? n - j0 : 16 * NV;
+        int nv = (int)((nc + 15) / 16);
+        __mmask16 last = tail_mask(nc - 16 * (nv - 1));
+        for (int64_t i0 = 0; i0 < m; i0 += MR) {
+            int mr = (int)(m - i0 < MR ? m - i0 : MR);
+            tiles[mr - 1][nv - 1](k, a + i0 * rsa, rsa, csa, b + j0, ldb, c + i0 * ldc + j0,
+                                  ldc, accumulate, c_scale ? c_scale + i0 : NULL, last);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- softmax */
+
+static void softmax_cols(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < cols; i += 16) {
+        __mmask16 mk = tail_mask(cols - i);
+        __m512 mold = _mm512_mask_loadu_ps(ninf, mk, m + i);
+        __m512 mx = mold;
+        for (int64_t j = 0; j < rows; j++)
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, mk, s + j * lds + i));
+        __mmask16 dead = _mm512_cmp_ps_mask(mx, ninf, _CMP_EQ_OQ);
+        __m512 sub = _mm512_mask_blend_ps(dead, mx, _mm512_setzero_ps());
+        __m512 al = exp2v(_mm512_sub_ps(mold, sub));
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 1 < rows; j += 2) {
+            float *s0 = s + j * lds + i, *s1 = s0 + lds;
+            __m512 p0 = exp2v(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s0), sub));
+            __m512 p1 = exp2v(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s1), sub));
+            _mm512_mask_storeu_ps(s0, mk, p0);
+            _mm512_mask_storeu_ps(s1, mk, p1);
+            sum0 = _mm512_add_ps(sum0, p0);
+            sum1 = _mm512_add_ps(sum1, p1);
+        }
+        for (; j < rows; j++) {
+            float *s0 = s + j * lds + i;
+            __m512 p0 = exp2v(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s0), sub));
+            _mm512_mask_storeu_ps(s0, mk, p0);
+            sum0 = _mm512_add_ps(sum0, p0);
+        }
+        __m512 lv = _mm512_maskz_loadu_ps(mk, l + i);
+        lv = _mm512_fmadd_ps(al, lv, _mm512_add_ps(sum0, sum1));
+        _mm512_mask_storeu_ps(l + i, mk, lv);
+        _mm512_mask_storeu_ps(m + i, mk, mx);
+        _mm512_mask_storeu_ps(alpha + i, mk, al);
+    }
+}
+
+static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
+                      const float *sub) {
+    const __m512 vm = _mm512_set1_ps(mul);
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 vs = _mm512_set1_ps(sub[r]);
+        float *sr = s + r * lds;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 mk = tail_mask(cols - c);
+            __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, sr + c), vm, vs);
+            _mm512_mask_storeu_ps(sr + c, mk, exp2v(x));
+        }
+    }
+}
+
+static void dsoftmax_rows(float *dp, const float *p, int64_t rows, int64_t cols, int64_t ld,
+                          const float *delta, float mul) {
+    const __m512 vm = _mm512_set1_ps(mul);
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 vd = _mm512_set1_ps(delta[r]);
+        float *dr = dp + r * ld;
+        const float *pr = p + r * ld;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 mk = tail_mask(cols - c);
+            __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dr + c), vd);
+            x = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(mk, pr + c)), vm);
+            _mm512_mask_storeu_ps(dr + c, mk, x);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- vectors */
+
+static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
+                     float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *qr = q + r * ldq;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= d; i += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), _mm512_loadu_ps(k + i), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16), _mm512_loadu_ps(k + i + 16), a1);
+        }
+        for (; i < d; i += 16) {
+            __mmask16 mk = tail_mask(d - i);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qr + i),
+                                 _mm512_maskz_loadu_ps(mk, k + i), a0);
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+static void axpy(int64_t n, float a, const float *x, float *y) {
+    __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = tail_mask(n - i);
+        __m512 r = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk, x + i),
+                                   _mm512_maskz_loadu_ps(mk, y + i));
+        _mm512_mask_storeu_ps(y + i, mk, r);
+    }
+}
+
+static void f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = tail_mask(n - i);
+        __m256i h = _mm256_maskz_loadu_epi16(mk, src + i);
+        _mm512_mask_storeu_ps(dst + i, mk, _mm512_cvtph_ps(h));
+    }
+}
+
+static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = tail_mask(n - i);
+        __m256i h = _mm256_maskz_loadu_epi16(mk, src + i);
+        __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+        _mm512_mask_storeu_ps(dst + i, mk, _mm512_castsi512_ps(w));
+    }
+}
+
+static void f32_to_f16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = tail_mask(n - i);
+        __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(mk, src + i),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(dst + i, mk, h);
+    }
+}
+
+static void f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = tail_mask(n - i);
+        __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(mk, src + i));
+        __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absmask), inf);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        r = _mm512_srli_epi32(r, 16);
+        __m512i q = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        r = _mm512_mask_blend_epi32(nan, r, q);
+        _mm256_mask_storeu_epi16(dst + i, mk, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+const attn_kernels attn_kernels_avx512 = {
+    .isa = ATTN_ISA_AVX512,
+    .gemm = gemm,
+    .softmax_cols = softmax_cols,
+    .exp2_rows = exp2_rows,
+    .dsoftmax_rows = dsoftmax_rows,
+    .dot_rows = dot_rows,
+    .axpy = axpy,
+    .f16_to_f32 = f16_to_f32,
+    .bf16_to_f32 = bf16_to_f32,
+    .f32_to_f16 = f32_to_f16,
+    .f32_to_bf16 = f32_to_bf16,
+};

@@ -1,0 +1,64 @@
+/* The micro-kernel contract. Each ISA (src/cpu/<isa>/) fills one table;
+ * the engines call only these. Intrinsics live only behind this table.
+ * All pointers are f32 unless named otherwise; kernels trust their inputs. */
+#ifndef ATTN_KERNELS_H
+#define ATTN_KERNELS_H
+
+#include <stdint.h>
+
+#include "attn.h"
+
+typedef struct attn_kernels {
+    attn_isa isa;
+
+    /* Small GEMM on cache-resident tiles:
+     *   C[m x n] = X + A[m x k] * B[k x n]
+     * with X = 0 (accumulate == 0 and c_scale == NULL), X = C (accumulate),
+     * or X = diag(c_scale) * C (c_scale != NULL, the online-softmax rescale).
+     * A(r, kk) = a[r * rsa + kk * csa] (any strides: transposes are free);
+     * B row kk = b + kk * ldb, contiguous along n; C row r = c + r * ldc. */
+    void (*gemm)(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                 int64_t csa, const float *b, int64_t ldb, float *c, int64_t ldc,
+                 int accumulate, const float *c_scale);
+
+    /* Online softmax over a column-major logit tile s[rows][cols] (row j is a
+     * key, column i a query; logits in log2 units, masked = -inf):
+     *   m_new[i] = max(m[i], max_j s[j][i]); alpha[i] = 2^(m[i] - m_new[i]);
+     *   s[j][i] = 2^(s[j][i] - m_new[i]); l[i] = alpha[i] * l[i] + sum_j s[j][i].
+     * A column with m_new = -inf keeps p = 0 and alpha = 0. m, l updated. */
+    void (*softmax_cols)(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha);
+
+    /* Row-major tile: p[r][c] = 2^(s[r][c] * mul - sub[r]) in place. */
+    void (*exp2_rows)(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
+                      const float *sub);
+
+    /* Row-major tile: dp[r][c] = p[r][c] * (dp[r][c] - delta[r]) * mul in place. */
+    void (*dsoftmax_rows)(float *dp, const float *p, int64_t rows, int64_t cols,
+                          int64_t ld, const float *delta, float mul);
+
+    /* Dot products of one key row k[d] (f32) with rows q[r][d] (f32, ldq):
+     * out[r] = sum_d q[r][d] * k[d]. Used by decode for few queries. */
+    void (*dot_rows)(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
+                     float *out);
+
+    /* y[i] += a * x[i]. */
+    void (*axpy)(int64_t n, float a, const float *x, float *y);
+
+    /* Conversions of contiguous runs. */
+    void (*f16_to_f32)(const uint16_t *src, float *dst, int64_t n);
+    void (*bf16_to_f32)(const uint16_t *src, float *dst, int64_t n);
+    void (*f32_to_f16)(const float *src, uint16_t *dst, int64_t n);
+    void (*f32_to_bf16)(const float *src, uint16_t *dst, int64_t n);
+} attn_kernels;
+
+extern const attn_kernels attn_kernels_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+extern const attn_kernels attn_kernels_avx2;
+extern const attn_kernels attn_kernels_avx512;
+#endif
+
+/* The table for an ISA this build has, or NULL. */
+const attn_kernels *attn_kernels_for(attn_isa isa);
+
+#endif

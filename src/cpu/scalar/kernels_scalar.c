@@ -1,0 +1,98 @@
+/* Scalar micro-kernels: the portable implementation of the contract in
+ * kernels.h, always built, and the model the SIMD versions follow. */
+#include <math.h>
+#include <string.h>
+
+#include "../kernels.h"
+
+static void gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa, int64_t csa,
+                 const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate,
+                 const float *c_scale) {
+    for (int64_t r = 0; r < m; r++) {
+        float *cr = c + r * ldc;
+        if (c_scale) {
+            for (int64_t j = 0; j < n; j++) cr[j] *= c_scale[r];
+        } else if (!accumulate) {
+            for (int64_t j = 0; j < n; j++) cr[j] = 0.0f;
+        }
+        for (int64_t kk = 0; kk < k; kk++) {
+            float av = a[r * rsa + kk * csa];
+            const float *bk = b + kk * ldb;
+            for (int64_t j = 0; j < n; j++) cr[j] += av * bk[j];
+        }
+    }
+}
+
+/* max that lets a NaN through, so that a NaN logit poisons its row */
+static inline float max_nan(float m, float x) { return (x > m || x != x) ? x : m; }
+
+static void softmax_cols(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha) {
+    for (int64_t i = 0; i < cols; i++) {
+        float mx = m[i];
+        for (int64_t j = 0; j < rows; j++) mx = max_nan(mx, s[j * lds + i]);
+        float sub = (mx == -INFINITY) ? 0.0f : mx;
+        alpha[i] = exp2f(m[i] - sub);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < rows; j++) {
+            float p = exp2f(s[j * lds + i] - sub);
+            s[j * lds + i] = p;
+            sum += p;
+        }
+        l[i] = alpha[i] * l[i] + sum;
+        m[i] = mx;
+    }
+}
+
+static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
+                      const float *sub) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) s[r * lds + c] = exp2f(s[r * lds + c] * mul - sub[r]);
+}
+
+static void dsoftmax_rows(float *dp, const float *p, int64_t rows, int64_t cols, int64_t ld,
+                          const float *delta, float mul) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            dp[r * ld + c] = p[r * ld + c] * (dp[r * ld + c] - delta[r]) * mul;
+}
+
+static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
+                     float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < d; i++) acc += q[r * ldq + i] * k[i];
+        out[r] = acc;
+    }
+}
+
+static void axpy(int64_t n, float a, const float *x, float *y) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = attn_f16_to_f32(src[i]);
+}
+static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = attn_bf16_to_f32(src[i]);
+}
+static void f32_to_f16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = attn_f32_to_f16(src[i]);
+}
+static void f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = attn_f32_to_bf16(src[i]);
+}
+
+const attn_kernels attn_kernels_scalar = {
+    .isa = ATTN_ISA_SCALAR,
+    .gemm = gemm,
+    .softmax_cols = softmax_cols,
+    .exp2_rows = exp2_rows,
+    .dsoftmax_rows = dsoftmax_rows,
+    .dot_rows = dot_rows,
+    .axpy = axpy,
+    .f16_to_f32 = f16_to_f32,
+    .bf16_to_f32 = bf16_to_f32,
+    .f32_to_f16 = f32_to_f16,
+    .f32_to_bf16 = f32_to_bf16,
+};

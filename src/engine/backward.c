@@ -1,0 +1,237 @@
+/* Tiled softmax attention, backward (FlashAttention-2): P is recomputed from
+ * the saved LSE, never stored whole. A task is one (sequence, kv head): it
+ * walks the key blocks in order, and for each the query blocks of every head
+ * in its GQA group, accumulating dK and dV of the block in registers-sized
+ * tiles and dQ in a per-task f32 buffer. Each output element is summed in a
+ * fixed order by one task, so results do not depend on the thread count. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "rows.h"
+#include "tiling.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LOG2E 1.4426950408889634f
+
+typedef struct bwd_bufs {
+    float *kbuf, *kt, *vt;   /* [bk][d], [d][bk], [dv][bk] */
+    float *qbuf, *dobuf;     /* [bq][d], [bq][dv] */
+    float *p, *dp, *th;      /* [bq][bk] probabilities, dP then dS, tanh (softcap) */
+    float *dk, *dv;          /* [bk][d], [bk][dv] */
+    float *dq;               /* [g][n][d] */
+    float *lse2, *delta;     /* [g][n] */
+    float *row;              /* [max(d, dv)] */
+} bwd_bufs;
+
+static size_t bwd_floats(int64_t bq, int64_t bk, int64_t d, int64_t dv, int64_t g,
+                         int64_t n) {
+    size_t x = 0;
+    x += (size_t)(bk * d) * 2 + (size_t)(dv * bk);
+    x += (size_t)(bq * d) + (size_t)(bq * dv);
+    x += (size_t)(bq * bk) * 3;
+    x += (size_t)(bk * d) + (size_t)(bk * dv);
+    x += (size_t)(g * n * d) + (size_t)(g * n) * 2;
+    x += (size_t)(d > dv ? d : dv);
+    return x + 16 * 16;
+}
+
+static bwd_bufs bwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_t dv,
+                          int64_t g, int64_t n) {
+    scratch s = {base, 0, 0};
+    bwd_bufs b;
+    b.kbuf = scratch_take(&s, (size_t)(bk * d));
+    b.kt = scratch_take(&s, (size_t)(bk * d));
+    b.vt = scratch_take(&s, (size_t)(bk * dv));
+    b.qbuf = scratch_take(&s, (size_t)(bq * d));
+    b.dobuf = scratch_take(&s, (size_t)(bq * dv));
+    b.p = scratch_take(&s, (size_t)(bq * bk));
+    b.dp = scratch_take(&s, (size_t)(bq * bk));
+    b.th = scratch_take(&s, (size_t)(bq * bk));
+    b.dk = scratch_take(&s, (size_t)(bk * d));
+    b.dv = scratch_take(&s, (size_t)(bk * dv));
+    b.dq = scratch_take(&s, (size_t)(g * n * d));
+    b.lse2 = scratch_take(&s, (size_t)(g * n));
+    b.delta = scratch_take(&s, (size_t)(g * n));
+    b.row = scratch_take(&s, (size_t)(d > dv ? d : dv));
+    return b;
+}
+
+/* Whether query block [i0, i1) of plan head ph lists key block kb, and with
+ * which mask. */
+static bool plan_lists(const attn_plan *pl, int64_t ph, int64_t qb, int64_t kb, bool *masked) {
+    int64_t row = ph * pl->n_qblocks + qb;
+    int64_t lo = pl->row_offsets[row], hi = pl->row_offsets[row + 1];
+    while (lo < hi) { /* entries ascend by key block */
+        int64_t mid = (lo + hi) / 2;
+        int32_t kbm = pl->entries[mid].key_block;
+        if (kbm == kb) {
+            *masked = pl->entries[mid].mask == ATTN_BLOCK_PARAMS;
+            return true;
+        }
+        if (kbm < kb) lo = mid + 1;
+        else hi = mid;
+    }
+    return false;
+}
+
+typedef struct bwd_args {
+    const attn_ctx *ctx;
+    const attn_problem *p;
+    const attn_tensor *q, *k, *v, *o, *lse, *dout;
+    attn_tensor *dq, *dk, *dv;
+    int64_t bq, bk;
+} bwd_args;
+
+/* One (query block, key block) pair: the five products of FA-2's backward. */
+static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
+                 int64_t i0, int64_t nq, int64_t j0, int64_t nk, bool masked) {
+    const attn_kernels *kr = a->ctx->kernels;
+    const attn_problem *p = a->p;
+    const int64_t d = p->d, dv = p->dv, bk = a->bk;
+    const float *lse2 = b->lse2 + gi * sq->n + i0, *delta = b->delta + gi * sq->n + i0;
+
+    /* S = Q K^T, then P = 2^(S * scale * log2 e - lse2) */
+    kr->gemm(nq, nk, d, b->qbuf, d, 1, b->kt, bk, b->p, bk, 0, NULL);
+    if (p->softcap > 0.0f) {
+        for (int64_t r = 0; r < nq; r++)
+            for (int64_t c = 0; c < nk; c++) {
+                float t = tanhf(b->p[r * bk + c] * p->scale / p->softcap);
+                b->th[r * bk + c] = t;
+                b->p[r * bk + c] = p->softcap * t; /* capped logit, already scaled */
+            }
+    }
+    if (masked)
+        for (int64_t r = 0; r < nq; r++) {
+            int64_t lo, hi;
+            attn_visible_range(p, sq->n, sq->m, i0 + r, &lo, &hi);
+            for (int64_t c = 0; c < nk; c++)
+                if (j0 + c < lo || j0 + c > hi) b->p[r * bk + c] = -INFINITY;
+        }
+    kr->exp2_rows(b->p, nq, nk, bk, p->softcap > 0.0f ? LOG2E : p->scale * LOG2E, lse2);
+
+    /* dV += P^T dO */
+    kr->gemm(nk, dv, nq, b->p, 1, bk, b->dobuf, dv, b->dv, dv, 1, NULL);
+    /* dP = dO V^T; dS = P (dP - delta) scale */
+    kr->gemm(nq, nk, dv, b->dobuf, dv, 1, b->vt, bk, b->dp, bk, 0, NULL);
+    if (p->softcap > 0.0f) {
+        kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, 1.0f);
+        for (int64_t r = 0; r < nq; r++)
+            for (int64_t c = 0; c < nk; c++) {
+                float t = b->th[r * bk + c];
+                b->dp[r * bk + c] *= (1.0f - t * t) * p->scale;
+            }
+    } else {
+        kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, p->scale);
+    }
+    /* dK += dS^T Q; dQ += dS K */
+    kr->gemm(nk, d, nq, b->dp, 1, bk, b->qbuf, d, b->dk, d, 1, NULL);
+    kr->gemm(nq, d, nk, b->dp, bk, 1, b->kbuf, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
+}
+
+static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t hk) {
+    const attn_kernels *kr = a->ctx->kernels;
+    const attn_problem *p = a->p;
+    const attn_seq sq = attn_problem_seq(p, bi);
+    const int64_t g = p->h / p->hk, d = p->d, dv = p->dv, bq = a->bq, bk = a->bk;
+    const int64_t n = sq.n;
+
+    /* per-row constants: LSE in log2 units (0 for empty rows, whose P is 0
+     * anyway), and delta_i = dO_i . O_i */
+    for (int64_t gi = 0; gi < g; gi++) {
+        int64_t h = hk * g + gi;
+        for (int64_t i = 0; i < n; i++) {
+            float l = (float)attn_load_f64(a->lse, attn_off3(a->lse, sq.tb, h, sq.q0 + i));
+            b->lse2[gi * n + i] = l == -INFINITY ? 0.0f : l * LOG2E;
+            rows_load(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i, h, 0), dv, b->dobuf);
+            rows_load(kr, a->o, attn_off4(a->o, sq.tb, sq.q0 + i, h, 0), dv, b->row);
+            float acc = 0.0f;
+            for (int64_t x = 0; x < dv; x++) acc += b->dobuf[x] * b->row[x];
+            b->delta[gi * n + i] = acc;
+        }
+    }
+    memset(b->dq, 0, (size_t)(g * n * d) * sizeof(float));
+
+    for (int64_t j0 = 0; j0 < sq.m; j0 += bk) {
+        const int64_t nk = j0 + bk <= sq.m ? bk : sq.m - j0, kb = j0 / bk;
+        rows_load_block(kr, a->k, attn_off4(a->k, sq.tb, sq.k0 + j0, hk, 0), a->k->stride[1],
+                        nk, d, b->kbuf, d);
+        for (int64_t r = 0; r < nk; r++)
+            for (int64_t x = 0; x < d; x++) b->kt[x * bk + r] = b->kbuf[r * d + x];
+        for (int64_t r = 0; r < nk; r++) {
+            rows_load(kr, a->v, attn_off4(a->v, sq.tb, sq.k0 + j0 + r, hk, 0), dv, b->row);
+            for (int64_t x = 0; x < dv; x++) b->vt[x * bk + r] = b->row[x];
+        }
+        memset(b->dk, 0, (size_t)(nk * d) * sizeof(float));
+        memset(b->dv, 0, (size_t)(nk * dv) * sizeof(float));
+
+        for (int64_t gi = 0; gi < g; gi++) {
+            const int64_t h = hk * g + gi;
+            for (int64_t i0 = 0; i0 < n; i0 += bq) {
+                const int64_t nq = i0 + bq <= n ? bq : n - i0;
+                bool masked;
+                if (p->plan) {
+                    int64_t ph = attn_plan_head(p->plan, h, p->h, p->hk);
+                    if (!plan_lists(p->plan, ph, i0 / bq, kb, &masked)) continue;
+                } else {
+                    int64_t lo0, hi0, lo1, hi1;
+                    attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
+                    attn_visible_range(p, n, sq.m, i0 + nq - 1, &lo1, &hi1);
+                    if (hi1 < j0 || lo0 > j0 + nk - 1) continue; /* no overlap */
+                    masked = !(lo1 <= j0 && j0 + nk - 1 <= hi0);
+                }
+                rows_load_block(kr, a->q, attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0),
+                                a->q->stride[1], nq, d, b->qbuf, d);
+                rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
+                                a->dout->stride[1], nq, dv, b->dobuf, dv);
+                pair(a, b, &sq, gi, i0, nq, j0, nk, masked);
+            }
+        }
+        for (int64_t r = 0; r < nk; r++) {
+            rows_store(kr, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j0 + r, hk, 0), d, b->dk + r * d);
+            rows_store(kr, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j0 + r, hk, 0), dv, b->dv + r * dv);
+        }
+    }
+    for (int64_t gi = 0; gi < g; gi++)
+        for (int64_t i = 0; i < n; i++)
+            rows_store(kr, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d,
+                       b->dq + (gi * n + i) * d);
+}
+
+attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
+                            const attn_tensor *k, const attn_tensor *v, const attn_tensor *o,
+                            const attn_tensor *lse, const attn_tensor *dout, attn_tensor *dq,
+                            attn_tensor *dk, attn_tensor *dv) {
+    bwd_args a = {ctx, p, q, k, v, o, lse, dout, dq, dk, dv,
+                  p->plan ? p->plan->block_q : tiling_bwd_bq(p->d),
+                  p->plan ? p->plan->block_k : tiling_bwd_bk(p->d)};
+    int64_t nmax = 0;
+    for (int64_t bi = 0; bi < p->batch; bi++) {
+        int64_t n = attn_problem_seq(p, bi).n;
+        if (n > nmax) nmax = n;
+    }
+    const int threads = ctx->threads;
+    size_t stride;
+    float *scr = scratch_alloc(threads, bwd_floats(a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax),
+                               &stride);
+    if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for backward scratch");
+    const int64_t n_tasks = p->batch * p->hk;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num();
+#else
+        int tid = 0;
+#endif
+        bwd_bufs b = bwd_carve(scr + stride * (size_t)tid, a.bq, a.bk, p->d, p->dv,
+                               p->h / p->hk, nmax);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ti = 0; ti < n_tasks; ti++) run_task(&a, &b, ti / p->hk, ti % p->hk);
+    }
+    free(scr);
+    return ATTN_OK;
+}

@@ -1,0 +1,228 @@
+/* Tiled softmax attention, forward (FlashAttention-2 order): one task is a
+ * block of bq query rows of one head; it walks the key blocks of its plan,
+ * keeping the online-softmax state (m, l) and an f32 output tile. The logit
+ * tile is stored transposed, S^T[key][query], so that K rows are the GEMM's
+ * broadcast operand (read in place when f32) and the softmax vectorises
+ * across queries. No N x M buffer exists anywhere. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "engine.h"
+#include "rows.h"
+#include "tiling.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+
+/* Set logits of keys outside each query's visible range to -inf. Rows of the
+ * tile are keys j0.., columns queries i0... */
+static void mask_tile(const attn_problem *p, const attn_seq *sq, float *s, int64_t ld,
+                      int64_t i0, int64_t nq, int64_t j0, int64_t nk) {
+    for (int64_t c = 0; c < nq; c++) {
+        int64_t lo, hi;
+        attn_visible_range(p, sq->n, sq->m, i0 + c, &lo, &hi);
+        for (int64_t r = 0; r < nk; r++) {
+            int64_t j = j0 + r;
+            if (j < lo || j > hi) s[r * ld + c] = -INFINITY;
+        }
+    }
+}
+
+/* Whether every key in [j0, j1) is visible to every query in [i0, i1). */
+static bool block_fully_visible(const attn_problem *p, const attn_seq *sq, int64_t i0,
+                                int64_t i1, int64_t j0, int64_t j1) {
+    int64_t lo_last, hi_last, lo_first, hi_first;
+    attn_visible_range(p, sq->n, sq->m, i1 - 1, &lo_last, &hi_last);
+    attn_visible_range(p, sq->n, sq->m, i0, &lo_first, &hi_first);
+    return lo_last <= j0 && j1 - 1 <= hi_first;
+}
+
+static void softcap_tile(float *s, int64_t rows, int64_t cols, int64_t ld, float cap) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            s[r * ld + c] = cap * tanhf(s[r * ld + c] / cap) * LOG2E;
+}
+
+typedef struct fwd_bufs {
+    float *qt;    /* [d][bq]   Q^T, pre-scaled */
+    float *kbuf;  /* [bk][d]   K block as f32, when K is not f32 with unit stride */
+    float *vbuf;  /* [bk][dv] */
+    float *s;     /* [bk][bq]  logits, then probabilities */
+    float *o;     /* [bq][dv]  unnormalised output */
+    float *m, *l, *alpha; /* [bq] */
+    float *row;   /* [max(d, dv)] */
+} fwd_bufs;
+
+static size_t fwd_floats(int64_t bq, int64_t bk, int64_t d, int64_t dv) {
+    size_t x = 0;
+    x += (size_t)(d * bq) + 16;
+    x += (size_t)(bk * d) + 16;
+    x += (size_t)(bk * dv) + 16;
+    x += (size_t)(bk * bq) + 16;
+    x += (size_t)(bq * dv) + 16;
+    x += 3 * ((size_t)bq + 16);
+    x += (size_t)(d > dv ? d : dv) + 16;
+    return x;
+}
+
+static fwd_bufs fwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_t dv) {
+    scratch s = {base, 0, 0};
+    fwd_bufs b;
+    b.qt = scratch_take(&s, (size_t)(d * bq));
+    b.kbuf = scratch_take(&s, (size_t)(bk * d));
+    b.vbuf = scratch_take(&s, (size_t)(bk * dv));
+    b.s = scratch_take(&s, (size_t)(bk * bq));
+    b.o = scratch_take(&s, (size_t)(bq * dv));
+    b.m = scratch_take(&s, (size_t)bq);
+    b.l = scratch_take(&s, (size_t)bq);
+    b.alpha = scratch_take(&s, (size_t)bq);
+    b.row = scratch_take(&s, (size_t)(d > dv ? d : dv));
+    return b;
+}
+
+/* One key block [j0, j1) against the current query tile. */
+static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
+                        const attn_tensor *k, const attn_tensor *v, int64_t hk,
+                        const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
+                        int64_t j1, bool masked) {
+    const int64_t d = p->d, dv = p->dv, nk = j1 - j0;
+    const float *ka, *vb;
+    int64_t lda, ldv;
+    int64_t koff = attn_off4(k, sq->tb, sq->k0 + j0, hk, 0);
+    int64_t voff = attn_off4(v, sq->tb, sq->k0 + j0, hk, 0);
+    if (k->dtype == ATTN_F32 && k->stride[3] == 1) {
+        ka = (const float *)k->data + koff;
+        lda = k->stride[1];
+    } else {
+        rows_load_block(kr, k, koff, k->stride[1], nk, d, b->kbuf, d);
+        ka = b->kbuf;
+        lda = d;
+    }
+    if (v->dtype == ATTN_F32 && v->stride[3] == 1) {
+        vb = (const float *)v->data + voff;
+        ldv = v->stride[1];
+    } else {
+        rows_load_block(kr, v, voff, v->stride[1], nk, dv, b->vbuf, dv);
+        vb = b->vbuf;
+        ldv = dv;
+    }
+    /* S^T[nk][nq] = K[nk][d] * Q^T[d][nq] */
+    kr->gemm(nk, nq, d, ka, lda, 1, b->qt, bq, b->s, bq, 0, NULL);
+    if (p->softcap > 0.0f) softcap_tile(b->s, nk, nq, bq, p->softcap);
+    if (masked) mask_tile(p, sq, b->s, bq, i0, nq, j0, nk);
+    kr->softmax_cols(b->s, nk, nq, bq, b->m, b->l, b->alpha);
+    /* O[nq][dv] = diag(alpha) O + P[nq][nk] * V[nk][dv], P read from S^T */
+    kr->gemm(nq, dv, nk, b->s, 1, bq, vb, ldv, b->o, dv, 0, b->alpha);
+}
+
+static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
+                     const attn_tensor *k, const attn_tensor *v, attn_tensor *o,
+                     attn_tensor *lse, const fwd_bufs *b, int64_t bq, int64_t bk, int64_t bi,
+                     int64_t h, int64_t qb) {
+    const attn_kernels *kr = ctx->kernels;
+    const attn_seq sq = attn_problem_seq(p, bi);
+    const int64_t d = p->d, dv = p->dv, hk = h / (p->h / p->hk);
+    const int64_t i0 = qb * bq, nq = (i0 + bq <= sq.n) ? bq : sq.n - i0;
+    const float qscale = p->softcap > 0.0f ? p->scale : p->scale * LOG2E;
+
+    for (int64_t c = 0; c < nq; c++) {
+        rows_load(kr, q, attn_off4(q, sq.tb, sq.q0 + i0 + c, h, 0), d, b->row);
+        for (int64_t x = 0; x < d; x++) b->qt[x * bq + c] = b->row[x] * qscale;
+        b->m[c] = -INFINITY;
+        b->l[c] = 0.0f;
+    }
+    for (int64_t x = 0; x < nq * dv; x++) b->o[x] = 0.0f;
+
+    if (p->plan) {
+        const attn_plan *pl = p->plan;
+        int64_t row = attn_plan_head(pl, h, p->h, p->hk) * pl->n_qblocks + qb;
+        for (int64_t e = pl->row_offsets[row]; e < pl->row_offsets[row + 1]; e++) {
+            const attn_plan_entry *en = &pl->entries[e];
+            int64_t j0 = (int64_t)en->key_block * bk;
+            int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1,
+                        en->mask == ATTN_BLOCK_PARAMS);
+        }
+    } else if (sq.m > 0) {
+        int64_t lo, hi, lo2, hi2;
+        attn_visible_range(p, sq.n, sq.m, i0, &lo, &hi2);
+        attn_visible_range(p, sq.n, sq.m, i0 + nq - 1, &lo2, &hi);
+        (void)hi2;
+        (void)lo2;
+        if (lo < 0) lo = 0;
+        for (int64_t j0 = (lo / bk) * bk; j0 <= hi; j0 += bk) {
+            int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
+            bool full = block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full);
+        }
+    }
+
+    for (int64_t c = 0; c < nq; c++) {
+        float *orow = b->o + c * dv;
+        float inv = b->l[c] > 0.0f ? 1.0f / b->l[c] : 0.0f;
+        if (b->l[c] != b->l[c]) inv = b->l[c]; /* NaN row stays NaN */
+        for (int64_t x = 0; x < dv; x++) orow[x] *= inv;
+        rows_store(kr, o, attn_off4(o, sq.tb, sq.q0 + i0 + c, h, 0), dv, orow);
+        if (lse) {
+            float val = b->l[c] > 0.0f ? b->m[c] * LN2 + logf(b->l[c])
+                        : (b->l[c] == 0.0f ? -INFINITY : b->l[c]);
+            attn_store_f64(lse, attn_off3(lse, sq.tb, h, sq.q0 + i0 + c), val);
+        }
+    }
+}
+
+attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
+                           const attn_tensor *k, const attn_tensor *v, attn_tensor *o,
+                           attn_tensor *lse) {
+    const int64_t bq = p->plan ? p->plan->block_q : tiling_fwd_bq(p->d, p->dv);
+    const int64_t bk = p->plan ? p->plan->block_k : tiling_fwd_bk(p->d, p->dv);
+
+    /* tasks: (sequence, query block) pairs, times heads */
+    int64_t n_tasks_seq = 0;
+    for (int64_t bi = 0; bi < p->batch; bi++)
+        n_tasks_seq += (attn_problem_seq(p, bi).n + bq - 1) / bq;
+    int64_t *task_seq = malloc((size_t)(n_tasks_seq > 0 ? n_tasks_seq : 1) * 2 * sizeof(int64_t));
+    if (!task_seq) return attn_err(ATTN_ERR_NOMEM, "out of memory for the task list");
+    int64_t t = 0;
+    for (int64_t bi = 0; bi < p->batch; bi++) {
+        int64_t nqb = (attn_problem_seq(p, bi).n + bq - 1) / bq;
+        for (int64_t qb = nqb - 1; qb >= 0; qb--) { /* heavy causal blocks first */
+            task_seq[2 * t] = bi;
+            task_seq[2 * t + 1] = qb;
+            t++;
+        }
+    }
+
+    const int threads = ctx->threads;
+    size_t stride;
+    float *scr = scratch_alloc(threads, fwd_floats(bq, bk, p->d, p->dv), &stride);
+    if (!scr) {
+        free(task_seq);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory for forward scratch");
+    }
+    const int64_t n_tasks = n_tasks_seq * p->h;
+
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num();
+#else
+        int tid = 0;
+#endif
+        fwd_bufs b = fwd_carve(scr + stride * (size_t)tid, bq, bk, p->d, p->dv);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ti = 0; ti < n_tasks; ti++) {
+            int64_t s = ti / p->h, h = ti % p->h;
+            run_task(ctx, p, q, k, v, o, lse, &b, bq, bk, task_seq[2 * s], h,
+                     task_seq[2 * s + 1]);
+        }
+    }
+    free(scr);
+    free(task_seq);
+    return ATTN_OK;
+}

@@ -1,0 +1,52 @@
+/* Row movers and scratch (see rows.h). */
+#include "rows.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void rows_load(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t n,
+               float *dst) {
+    int64_t st = t->stride[3];
+    if (st == 1) {
+        switch (t->dtype) {
+        case ATTN_F32: memcpy(dst, (const float *)t->data + off, (size_t)n * 4); return;
+        case ATTN_F16: kr->f16_to_f32((const uint16_t *)t->data + off, dst, n); return;
+        case ATTN_BF16: kr->bf16_to_f32((const uint16_t *)t->data + off, dst, n); return;
+        default: break;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) dst[i] = (float)attn_load_f64(t, off + i * st);
+}
+
+void rows_store(const attn_kernels *kr, attn_tensor *t, int64_t off, int64_t n,
+                const float *src) {
+    int64_t st = t->stride[3];
+    if (st == 1) {
+        switch (t->dtype) {
+        case ATTN_F32: memcpy((float *)t->data + off, src, (size_t)n * 4); return;
+        case ATTN_F16: kr->f32_to_f16(src, (uint16_t *)t->data + off, n); return;
+        case ATTN_BF16: kr->f32_to_bf16(src, (uint16_t *)t->data + off, n); return;
+        default: break;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) attn_store_f64(t, off + i * st, src[i]);
+}
+
+void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
+                     int64_t row_stride, int64_t rows, int64_t n, float *dst, int64_t ldd) {
+    for (int64_t r = 0; r < rows; r++) rows_load(kr, t, off + r * row_stride, n, dst + r * ldd);
+}
+
+float *scratch_alloc(int threads, size_t floats, size_t *stride_out) {
+    size_t stride = (floats + 15) & ~(size_t)15;
+    if (stride == 0) stride = 16;
+    if (stride > SIZE_MAX / 4 / (size_t)threads) return NULL;
+    *stride_out = stride;
+    return aligned_alloc(64, stride * (size_t)threads * 4);
+}
+
+float *scratch_take(scratch *s, size_t n) {
+    size_t start = s->used;
+    s->used += (n + 15) & ~(size_t)15;
+    return s->base + start;
+}

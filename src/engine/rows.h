@@ -1,0 +1,30 @@
+/* Moving rows between tensors (any dtype, any strides) and f32 buffers. */
+#ifndef ATTN_ROWS_H
+#define ATTN_ROWS_H
+
+#include "context.h"
+
+/* dst[0..n) = t's elements at off, off + step, ... as f32 (step = stride[3]). */
+void rows_load(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t n,
+               float *dst);
+/* t's elements at off, off + stride[3], ... = src[0..n) in t's dtype. */
+void rows_store(const attn_kernels *kr, attn_tensor *t, int64_t off, int64_t n,
+                const float *src);
+/* rows consecutive rows of n elements each, row r at off + r * row_stride, into
+ * dst with leading dimension ldd. */
+void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
+                     int64_t row_stride, int64_t rows, int64_t n, float *dst, int64_t ldd);
+
+/* Scratch of one thread: a single allocation carved into named parts. */
+typedef struct scratch {
+    float *base;
+    size_t used, cap; /* in floats */
+} scratch;
+
+/* Allocate per-thread scratch of `floats` floats each for `threads` threads
+ * (64-byte aligned parts); NULL on overflow or out of memory. */
+float *scratch_alloc(int threads, size_t floats, size_t *stride_out);
+/* Next part of n floats (64-byte aligned) from a thread's slice. */
+float *scratch_take(scratch *s, size_t n);
+
+#endif

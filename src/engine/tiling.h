@@ -1,0 +1,32 @@
+/* Block sizes of the tiled engine: small pure functions of the shape.
+ * The numbers that chose them are in docs/BENCHMARKS.md ("tile sizes"). */
+#ifndef ATTN_TILING_H
+#define ATTN_TILING_H
+
+#include <stdint.h>
+
+/* Forward query block: columns of the logit tile S^T[bk][bq]. 128 fills two
+ * 64-wide register tiles and amortises packing Q^T over every key block. */
+static inline int64_t tiling_fwd_bq(int64_t d, int64_t dv) {
+    (void)dv;
+    return d > 256 ? 64 : 128;
+}
+
+/* Forward key block: rows of S^T, the k of the P*V product. 96 rows = 16
+ * register tiles of 6, and the 96 x 128 f32 logit tile stays in L1/L2. */
+static inline int64_t tiling_fwd_bk(int64_t d, int64_t dv) {
+    (void)d;
+    (void)dv;
+    return 96;
+}
+
+/* Backward blocks (query rows x key rows of the row-major P tile). */
+static inline int64_t tiling_bwd_bq(int64_t d) { return d > 256 ? 32 : 64; }
+static inline int64_t tiling_bwd_bk(int64_t d) { return d > 256 ? 64 : 128; }
+
+/* Decode: keys per split (a fixed size, so that results do not depend on the
+ * thread count) and keys per inner block. */
+static inline int64_t tiling_decode_split(int64_t m) { return m >= (1 << 16) ? 8192 : 2048; }
+static inline int64_t tiling_decode_block(void) { return 128; }
+
+#endif
