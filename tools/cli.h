@@ -1,0 +1,136 @@
+/* Internal declarations of the `attn` command-line tool.
+ *
+ * The tool uses only the public header include/attn.h; this file joins its
+ * pieces: attn.c (main, dispatch), info.c (attn info), bench.c (attn bench:
+ * arguments, suite, timing), bench_ops.c (setting up and running one op),
+ * counts.c (FLOP and byte counts), ceilings.c (FMA peak, memory bandwidth),
+ * report.c (table and JSON output), sysutil.c (clock, peak RSS, random fill). */
+#ifndef ATTN_CLI_H
+#define ATTN_CLI_H
+
+#include "attn.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Exit codes. */
+#define CLI_EXIT_OK 0
+#define CLI_EXIT_FAIL 1  /* the library or the machine said no */
+#define CLI_EXIT_USAGE 2 /* bad command-line arguments */
+
+/* ------------------------------------------------------------- commands */
+
+int cmd_info(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+/* ------------------------------------------------------------- one case */
+
+typedef enum bench_op {
+    BENCH_ATTENTION = 0,     /* attn_forward */
+    BENCH_ATTENTION_BWD = 1, /* attn_backward (after one untimed forward) */
+    BENCH_DECODE = 2         /* attn_decode: n new queries against a cache of m */
+} bench_op;
+
+const char *bench_op_name(bench_op op);
+
+/* One measured problem. Q, O (and all gradients) are f32; K and V are dtype. */
+typedef struct bench_case {
+    bench_op op;
+    int64_t batch, n, m, heads, kv_heads, dim, dim_v;
+    int causal;
+    int64_t window_left, window_right; /* -1 unbounded */
+    attn_dtype dtype;
+} bench_case;
+
+/* Options that apply to every case of a run. */
+typedef struct bench_opts {
+    int threads;        /* 0: the library's default (ATTN_NUM_THREADS, else all cores) */
+    int repeats;        /* 0: adapt (>= 3 and ~1 s, at most BENCH_MAX_REPEATS) */
+    int json;           /* one JSON object per line instead of a table */
+    int check;          /* compare sample rows with the reference backend */
+    double max_rel_err; /* < 0: none; else exit 1 when rel_err exceeds it */
+    int ceilings;       /* measure FMA peak and bandwidth first */
+    uint64_t seed;
+} bench_opts;
+
+#define BENCH_MAX_REPEATS 50
+
+/* ------------------------------------------------------------- counts */
+
+/* Visible (query, key) pairs of one head of one sequence. */
+double count_visible_pairs(const bench_case *c);
+/* FLOPs of one call: forward 2*pairs*(D + Dv) per head and sequence,
+ * backward 2.5x forward (FlashAttention-2 convention), decode as forward. */
+double count_flops(const bench_case *c);
+/* Bytes an ideal implementation moves: each input read once, each output
+ * written once (decode: the K/V cache plus q and o). */
+double count_bytes(const bench_case *c);
+/* Bytes the benchmark allocates for the case (inputs, outputs, grads). */
+double count_alloc_bytes(const bench_case *c);
+
+/* ------------------------------------------------------------- running an op */
+
+typedef struct op_state op_state;
+
+/* Allocate and fill the case's tensors. On failure returns a status and
+ * writes a sentence into err. */
+attn_status op_setup(op_state **out, attn_ctx *ctx, const bench_case *c, uint64_t seed,
+                     char *err, size_t errlen);
+/* One call of the measured op. */
+attn_status op_run(op_state *s);
+/* Relative RMS error of sample rows against the reference backend
+ * (ctx created with ATTN_BACKEND_REF). Writes a sentence into err on failure. */
+attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
+                       size_t errlen);
+void op_free(op_state *s);
+
+/* ------------------------------------------------------------- ceilings */
+
+typedef struct ceilings {
+    int threads;
+    const char *kernel;  /* which FMA kernel ran: avx512, avx2, neon, scalar */
+    double fma_gflops;   /* 2 * FMAs per second, all threads */
+    double read_gbps;    /* read stream summing a 1 GiB f32 array */
+    double copy_gbps;    /* memcpy, bytes read + written */
+    double triad_gbps;   /* a = b + s*c, bytes read + written */
+} ceilings;
+
+/* Measure with `threads` threads (> 0). Returns 0, or -1 (message on stderr). */
+int ceilings_measure(int threads, ceilings *out);
+
+/* ------------------------------------------------------------- results */
+
+typedef struct bench_result {
+    double median_ms, min_ms;
+    int repeats;
+    double gflops, gbps;
+    double peak_rss_bytes; /* < 0: unknown */
+    double rel_err;        /* NaN: not checked */
+} bench_result;
+
+typedef struct report_ctx {
+    int json;
+    int threads;
+    const char *isa;
+    const char *backend;
+    const ceilings *ceil; /* NULL: not measured */
+} report_ctx;
+
+void report_ceilings(const report_ctx *r);
+void report_header(const report_ctx *r);
+void report_row(const report_ctx *r, const bench_case *c, const bench_result *res);
+void report_skip(const report_ctx *r, const bench_case *c, const char *why);
+
+/* ------------------------------------------------------------- system */
+
+double now_seconds(void);           /* CLOCK_MONOTONIC */
+int rss_reset_peak(void);           /* 0 if the high-water mark was reset */
+double rss_peak_bytes(void);        /* VmHWM (or ru_maxrss); < 0 unknown */
+double physical_memory_bytes(void); /* < 0 unknown */
+int online_cpus(void);
+
+/* Fill count elements of dtype dt with normal-ish values (mean 0, sd 1) from
+ * a fixed seed; the same seed gives the same values for any thread count. */
+void fill_random(void *data, attn_dtype dt, size_t count, uint64_t seed);
+
+#endif /* ATTN_CLI_H */
