@@ -1,0 +1,73 @@
+# libattn: the two commands of the README, and a few more.
+#
+#   make test        install missing tools (Debian), build Release, run ctest,
+#                    then the same under AddressSanitizer + UBSan (make test-asan)
+#   make bench       build, then run the quick benchmark suite (build/attn bench)
+#   make bench-peer  libattn beside PyTorch's CPU attention (bench/torch_peer.py)
+#
+# Variables: JOBS (parallel build/test jobs, default 2), BUILD, ASAN_BUILD.
+
+JOBS       ?= 2
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+VENV       ?= .venv
+CMAKE      ?= cmake
+CTEST      ?= ctest
+PYTHON     ?= python3
+
+.PHONY: all deps configure build test test-release test-asan bench bench-peer install clean
+
+all: build
+
+# Tools a fresh Debian machine may lack (CI runs as root with CI=true).
+deps:
+	@missing=""; \
+	for c in cmake gcc make pkg-config; do \
+	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
+	done; \
+	if ! printf '#include <stdio.h>\nint main(void){return 0;}\n' | \
+	     cc -x c -o /dev/null - >/dev/null 2>&1; then missing="$$missing libc6-dev"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(BUILD)/CMakeCache.txt: | deps
+	$(CMAKE) -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+
+configure: $(BUILD)/CMakeCache.txt
+
+build: deps configure
+	$(CMAKE) --build $(BUILD) -j$(JOBS)
+
+test-release: build
+	cd $(BUILD) && $(CTEST) --output-on-failure -j$(JOBS)
+
+test: test-release test-asan
+
+$(ASAN_BUILD)/CMakeCache.txt: | deps
+	$(CMAKE) -S . -B $(ASAN_BUILD) -DATTN_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g"
+
+test-asan: deps $(ASAN_BUILD)/CMakeCache.txt
+	$(CMAKE) --build $(ASAN_BUILD) -j$(JOBS)
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(CTEST) --output-on-failure -j$(JOBS)
+
+bench: build
+	$(BUILD)/attn bench
+
+bench-peer: build
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c "import torch, numpy" 2>/dev/null || \
+	  $(VENV)/bin/pip install torch numpy
+	$(VENV)/bin/python bench/torch_peer.py --attn $(BUILD)/attn
+
+install: build
+	$(CMAKE) --install $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
