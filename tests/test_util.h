@@ -217,9 +217,9 @@ typedef struct tu_err {
 } tu_err;
 
 /* Compares got with ref over the logical shape (same shape, any dtypes).
- * A non-finite ref element must be matched exactly when it is +-inf, and by
- * any non-finite value when it is NaN; a finite ref by a finite value. */
-static TU_UNUSED tu_err tu_compare(const attn_tensor *got, const attn_tensor *ref) {
+ * A finite ref element must be matched by a finite value; a NaN by any
+ * non-finite value; +-inf exactly, unless loose (then by any non-finite). */
+static TU_UNUSED tu_err tu_compare(const attn_tensor *got, const attn_tensor *ref, int loose) {
     tu_err e = {0, 0, 0, -1, 0, -1};
     double num = 0, den = 0;
     int64_t n = tu_numel(ref);
@@ -227,7 +227,7 @@ static TU_UNUSED tu_err tu_compare(const attn_tensor *got, const attn_tensor *re
         double g = tu_load(got, tu_offset(got, i)), r = tu_load(ref, tu_offset(ref, i));
         int bad;
         if (isnan(r)) bad = isfinite(g);
-        else if (isinf(r)) bad = g != r;
+        else if (isinf(r)) bad = loose ? isfinite(g) : g != r;
         else bad = !isfinite(g);
         if (bad) {
             if (e.bad_nonfinite++ == 0) e.first_bad = i;
@@ -250,12 +250,16 @@ static TU_UNUSED tu_err tu_compare(const attn_tensor *got, const attn_tensor *re
 /* Checks got against ref: relative RMS error <= rms_tol and max abs error <=
  * max_tol * (max |ref| + 1), non-finite elements agreeing. */
 #define CHECK_CLOSE(what, got, ref, rms_tol, max_tol) \
-    tu_check_close(what, got, ref, rms_tol, max_tol, __FILE__, __LINE__)
+    tu_check_close(what, got, ref, rms_tol, max_tol, 0, __FILE__, __LINE__)
+/* The same, where any non-finite value matches a non-finite ref (NaN or Inf
+ * inputs, for which the header promises only "non-finite"). */
+#define CHECK_CLOSE_NF(what, got, ref, rms_tol, max_tol) \
+    tu_check_close(what, got, ref, rms_tol, max_tol, 1, __FILE__, __LINE__)
 
 static TU_UNUSED int tu_check_close(const char *what, const attn_tensor *got,
                                     const attn_tensor *ref, double rms_tol, double max_tol,
-                                    const char *file, int line) {
-    tu_err e = tu_compare(got, ref);
+                                    int loose, const char *file, int line) {
+    tu_err e = tu_compare(got, ref, loose);
     double lim = max_tol * (e.max_ref + 1.0);
     int ok = e.bad_nonfinite == 0 && e.rel_rms <= rms_tol && e.max_abs <= lim;
     if (ok) return tu_check(1, file, line, "%s", what);
