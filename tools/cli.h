@@ -89,7 +89,9 @@ void op_free(op_state *s);
 typedef struct ceilings {
     int threads;
     const char *kernel;  /* which FMA kernel ran: avx512, avx2, neon, scalar */
-    double fma_gflops;   /* 2 * FMAs per second, all threads */
+    double fma_gflops;     /* the peak: max(fma_all_gflops, threads * fma_one_gflops) */
+    double fma_all_gflops; /* 2 * FMAs per second, all threads together */
+    double fma_one_gflops; /* 2 * FMAs per second, one thread */
     double read_gbps;    /* read stream summing a 1 GiB f32 array */
     double copy_gbps;    /* memcpy, bytes read + written */
     double triad_gbps;   /* a = b + s*c, bytes read + written */

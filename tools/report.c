@@ -33,7 +33,13 @@ void report_ceilings(const report_ctx *r) {
      * (every measurement carries peak_gflops and peak_gbps). */
     FILE *f = r->json ? stderr : stdout;
     fprintf(f, "ceilings (%d threads, measured now):\n", c->threads);
-    fprintf(f, "  f32 FMA peak      %9.1f GFLOP/s  (%s kernel)\n", c->fma_gflops, c->kernel);
+    fprintf(f, "  f32 FMA peak      %9.1f GFLOP/s  (%s kernel; all threads at once %.1f, "
+               "one thread %.1f)\n",
+            c->fma_gflops, c->kernel, c->fma_all_gflops, c->fma_one_gflops);
+    if (c->fma_all_gflops < 0.8 * c->fma_gflops)
+        fprintf(f, "  warning: all threads together reached only %.0f%% of threads x one "
+                   "thread: the cores look busy with other work, timings may be noisy\n",
+                100.0 * c->fma_all_gflops / c->fma_gflops);
     fprintf(f, "  memory read       %9.1f GB/s     (sum of a 1 GiB f32 array)\n", c->read_gbps);
     fprintf(f, "  memory copy       %9.1f GB/s     (read + write)\n", c->copy_gbps);
     fprintf(f, "  memory triad      %9.1f GB/s     (a = b + s*c)\n", c->triad_gbps);
