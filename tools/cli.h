@@ -62,8 +62,9 @@ double count_visible_pairs(const bench_case *c);
 /* FLOPs of one call: forward 2*pairs*(D + Dv) per head and sequence,
  * backward 2.5x forward (FlashAttention-2 convention), decode as forward. */
 double count_flops(const bench_case *c);
-/* Bytes an ideal implementation moves: each input read once, each output
- * written once (decode: the K/V cache plus q and o). */
+/* Bytes an ideal implementation moves: each input read once (of K and V only
+ * the rows some query sees), each output written once (decode: the live K/V
+ * cache plus q and o). */
 double count_bytes(const bench_case *c);
 /* Bytes the benchmark allocates for the case (inputs, outputs, grads). */
 double count_alloc_bytes(const bench_case *c);

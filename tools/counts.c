@@ -1,9 +1,9 @@
 /* FLOP and byte counts of a benchmark case: the numerators of GFLOP/s and GB/s. */
 #include "cli.h"
 
-/* Keys visible to query row i (0-based) of n against m keys: the library's
- * rule with the diagonal aligned bottom-right (offset m - n). */
-static int64_t visible_in_row(const bench_case *c, int64_t i) {
+/* Keys [*lo, *hi] visible to query row i (0-based) of n against m keys: the
+ * library's rule with the diagonal aligned bottom-right (offset m - n). */
+static void visible_range(const bench_case *c, int64_t i, int64_t *lo_out, int64_t *hi_out) {
     int64_t diag = i + (c->m - c->n);
     int64_t lo = 0, hi = c->m - 1;
     if (c->window_left >= 0 && diag - c->window_left > lo) lo = diag - c->window_left;
@@ -12,15 +12,42 @@ static int64_t visible_in_row(const bench_case *c, int64_t i) {
     if (c->window_right >= 0 && (right < 0 || c->window_right < right))
         right = c->window_right;
     if (right >= 0 && diag + right < hi) hi = diag + right;
-    return hi >= lo ? hi - lo + 1 : 0;
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+static int masked(const bench_case *c) {
+    return c->causal || c->window_left >= 0 || c->window_right >= 0;
 }
 
 double count_visible_pairs(const bench_case *c) {
-    if (!c->causal && c->window_left < 0 && c->window_right < 0)
-        return (double)c->n * (double)c->m;
+    if (!masked(c)) return (double)c->n * (double)c->m;
     double pairs = 0.0;
-    for (int64_t i = 0; i < c->n; i++) pairs += (double)visible_in_row(c, i);
+    for (int64_t i = 0; i < c->n; i++) {
+        int64_t lo, hi;
+        visible_range(c, i, &lo, &hi);
+        if (hi >= lo) pairs += (double)(hi - lo + 1);
+    }
     return pairs;
+}
+
+/* Keys that at least one query sees: the K/V rows that must be read. Both
+ * ends of the visible range are non-decreasing in i, so one sweep counts the
+ * union. */
+static double count_visible_keys(const bench_case *c) {
+    if (!masked(c)) return (double)c->m;
+    double keys = 0.0;
+    int64_t covered = -1; /* keys 0..covered are counted */
+    for (int64_t i = 0; i < c->n; i++) {
+        int64_t lo, hi;
+        visible_range(c, i, &lo, &hi);
+        if (lo <= covered) lo = covered + 1;
+        if (hi >= lo) {
+            keys += (double)(hi - lo + 1);
+            covered = hi;
+        }
+    }
+    return keys;
 }
 
 double count_flops(const bench_case *c) {
@@ -35,7 +62,8 @@ double count_bytes(const bench_case *c) {
     double b = (double)c->batch;
     double q = b * c->n * c->heads * c->dim * 4.0;
     double o = b * c->n * c->heads * c->dim_v * 4.0;
-    double kv = b * c->m * c->kv_heads * (double)(c->dim + c->dim_v) * kv_size(c);
+    double kv = b * count_visible_keys(c) * c->kv_heads * (double)(c->dim + c->dim_v) *
+                kv_size(c);
     double lse = b * c->heads * c->n * 4.0;
     switch (c->op) {
     case BENCH_ATTENTION:
