@@ -12,6 +12,9 @@
 #include "test_util.h"
 
 static attn_ctx *g_ref, *g_cpu[2];
+static attn_ctx *g_isa; /* when set: the cpu context of every case */
+
+static attn_ctx *cpu_for(int idx) { return g_isa ? g_isa : g_cpu[idx % 2]; }
 
 #define SALT 0xBAC4u
 
@@ -108,7 +111,7 @@ static void run_case(int idx, const bcase *c) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(g_cpu[idx % 2], &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
     tu_free(&q);
     tu_free(&k);
     tu_free(&v);
@@ -131,7 +134,7 @@ static void run_varlen(int idx, int causal) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(g_cpu[idx % 2], &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
     tu_free(&q);
     tu_free(&k);
     tu_free(&v);
@@ -176,7 +179,7 @@ static void run_plan(int idx, int causal, int64_t heads) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(g_cpu[idx % 2], &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
     attn_plan_free(plan);
     tu_free(&q);
     tu_free(&k);
@@ -292,12 +295,23 @@ int main(void) {
     g_cpu[0] = tu_ctx("test_backward", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_backward", ATTN_BACKEND_CPU, 1);
 
-    for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
-    run_varlen(0, 0);
-    run_varlen(1, 1);
-    run_plan(0, 0, 1);
-    run_plan(1, 1, 4);
-    run_plan(2, 0, 2);
+    /* CPU vs reference with the auto-selected ISA, then with each other ISA */
+    attn_ctx *isas[4];
+    int n_isa = tu_other_isa_ctxs(isas, 4, 2);
+    for (int r = -1; r < n_isa; r++) {
+        g_isa = r < 0 ? NULL : isas[r];
+        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_isa));
+        for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++)
+            run_case(i, &k_cases[i]);
+        run_varlen(0, 0);
+        run_varlen(1, 1);
+        run_plan(0, 0, 1);
+        run_plan(1, 1, 4);
+        run_plan(2, 0, 2);
+    }
+    for (int r = 0; r < n_isa; r++) attn_ctx_free(isas[r]);
+    g_isa = NULL;
+    tu_prefix = "";
     finite_diff_all();
 
     attn_ctx_free(g_ref);

@@ -5,6 +5,9 @@
 #include "test_util.h"
 
 static attn_ctx *g_ref, *g_cpu[2];
+static attn_ctx *g_isa; /* when set: the cpu context of every case */
+
+static attn_ctx *cpu_for(int idx) { return g_isa ? g_isa : g_cpu[idx % 2]; }
 
 #define SALT 0xDEC0u
 
@@ -62,7 +65,7 @@ static void run_case(int idx, const dcase *c) {
     tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->Nq, -1);
     tu_buf ro = tu_alloc(ATTN_F64, c->B, c->Nq, c->H, c->Dv);
     tu_buf rl = tu_alloc(ATTN_F64, c->B, c->H, c->Nq, -1);
-    attn_status sc = attn_decode(g_cpu[idx % 2], &p, &q.t, &k.t, &v.t, lens, &o.t, &lse.t);
+    attn_status sc = attn_decode(cpu_for(idx), &p, &q.t, &k.t, &v.t, lens, &o.t, &lse.t);
     attn_status sr = attn_decode(g_ref, &p, &q.t, &k.t, &v.t, lens, &ro.t, &rl.t);
     CHECK(sc == ATTN_OK, "cpu decode: %s: %s", attn_status_str(sc), attn_last_error());
     CHECK(sr == ATTN_OK, "ref decode: %s: %s", attn_status_str(sr), attn_last_error());
@@ -135,7 +138,7 @@ static void merge_split(int idx, int64_t B, int64_t N, int64_t M, int64_t m1, in
     k2.shape[1] = v2.shape[1] = M - m1;
     k2.data = (float *)k.mem + m1 * k.t.stride[1];
     v2.data = (float *)v.mem + m1 * v.t.stride[1];
-    attn_ctx *cpu = g_cpu[idx % 2];
+    attn_ctx *cpu = cpu_for(idx);
     tu_fwd_out h1 = tu_run_forward(cpu, &p, &q.t, &k1, &v1, ATTN_F32, ATTN_F32, 1);
     tu_fwd_out h2 = tu_run_forward(cpu, &p, &q.t, &k2, &v2, ATTN_F32, ATTN_F32, 1);
     tu_fwd_out all = tu_run_forward(g_ref, &p, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
@@ -195,7 +198,7 @@ static void merge_neg_inf(int idx) {
             }
     tu_buf o = tu_alloc(ATTN_F32, B, N, H, Dv), l = tu_alloc(ATTN_F32, B, H, N, -1);
     tu_buf ro = tu_alloc(ATTN_F64, B, N, H, Dv), rl = tu_alloc(ATTN_F64, B, H, N, -1);
-    CHECK_OK(attn_lse_merge(g_cpu[idx % 2], &o1.t, &l1.t, &o2.t, &l2.t, &o.t, &l.t));
+    CHECK_OK(attn_lse_merge(cpu_for(idx), &o1.t, &l1.t, &o2.t, &l2.t, &o.t, &l.t));
     CHECK_OK(attn_lse_merge(g_ref, &o1.t, &l1.t, &o2.t, &l2.t, &ro.t, &rl.t));
     CHECK_CLOSE("o vs ref merge", &o.t, &ro.t, 1e-5, 1e-4);
     CHECK_CLOSE("lse vs ref merge", &l.t, &rl.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
@@ -228,13 +231,22 @@ int main(void) {
     g_cpu[0] = tu_ctx("test_decode", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_decode", ATTN_BACKEND_CPU, 1);
 
-    for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
-
-    merge_split(0, 2, 33, 200, 100, 4, 2, 64, ATTN_F32);
-    merge_split(1, 1, 1, 1000, 1, 8, 1, 128, ATTN_F32);
-    merge_split(2, 1, 16, 65, 63, 4, 4, 96, ATTN_F16);
-    merge_neg_inf(0);
-    merge_neg_inf(1);
+    /* every case with the auto-selected ISA, then with each other ISA */
+    attn_ctx *isas[4];
+    int n_isa = tu_other_isa_ctxs(isas, 4, 2);
+    for (int r = -1; r < n_isa; r++) {
+        g_isa = r < 0 ? NULL : isas[r];
+        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_isa));
+        for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++)
+            run_case(i, &k_cases[i]);
+        merge_split(0, 2, 33, 200, 100, 4, 2, 64, ATTN_F32);
+        merge_split(1, 1, 1, 1000, 1, 8, 1, 128, ATTN_F32);
+        merge_split(2, 1, 16, 65, 63, 4, 4, 96, ATTN_F16);
+        merge_neg_inf(0);
+        merge_neg_inf(1);
+    }
+    for (int r = 0; r < n_isa; r++) attn_ctx_free(isas[r]);
+    tu_prefix = "";
 
     attn_ctx_free(g_ref);
     attn_ctx_free(g_cpu[0]);

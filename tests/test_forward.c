@@ -8,6 +8,9 @@
 #include "test_util.h"
 
 static attn_ctx *g_ref, *g_cpu[2]; /* cpu with 2 threads and with 1 thread */
+static attn_ctx *g_isa;            /* when set: the cpu context of every case */
+
+static attn_ctx *cpu_for(int idx) { return g_isa ? g_isa : g_cpu[idx % 2]; }
 
 #define SALT 0xF0D1u
 
@@ -115,7 +118,7 @@ static void run_case(int idx, const fcase *c) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    attn_ctx *cpu = g_cpu[idx % 2];
+    attn_ctx *cpu = cpu_for(idx);
 
     if (!c->strided) {
         tu_check_forward(cpu, g_ref, &p, &p, &q.t, &k.t, &v.t, c->odt, !c->no_lse);
@@ -171,7 +174,7 @@ static void run_varlen(int idx, int causal, int64_t wl, int64_t wr, float softca
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    tu_check_forward(g_cpu[idx % 2], g_ref, &p, &p, &q.t, &k.t, &v.t, ATTN_F32, 1);
+    tu_check_forward(cpu_for(idx), g_ref, &p, &p, &q.t, &k.t, &v.t, ATTN_F32, 1);
 
     /* each sequence alone as a dense problem gives the same rows */
     tu_fwd_out whole = tu_run_forward(g_ref, &p, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
@@ -303,7 +306,7 @@ static void run_plan(int idx, const pcase *c) {
     pp.window_right = c->wr;
     attn_params pi = pp; /* implicit: the same rule without a plan */
     pp.plan = plan;
-    attn_ctx *cpu = g_cpu[idx % 2];
+    attn_ctx *cpu = cpu_for(idx);
     /* the CPU with the plan against the reference with the plan */
     tu_check_forward(cpu, g_ref, &pp, &pp, &q.t, &k.t, &v.t, ATTN_F32, 1);
     if (c->kind != PLAN_RANDOM) {
@@ -328,15 +331,26 @@ int main(void) {
     g_cpu[0] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 1);
 
-    for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
+    /* every case with the auto-selected ISA, then with each other ISA */
+    attn_ctx *isas[4];
+    int n_isa = tu_other_isa_ctxs(isas, 4, 2);
+    for (int r = -1; r < n_isa; r++) {
+        g_isa = r < 0 ? NULL : isas[r];
+        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_isa));
+        for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++)
+            run_case(i, &k_cases[i]);
 
-    run_varlen(0, 0, -1, -1, 0.0f, ATTN_F32);
-    run_varlen(1, 1, -1, -1, 0.0f, ATTN_F32);
-    run_varlen(2, 1, 8, 0, 0.0f, ATTN_F32);
-    run_varlen(3, 0, 4, 4, 20.0f, ATTN_F32);
-    run_varlen(4, 1, -1, -1, 0.0f, ATTN_F16);
+        run_varlen(0, 0, -1, -1, 0.0f, ATTN_F32);
+        run_varlen(1, 1, -1, -1, 0.0f, ATTN_F32);
+        run_varlen(2, 1, 8, 0, 0.0f, ATTN_F32);
+        run_varlen(3, 0, 4, 4, 20.0f, ATTN_F32);
+        run_varlen(4, 1, -1, -1, 0.0f, ATTN_F16);
 
-    for (int i = 0; i < (int)(sizeof k_plans / sizeof k_plans[0]); i++) run_plan(i, &k_plans[i]);
+        for (int i = 0; i < (int)(sizeof k_plans / sizeof k_plans[0]); i++)
+            run_plan(i, &k_plans[i]);
+    }
+    for (int r = 0; r < n_isa; r++) attn_ctx_free(isas[r]);
+    tu_prefix = "";
 
     attn_ctx_free(g_ref);
     attn_ctx_free(g_cpu[0]);

@@ -26,6 +26,7 @@
 
 static int tu_passed, tu_failed;
 static char tu_case_name[512]; /* the case being run, printed with each failure */
+static const char *tu_prefix = ""; /* printed before it (the ISA under test) */
 
 /* Names the current case (printf format). */
 static TU_UNUSED TU_PRINTF(1, 2) void tu_case(const char *fmt, ...) {
@@ -42,7 +43,8 @@ static TU_UNUSED TU_PRINTF(4, 5) int tu_check(int ok, const char *file, int line
         return 1;
     }
     tu_failed++;
-    fprintf(stderr, "FAIL %s:%d [%s]: ", file, line, tu_case_name);
+    fprintf(stderr, "FAIL %s:%d [%s%s%s]: ", file, line, tu_prefix, *tu_prefix ? ": " : "",
+            tu_case_name);
     va_list ap;
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
@@ -299,6 +301,28 @@ static TU_UNUSED attn_ctx *tu_ctx(const char *test, attn_backend be, int threads
         exit(1);
     }
     return c;
+}
+
+/* CPU contexts pinned to each ISA this machine runs, other than the one
+ * ATTN_ISA_AUTO picks (already covered by tu_ctx), so that every kernel set
+ * gets tested. Returns how many were made (at most max). */
+static TU_UNUSED int tu_other_isa_ctxs(attn_ctx **out, int max, int threads) {
+    static const attn_isa all[] = {ATTN_ISA_SCALAR, ATTN_ISA_AVX2, ATTN_ISA_AVX512,
+                                   ATTN_ISA_NEON};
+    attn_ctx *autoc = NULL;
+    attn_ctx_options o = attn_ctx_options_default();
+    o.backend = ATTN_BACKEND_CPU;
+    attn_isa picked = attn_ctx_create(&autoc, &o) == ATTN_OK ? attn_ctx_isa(autoc) : ATTN_ISA_AUTO;
+    attn_ctx_free(autoc);
+    int n = 0;
+    for (size_t i = 0; i < sizeof all / sizeof all[0] && n < max; i++) {
+        if (all[i] == picked) continue;
+        o.isa = all[i];
+        o.threads = threads;
+        attn_ctx *c = NULL;
+        if (attn_ctx_create(&c, &o) == ATTN_OK) out[n++] = c;
+    }
+    return n;
 }
 
 /* ------------------------------------------------------------ forward runs */
