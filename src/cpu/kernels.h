@@ -42,6 +42,17 @@ typedef struct attn_kernels {
     void (*dot_rows)(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
                      float *out);
 
+    /* Decode over nk cache rows of `heads` kv heads; row j of head h starts at
+     * element j * ld + h * hs of k or v, stored as kind (f32, f16 or bf16,
+     * converted in registers). Rows are read in memory order, all heads of a
+     * row together, so that a long cache streams at full bandwidth.
+     *   qk_heads: s[h][j][r] = sum_d q[h][r][d] * k(j, h)[d]
+     *   pv_heads: o[h][r][:] += sum_j p[h][j][r] * v(j, h)[:] */
+    void (*qk_heads)(attn_dtype kind, const void *k, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *q, int64_t rows, int64_t d, float *s);
+    void (*pv_heads)(attn_dtype kind, const void *v, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *p, int64_t rows, int64_t dv, float *o);
+
     /* y[i] += a * x[i]. */
     void (*axpy)(int64_t n, float a, const float *x, float *y);
 

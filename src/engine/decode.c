@@ -20,117 +20,138 @@
 #define LN2 0.6931471805599453f
 
 typedef struct dec_bufs {
-    float *q;     /* [rows][d] pre-scaled queries */
-    float *kbuf;  /* [blk][d] */
-    float *vbuf;  /* [blk][dv] */
-    float *s;     /* [blk][rows] logits then probabilities (column-major) */
-    float *o;     /* [rows][dv] */
-    float *m, *l, *alpha;
+    float *q;     /* [hk][rows][d] pre-scaled queries */
+    float *kbuf;  /* [blk][hk][d] f32 staging, for caches without unit stride */
+    float *vbuf;  /* [blk][hk][dv] */
+    float *s;     /* [hk][blk][rows] logits then probabilities */
+    float *o;     /* [hk][rows][dv] unnormalised outputs */
+    float *m, *l, *alpha; /* [hk][rows] */
 } dec_bufs;
 
-static size_t dec_floats(int64_t rows, int64_t blk, int64_t d, int64_t dv) {
-    return (size_t)(rows * d + blk * d + blk * dv + blk * rows + rows * dv + 3 * rows) + 8 * 16;
+static size_t dec_floats(int64_t hk, int64_t rows, int64_t blk, int64_t d, int64_t dv) {
+    return (size_t)(hk * rows * d + blk * hk * (d + dv) + hk * blk * rows + hk * rows * dv +
+                    3 * hk * rows) + 8 * 16;
 }
 
-static dec_bufs dec_carve(float *base, int64_t rows, int64_t blk, int64_t d, int64_t dv) {
+static dec_bufs dec_carve(float *base, int64_t hk, int64_t rows, int64_t blk, int64_t d,
+                          int64_t dv) {
     scratch s = {base, 0, 0};
     dec_bufs b;
-    b.q = scratch_take(&s, (size_t)(rows * d));
-    b.kbuf = scratch_take(&s, (size_t)(blk * d));
-    b.vbuf = scratch_take(&s, (size_t)(blk * dv));
-    b.s = scratch_take(&s, (size_t)(blk * rows));
-    b.o = scratch_take(&s, (size_t)(rows * dv));
-    b.m = scratch_take(&s, (size_t)rows);
-    b.l = scratch_take(&s, (size_t)rows);
-    b.alpha = scratch_take(&s, (size_t)rows);
+    b.q = scratch_take(&s, (size_t)(hk * rows * d));
+    b.kbuf = scratch_take(&s, (size_t)(blk * hk * d));
+    b.vbuf = scratch_take(&s, (size_t)(blk * hk * dv));
+    b.s = scratch_take(&s, (size_t)(hk * blk * rows));
+    b.o = scratch_take(&s, (size_t)(hk * rows * dv));
+    b.m = scratch_take(&s, (size_t)(hk * rows));
+    b.l = scratch_take(&s, (size_t)(hk * rows));
+    b.alpha = scratch_take(&s, (size_t)(hk * rows));
     return b;
 }
 
-/* One split of keys [ks, ke) for kv head hk of sequence bi; writes the
- * normalised partial output and its natural-log LSE per row. */
+/* A block of cache rows as the decode kernels read it. */
+typedef struct operand {
+    attn_dtype kind;     /* f32, f16 or bf16 */
+    const void *data;
+    int64_t ld, hs;      /* elements between rows, between heads */
+} operand;
+
+/* nk cache rows of all kv heads from element off: read in place when the
+ * head dim has unit stride, else converted to f32 into buf [nk][heads][n]. */
+static operand cache_rows(const attn_kernels *kr, const attn_tensor *t, int64_t off,
+                          int64_t heads, int64_t nk, int64_t n, float *buf) {
+    if (t->stride[3] == 1) {
+        size_t es = attn_dtype_size(t->dtype);
+        operand o = {t->dtype, (const char *)t->data + (size_t)off * es, t->stride[1],
+                     t->stride[2]};
+        return o;
+    }
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++)
+            rows_load(kr, t, off + j * t->stride[1] + h * t->stride[2], n,
+                      buf + (j * heads + h) * n);
+    operand o = {ATTN_F32, buf, heads * n, n};
+    return o;
+}
+
+/* One split of keys [ks, ke) of sequence bi, for every kv head at once (the
+ * cache streams in memory order). Writes the normalised partial output and
+ * natural-log LSE of each row, rows ordered [hk][t][head in group]. */
 static void run_split(const attn_kernels *kr, const attn_problem *p, const attn_tensor *q,
                       const attn_tensor *k, const attn_tensor *v, const dec_bufs *b,
-                      int64_t bi, int64_t hk, int64_t ks, int64_t ke, float *part_o,
-                      float *part_l) {
+                      int64_t bi, int64_t ks, int64_t ke, float *part_o, float *part_l) {
     const attn_seq sq = attn_problem_seq(p, bi);
     const int64_t g = p->h / p->hk, nq = p->n, rows = g * nq, d = p->d, dv = p->dv;
-    const int64_t blk = tiling_decode_block();
+    const int64_t blk = tiling_decode_block(p->hk, d, dv), all = p->hk * rows;
     const float qscale = p->softcap > 0.0f ? p->scale : p->scale * LOG2E;
 
-    /* row r = (t, head in group): query t of head hk * g + r % g */
+    /* row r of kv head hk = query t = r / g of query head hk * g + r % g */
     int64_t lo = ke, hi = ks - 1;
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t t = r / g, h = hk * g + r % g;
-        rows_load(kr, q, attn_off4(q, sq.tb, t, h, 0), d, b->q + r * d);
-        for (int64_t x = 0; x < d; x++) b->q[r * d + x] *= qscale;
-        b->m[r] = -INFINITY;
-        b->l[r] = 0.0f;
+    for (int64_t x = 0; x < all; x++) {
+        int64_t hk = x / rows, r = x % rows, t = r / g, h = hk * g + r % g;
+        rows_load(kr, q, attn_off4(q, sq.tb, t, h, 0), d, b->q + x * d);
+        for (int64_t c = 0; c < d; c++) b->q[x * d + c] *= qscale;
+        b->m[x] = -INFINITY;
+        b->l[x] = 0.0f;
         int64_t a, z;
         attn_visible_range(p, nq, sq.m, t, &a, &z);
         if (a < lo) lo = a;
         if (z > hi) hi = z;
     }
-    for (int64_t x = 0; x < rows * dv; x++) b->o[x] = 0.0f;
+    for (int64_t x = 0; x < all * dv; x++) b->o[x] = 0.0f;
     if (lo < ks) lo = ks;
     if (hi > ke - 1) hi = ke - 1;
 
     for (int64_t j0 = lo; j0 <= hi; j0 += blk) {
-        int64_t nk = (j0 + blk <= hi + 1) ? blk : hi + 1 - j0;
-        int64_t koff = attn_off4(k, sq.tb, j0, hk, 0), voff = attn_off4(v, sq.tb, j0, hk, 0);
-        const float *kb = b->kbuf, *vb = b->vbuf;
-        int64_t ldk = d, ldv = dv;
-        if (k->dtype == ATTN_F32 && k->stride[3] == 1) {
-            kb = (const float *)k->data + koff;
-            ldk = k->stride[1];
-        } else {
-            rows_load_block(kr, k, koff, k->stride[1], nk, d, b->kbuf, d);
-        }
-        if (v->dtype == ATTN_F32 && v->stride[3] == 1) {
-            vb = (const float *)v->data + voff;
-            ldv = v->stride[1];
-        } else {
-            rows_load_block(kr, v, voff, v->stride[1], nk, dv, b->vbuf, dv);
-        }
-        for (int64_t j = 0; j < nk; j++) kr->dot_rows(kb + j * ldk, b->q, rows, d, d, b->s + j * rows);
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t t = r / g, a, z;
-            attn_visible_range(p, nq, sq.m, t, &a, &z);
-            for (int64_t j = 0; j < nk; j++) {
-                float *x = b->s + j * rows + r;
-                if (p->softcap > 0.0f) *x = p->softcap * tanhf(*x / p->softcap) * LOG2E;
-                if (j0 + j < a || j0 + j > z) *x = -INFINITY;
+        const int64_t nk = (j0 + blk <= hi + 1) ? blk : hi + 1 - j0;
+        operand K = cache_rows(kr, k, attn_off4(k, sq.tb, j0, 0, 0), p->hk, nk, d, b->kbuf);
+        operand V = cache_rows(kr, v, attn_off4(v, sq.tb, j0, 0, 0), p->hk, nk, dv, b->vbuf);
+        kr->qk_heads(K.kind, K.data, K.ld, K.hs, p->hk, nk, b->q, rows, d, b->s);
+        for (int64_t hk = 0; hk < p->hk; hk++) {
+            float *s = b->s + hk * nk * rows;
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t a, z;
+                attn_visible_range(p, nq, sq.m, r / g, &a, &z);
+                for (int64_t j = 0; j < nk; j++) {
+                    float *x = s + j * rows + r;
+                    if (p->softcap > 0.0f) *x = p->softcap * tanhf(*x / p->softcap) * LOG2E;
+                    if (j0 + j < a || j0 + j > z) *x = -INFINITY;
+                }
             }
+            float *m = b->m + hk * rows, *l = b->l + hk * rows, *al = b->alpha + hk * rows;
+            kr->softmax_cols(s, nk, rows, rows, m, l, al);
+            /* rescale this head's outputs: O = diag(alpha) O (a GEMM with k = 0) */
+            kr->gemm(rows, dv, 0, s, 1, rows, b->o, dv, b->o + hk * rows * dv, dv, 0, al);
         }
-        kr->softmax_cols(b->s, nk, rows, rows, b->m, b->l, b->alpha);
-        kr->gemm(rows, dv, nk, b->s, 1, rows, vb, ldv, b->o, dv, 0, b->alpha);
+        kr->pv_heads(V.kind, V.data, V.ld, V.hs, p->hk, nk, b->s, rows, dv, b->o);
     }
-    for (int64_t r = 0; r < rows; r++) {
-        float l = b->l[r];
+    for (int64_t x = 0; x < all; x++) {
+        float l = b->l[x];
         float inv = l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l);
-        for (int64_t x = 0; x < dv; x++) part_o[r * dv + x] = b->o[r * dv + x] * inv;
-        part_l[r] = l > 0.0f ? b->m[r] * LN2 + logf(l) : (l == 0.0f ? -INFINITY : l);
+        for (int64_t c = 0; c < dv; c++) part_o[x * dv + c] = b->o[x * dv + c] * inv;
+        part_l[x] = l > 0.0f ? b->m[x] * LN2 + logf(l) : (l == 0.0f ? -INFINITY : l);
     }
 }
 
 attn_status engine_decode(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
                           const attn_tensor *k, const attn_tensor *v, attn_tensor *o,
                           attn_tensor *lse) {
-    const int64_t g = p->h / p->hk, rows = g * p->n, dv = p->dv;
+    const int64_t g = p->h / p->hk, rows = g * p->n, all = p->hk * rows, dv = p->dv;
     const int64_t split = tiling_decode_split(p->m);
     const int64_t nsplit = (p->m + split - 1) / split;
-    const int64_t n_tasks = p->batch * p->hk * nsplit;
+    const int64_t n_tasks = p->batch * nsplit;
     const int threads = ctx->threads;
 
-    size_t part_floats = (size_t)n_tasks * (size_t)rows * (size_t)(dv + 1);
-    float *part = malloc(part_floats * sizeof(float));
+    /* partial results [task][all][dv] and LSEs [task][all] */
+    float *part = malloc((size_t)n_tasks * (size_t)all * (size_t)(dv + 1) * sizeof(float));
     size_t stride;
-    float *scr = scratch_alloc(threads, dec_floats(rows, tiling_decode_block(), p->d, dv), &stride);
+    float *scr = scratch_alloc(threads, dec_floats(p->hk, rows, tiling_decode_block(p->hk, p->d, dv), p->d, dv),
+                               &stride);
     if (!part || !scr) {
         free(part);
         free(scr);
         return attn_err(ATTN_ERR_NOMEM, "out of memory for decode scratch");
     }
-    float *part_l = part + (size_t)n_tasks * (size_t)rows * (size_t)dv;
+    float *part_l = part + (size_t)n_tasks * (size_t)all * (size_t)dv;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -139,38 +160,38 @@ attn_status engine_decode(const attn_ctx *ctx, const attn_problem *p, const attn
 #else
         int tid = 0;
 #endif
-        dec_bufs b = dec_carve(scr + stride * (size_t)tid, rows, tiling_decode_block(), p->d, dv);
+        dec_bufs b = dec_carve(scr + stride * (size_t)tid, p->hk, rows, tiling_decode_block(p->hk, p->d, dv),
+                               p->d, dv);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++) {
-            int64_t bi = ti / (p->hk * nsplit), hk = (ti / nsplit) % p->hk, s = ti % nsplit;
+            int64_t bi = ti / nsplit, s = ti % nsplit;
             int64_t m = attn_problem_seq(p, bi).m;
             int64_t ks = s * split, ke = ks + split < m ? ks + split : m;
-            float *po = part + (size_t)ti * (size_t)(rows * dv);
-            float *pl = part_l + (size_t)ti * (size_t)rows;
+            float *po = part + (size_t)ti * (size_t)(all * dv);
+            float *pl = part_l + (size_t)ti * (size_t)all;
             if (ks >= ke) {
-                for (int64_t r = 0; r < rows; r++) pl[r] = -INFINITY;
-                for (int64_t x = 0; x < rows * dv; x++) po[x] = 0.0f;
+                for (int64_t x = 0; x < all; x++) pl[x] = -INFINITY;
+                for (int64_t x = 0; x < all * dv; x++) po[x] = 0.0f;
                 continue;
             }
-            run_split(ctx->kernels, p, q, k, v, &b, bi, hk, ks, ke, po, pl);
+            run_split(ctx->kernels, p, q, k, v, &b, bi, ks, ke, po, pl);
         }
 
-        /* merge the splits of each (sequence, kv head) in split order */
+        /* merge each row's splits in split order, then write it */
 #pragma omp for schedule(static)
-        for (int64_t gi = 0; gi < p->batch * p->hk; gi++) {
-            int64_t bi = gi / p->hk, hk = gi % p->hk;
-            float *acc = part + (size_t)(gi * nsplit) * (size_t)(rows * dv);
-            float *accl = part_l + (size_t)(gi * nsplit) * (size_t)rows;
-            for (int64_t s = 1; s < nsplit; s++)
-                for (int64_t r = 0; r < rows; r++)
-                    merge_rows(acc + r * dv, accl + r,
-                               part + (size_t)(gi * nsplit + s) * (size_t)(rows * dv) + r * dv,
-                               part_l[(size_t)(gi * nsplit + s) * (size_t)rows + r], dv);
-            for (int64_t r = 0; r < rows; r++) {
-                int64_t t = r / g, h = hk * g + r % g;
-                rows_store(ctx->kernels, o, attn_off4(o, bi, t, h, 0), dv, acc + r * dv);
-                if (lse) attn_store_f64(lse, attn_off3(lse, bi, h, t), accl[r]);
+        for (int64_t gx = 0; gx < p->batch * all; gx++) {
+            int64_t bi = gx / all, x = gx % all;
+            int64_t hk = x / rows, r = x % rows, t = r / g, h = hk * g + r % g;
+            size_t t0 = (size_t)(bi * nsplit);
+            float *acc = part + (t0 * (size_t)all + (size_t)x) * (size_t)dv;
+            float *accl = part_l + t0 * (size_t)all + (size_t)x;
+            for (int64_t s = 1; s < nsplit; s++) {
+                size_t ts = t0 + (size_t)s;
+                merge_rows(acc, accl, part + (ts * (size_t)all + (size_t)x) * (size_t)dv,
+                           part_l[ts * (size_t)all + (size_t)x], dv);
             }
+            rows_store(ctx->kernels, o, attn_off4(o, bi, t, h, 0), dv, acc);
+            if (lse) attn_store_f64(lse, attn_off3(lse, bi, h, t), *accl);
         }
     }
     free(scr);

@@ -27,6 +27,13 @@ static inline int64_t tiling_bwd_bk(int64_t d) { return d > 256 ? 64 : 128; }
 /* Decode: keys per split (a fixed size, so that results do not depend on the
  * thread count) and keys per inner block. */
 static inline int64_t tiling_decode_split(int64_t m) { return m >= (1 << 16) ? 8192 : 2048; }
-static inline int64_t tiling_decode_block(void) { return 128; }
+/* Keys per inner block: the f32 staging of K and V for all kv heads,
+ * block * hk * (d + dv) floats, stays within ~512 KiB of L2. */
+static inline int64_t tiling_decode_block(int64_t hk, int64_t d, int64_t dv) {
+    int64_t blk = (int64_t)(512 * 1024 / 4) / (hk * (d + dv));
+    if (blk > 128) blk = 128;
+    if (blk < 16) blk = 16;
+    return blk;
+}
 
 #endif

@@ -66,6 +66,38 @@ static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, in
     }
 }
 
+static inline float b16_to_f32(uint16_t x, int bf16) {
+    return bf16 ? attn_bf16_to_f32(x) : attn_f16_to_f32(x);
+}
+
+static inline float elem(attn_dtype kind, const void *x, int64_t i) {
+    if (kind == ATTN_F32) return ((const float *)x)[i];
+    return b16_to_f32(((const uint16_t *)x)[i], kind == ATTN_BF16);
+}
+
+static void qk_heads(attn_dtype kind, const void *k, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *q, int64_t rows, int64_t d, float *s) {
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t r = 0; r < rows; r++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < d; i++)
+                    acc += q[(h * rows + r) * d + i] * elem(kind, k, j * ld + h * hs + i);
+                s[(h * nk + j) * rows + r] = acc;
+            }
+}
+
+static void pv_heads(attn_dtype kind, const void *v, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *p, int64_t rows, int64_t dv, float *o) {
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t r = 0; r < rows; r++) {
+                float pr = p[(h * nk + j) * rows + r];
+                for (int64_t c = 0; c < dv; c++)
+                    o[(h * rows + r) * dv + c] += pr * elem(kind, v, j * ld + h * hs + c);
+            }
+}
+
 static void axpy(int64_t n, float a, const float *x, float *y) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
@@ -90,6 +122,8 @@ const attn_kernels attn_kernels_scalar = {
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,
+    .qk_heads = qk_heads,
+    .pv_heads = pv_heads,
     .axpy = axpy,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,
