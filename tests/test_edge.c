@@ -60,7 +60,7 @@ static void masked_rows(int idx, const shape *s, int causal, int64_t wl, int64_t
     p.causal = causal;
     p.window_left = wl;
     p.window_right = wr;
-    tu_check_forward(g_cpu[idx % 3], g_ref, &p, &p, &in.q.t, &in.k.t, &in.v.t, odt, 1);
+    tu_check_forward(&g_cpu[idx % 3], 1, g_ref, &p, &p, &in.q.t, &in.k.t, &in.v.t, odt, 1);
 
     tu_fwd_out c = tu_run_forward(g_cpu[idx % 3], &p, &in.q.t, &in.k.t, &in.v.t, odt,
                                   ATTN_F32, 1);
@@ -108,7 +108,7 @@ static void masked_varlen_and_plan(void) {
         }
     CHECK(bad == 0, "%lld elements of rows without keys are not O = 0 / LSE = -inf",
           (long long)bad);
-    tu_check_forward(g_cpu[1], g_ref, &p, &p, &in.q.t, &in.k.t, &in.v.t, ATTN_F32, 1);
+    tu_check_forward(&g_cpu[1], 1, g_ref, &p, &p, &in.q.t, &in.k.t, &in.v.t, ATTN_F32, 1);
     tu_fwd_free(&c);
     free_inputs(&in);
 
@@ -135,7 +135,7 @@ static void masked_varlen_and_plan(void) {
         }
     CHECK(bad == 0, "%lld elements of an empty plan row are not O = 0 / LSE = -inf",
           (long long)bad);
-    tu_check_forward(g_cpu[1], g_ref, &pp, &pp, &in.q.t, &in.k.t, &in.v.t, ATTN_F32, 1);
+    tu_check_forward(&g_cpu[1], 1, g_ref, &pp, &pp, &in.q.t, &in.k.t, &in.v.t, ATTN_F32, 1);
     tu_fwd_free(&c);
     attn_plan_free(plan);
     free_inputs(&in);

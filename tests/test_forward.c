@@ -8,9 +8,16 @@
 #include "test_util.h"
 
 static attn_ctx *g_ref, *g_cpu[2]; /* cpu with 2 threads and with 1 thread */
-static attn_ctx *g_isa;            /* when set: the cpu context of every case */
+static attn_ctx *g_isa[4];         /* cpu pinned to each other ISA of the machine */
+static int g_n_isa;
 
-static attn_ctx *cpu_for(int idx) { return g_isa ? g_isa : g_cpu[idx % 2]; }
+/* The CPU contexts case idx runs on: auto ISA (2 or 1 threads by case), then
+ * every other ISA. The reference runs once per case. Returns how many. */
+static int cpus_for(int idx, attn_ctx **out) {
+    out[0] = g_cpu[idx % 2];
+    for (int i = 0; i < g_n_isa; i++) out[1 + i] = g_isa[i];
+    return 1 + g_n_isa;
+}
 
 #define SALT 0xF0D1u
 
@@ -118,22 +125,27 @@ static void run_case(int idx, const fcase *c) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    attn_ctx *cpu = cpu_for(idx);
+    attn_ctx *cpus[5];
+    int ncpu = cpus_for(idx, cpus);
 
     if (!c->strided) {
-        tu_check_forward(cpu, g_ref, &p, &p, &q.t, &k.t, &v.t, c->odt, !c->no_lse);
+        tu_check_forward(cpus, ncpu, g_ref, &p, &p, &q.t, &k.t, &v.t, c->odt, !c->no_lse);
     } else {
         /* strided output too: o is a [B, N, H, Dv] view over [B, H, N, Dv + 3] */
-        tu_buf o = input4(c->odt, 1, c->B, c->N, c->H, c->Dv);
-        tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->N, -1);
         tu_fwd_out rr = tu_run_forward(g_ref, &p, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
-        CHECK_OK(attn_forward(cpu, &p, &q.t, &k.t, &v.t, &o.t, &lse.t));
         CHECK_OK(rr.st);
-        CHECK_CLOSE("o (strided)", &o.t, &rr.o.t, tu_rms_tol(c->odt), tu_max_tol(c->odt));
-        CHECK_CLOSE("lse", &lse.t, &rr.lse.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
+        for (int i = 0; i < ncpu; i++) {
+            tu_prefix = i ? attn_isa_name(attn_ctx_isa(cpus[i])) : "";
+            tu_buf o = input4(c->odt, 1, c->B, c->N, c->H, c->Dv);
+            tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->N, -1);
+            CHECK_OK(attn_forward(cpus[i], &p, &q.t, &k.t, &v.t, &o.t, &lse.t));
+            CHECK_CLOSE("o (strided)", &o.t, &rr.o.t, tu_rms_tol(c->odt), tu_max_tol(c->odt));
+            CHECK_CLOSE("lse", &lse.t, &rr.lse.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
+            tu_free(&o);
+            tu_free(&lse);
+        }
+        tu_prefix = "";
         tu_fwd_free(&rr);
-        tu_free(&o);
-        tu_free(&lse);
     }
     tu_free(&q);
     tu_free(&k);
@@ -174,7 +186,9 @@ static void run_varlen(int idx, int causal, int64_t wl, int64_t wr, float softca
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    tu_check_forward(cpu_for(idx), g_ref, &p, &p, &q.t, &k.t, &v.t, ATTN_F32, 1);
+    attn_ctx *cpus[5];
+    int ncpu = cpus_for(idx, cpus);
+    tu_check_forward(cpus, ncpu, g_ref, &p, &p, &q.t, &k.t, &v.t, ATTN_F32, 1);
 
     /* each sequence alone as a dense problem gives the same rows */
     tu_fwd_out whole = tu_run_forward(g_ref, &p, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
@@ -306,12 +320,13 @@ static void run_plan(int idx, const pcase *c) {
     pp.window_right = c->wr;
     attn_params pi = pp; /* implicit: the same rule without a plan */
     pp.plan = plan;
-    attn_ctx *cpu = cpu_for(idx);
+    attn_ctx *cpus[5];
+    int ncpu = cpus_for(idx, cpus);
     /* the CPU with the plan against the reference with the plan */
-    tu_check_forward(cpu, g_ref, &pp, &pp, &q.t, &k.t, &v.t, ATTN_F32, 1);
+    tu_check_forward(cpus, ncpu, g_ref, &pp, &pp, &q.t, &k.t, &v.t, ATTN_F32, 1);
     if (c->kind != PLAN_RANDOM) {
         /* a plan covering every visible key equals the implicit rule */
-        tu_check_forward(cpu, g_ref, &pp, &pi, &q.t, &k.t, &v.t, ATTN_F32, 1);
+        tu_check_forward(cpus, ncpu, g_ref, &pp, &pi, &q.t, &k.t, &v.t, ATTN_F32, 1);
         tu_fwd_out a = tu_run_forward(g_ref, &pp, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
         tu_fwd_out b = tu_run_forward(g_ref, &pi, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
         CHECK(a.st == ATTN_OK && b.st == ATTN_OK && tu_same_bits(&a.o, &b.o) &&
@@ -331,27 +346,19 @@ int main(void) {
     g_cpu[0] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 1);
 
-    /* every case with the auto-selected ISA, then with each other ISA */
-    attn_ctx *isas[4];
-    int n_isa = tu_other_isa_ctxs(isas, 4, 2);
-    for (int r = -1; r < n_isa; r++) {
-        g_isa = r < 0 ? NULL : isas[r];
-        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_isa));
-        for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++)
-            run_case(i, &k_cases[i]);
+    g_n_isa = tu_other_isa_ctxs(g_isa, 4, 2);
 
-        run_varlen(0, 0, -1, -1, 0.0f, ATTN_F32);
-        run_varlen(1, 1, -1, -1, 0.0f, ATTN_F32);
-        run_varlen(2, 1, 8, 0, 0.0f, ATTN_F32);
-        run_varlen(3, 0, 4, 4, 20.0f, ATTN_F32);
-        run_varlen(4, 1, -1, -1, 0.0f, ATTN_F16);
+    for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
 
-        for (int i = 0; i < (int)(sizeof k_plans / sizeof k_plans[0]); i++)
-            run_plan(i, &k_plans[i]);
-    }
-    for (int r = 0; r < n_isa; r++) attn_ctx_free(isas[r]);
-    tu_prefix = "";
+    run_varlen(0, 0, -1, -1, 0.0f, ATTN_F32);
+    run_varlen(1, 1, -1, -1, 0.0f, ATTN_F32);
+    run_varlen(2, 1, 8, 0, 0.0f, ATTN_F32);
+    run_varlen(3, 0, 4, 4, 20.0f, ATTN_F32);
+    run_varlen(4, 1, -1, -1, 0.0f, ATTN_F16);
 
+    for (int i = 0; i < (int)(sizeof k_plans / sizeof k_plans[0]); i++) run_plan(i, &k_plans[i]);
+
+    for (int i = 0; i < g_n_isa; i++) attn_ctx_free(g_isa[i]);
     attn_ctx_free(g_ref);
     attn_ctx_free(g_cpu[0]);
     attn_ctx_free(g_cpu[1]);

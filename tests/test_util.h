@@ -369,21 +369,27 @@ static TU_UNUSED void tu_fwd_free(tu_fwd_out *r) {
     tu_free(&r->lse);
 }
 
-/* CPU forward (o in odt, lse f32) against the reference forward (f64) on the
- * same inputs; pc and pr are the params of each side (usually the same). */
-static TU_UNUSED void tu_check_forward(attn_ctx *cpu, attn_ctx *ref, const attn_params *pc,
-                                       const attn_params *pr, const attn_tensor *q,
-                                       const attn_tensor *k, const attn_tensor *v,
-                                       attn_dtype odt, int want_lse) {
-    tu_fwd_out c = tu_run_forward(cpu, pc, q, k, v, odt, ATTN_F32, want_lse);
+/* CPU forward (o in odt, lse f32) on each of the n contexts in cpus against
+ * the reference forward (f64), all on the same inputs; pc and pr are the
+ * params of the CPU and the reference side (usually the same). Failures of
+ * cpus[i], i > 0, are labelled with that context's ISA. */
+static TU_UNUSED void tu_check_forward(attn_ctx *const *cpus, int n, attn_ctx *ref,
+                                       const attn_params *pc, const attn_params *pr,
+                                       const attn_tensor *q, const attn_tensor *k,
+                                       const attn_tensor *v, attn_dtype odt, int want_lse) {
     tu_fwd_out r = tu_run_forward(ref, pr, q, k, v, ATTN_F64, ATTN_F64, 1);
-    CHECK(c.st == ATTN_OK, "cpu forward: %s: %s", attn_status_str(c.st), attn_last_error());
     CHECK(r.st == ATTN_OK, "ref forward: %s: %s", attn_status_str(r.st), attn_last_error());
-    if (c.st == ATTN_OK && r.st == ATTN_OK) {
-        CHECK_CLOSE("o", &c.o.t, &r.o.t, tu_rms_tol(odt), tu_max_tol(odt));
-        if (want_lse) CHECK_CLOSE("lse", &c.lse.t, &r.lse.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
+    for (int i = 0; i < n && r.st == ATTN_OK; i++) {
+        tu_prefix = i ? attn_isa_name(attn_ctx_isa(cpus[i])) : "";
+        tu_fwd_out c = tu_run_forward(cpus[i], pc, q, k, v, odt, ATTN_F32, want_lse);
+        CHECK(c.st == ATTN_OK, "cpu forward: %s: %s", attn_status_str(c.st), attn_last_error());
+        if (c.st == ATTN_OK) {
+            CHECK_CLOSE("o", &c.o.t, &r.o.t, tu_rms_tol(odt), tu_max_tol(odt));
+            if (want_lse) CHECK_CLOSE("lse", &c.lse.t, &r.lse.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
+        }
+        tu_fwd_free(&c);
     }
-    tu_fwd_free(&c);
+    tu_prefix = "";
     tu_fwd_free(&r);
 }
 
