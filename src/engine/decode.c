@@ -73,6 +73,45 @@ static operand cache_rows(const attn_kernels *kr, const attn_tensor *t, int64_t 
     return o;
 }
 
+/* Whether some query of the sequence sees only part of keys [j0, j0 + nk). */
+static bool partly_masked(const attn_problem *p, int64_t nq, int64_t m, int64_t j0, int64_t nk) {
+    for (int64_t t = 0; t < nq; t++) {
+        int64_t a, z;
+        attn_visible_range(p, nq, m, t, &a, &z);
+        if (a > j0 || z < j0 + nk - 1) return true;
+    }
+    return false;
+}
+
+/* Whether cache rows [j0, j0 + nk) of v (all heads) are finite. */
+static bool finite_rows(const attn_tensor *v, int64_t tb, int64_t j0, int64_t nk) {
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < v->shape[2]; h++) {
+            int64_t off = attn_off4(v, tb, j0 + j, h, 0);
+            for (int64_t c = 0; c < v->shape[3]; c++)
+                if (!isfinite(attn_load_f64(v, off + c * v->stride[3]))) return false;
+        }
+    return true;
+}
+
+/* P * V over visible keys only, for a partly masked block holding a NaN or
+ * Inf: a masked probability is 0, and 0 * NaN would leak into rows that do
+ * not see the key. */
+static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
+                      const attn_tensor *v, const dec_bufs *b, int64_t j0, int64_t nk) {
+    const int64_t g = p->h / p->hk, nq = p->n, rows = g * nq, dv = p->dv;
+    for (int64_t hk = 0; hk < p->hk; hk++)
+        for (int64_t j = 0; j < nk; j++) {
+            rows_load(kr, v, attn_off4(v, sq->tb, j0 + j, hk, 0), dv, b->vbuf);
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t a, z;
+                attn_visible_range(p, nq, sq->m, r / g, &a, &z);
+                if (j0 + j < a || j0 + j > z) continue;
+                kr->axpy(dv, b->s[(hk * nk + j) * rows + r], b->vbuf, b->o + (hk * rows + r) * dv);
+            }
+        }
+}
+
 /* One split of keys [ks, ke) of sequence bi, for every kv head at once (the
  * cache streams in memory order). Writes the normalised partial output and
  * natural-log LSE of each row, rows ordered [hk][t][head in group]. */
@@ -122,7 +161,10 @@ static void run_split(const attn_kernels *kr, const attn_problem *p, const attn_
             /* rescale this head's outputs: O = diag(alpha) O (a GEMM with k = 0) */
             kr->gemm(rows, dv, 0, s, 1, rows, b->o, dv, b->o + hk * rows * dv, dv, 0, al);
         }
-        kr->pv_heads(V.kind, V.data, V.ld, V.hs, p->hk, nk, b->s, rows, dv, b->o);
+        if (partly_masked(p, nq, sq.m, j0, nk) && !finite_rows(v, sq.tb, j0, nk))
+            masked_pv(kr, p, &sq, v, b, j0, nk);
+        else
+            kr->pv_heads(V.kind, V.data, V.ld, V.hs, p->hk, nk, b->s, rows, dv, b->o);
     }
     for (int64_t x = 0; x < all; x++) {
         float l = b->l[x];

@@ -85,6 +85,30 @@ static fwd_bufs fwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_
     return b;
 }
 
+static bool all_finite(const float *x, int64_t rows, int64_t cols, int64_t ld) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            if (!isfinite(x[r * ld + c])) return false;
+    return true;
+}
+
+/* P * V over visible keys only: a masked key's probability is 0, but 0 * NaN
+ * is NaN, and a NaN or Inf in V must reach only the rows that see its key.
+ * Runs only on blocks that are partly masked and hold a non-finite V. */
+static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
+                      const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
+                      int64_t nk, const float *vb, int64_t ldv) {
+    const int64_t dv = p->dv;
+    for (int64_t c = 0; c < nq; c++) {
+        float *orow = b->o + c * dv;
+        for (int64_t x = 0; x < dv; x++) orow[x] *= b->alpha[c];
+        int64_t lo, hi;
+        attn_visible_range(p, sq->n, sq->m, i0 + c, &lo, &hi);
+        for (int64_t r = 0; r < nk; r++)
+            if (j0 + r >= lo && j0 + r <= hi) kr->axpy(dv, b->s[r * bq + c], vb + r * ldv, orow);
+    }
+}
+
 /* One key block [j0, j1) against the current query tile. */
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
@@ -117,7 +141,10 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     if (masked) mask_tile(p, sq, b->s, bq, i0, nq, j0, nk);
     kr->softmax_cols(b->s, nk, nq, bq, b->m, b->l, b->alpha);
     /* O[nq][dv] = diag(alpha) O + P[nq][nk] * V[nk][dv], P read from S^T */
-    kr->gemm(nq, dv, nk, b->s, 1, bq, vb, ldv, b->o, dv, 0, b->alpha);
+    if (masked && !all_finite(vb, nk, dv, ldv))
+        masked_pv(kr, p, sq, b, bq, i0, nq, j0, nk, vb, ldv);
+    else
+        kr->gemm(nq, dv, nk, b->s, 1, bq, vb, ldv, b->o, dv, 0, b->alpha);
 }
 
 static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
