@@ -341,12 +341,54 @@ static void run_plan(int idx, const pcase *c) {
     tu_free(&v);
 }
 
+/* ------------------------------------------------------------ closed form */
+
+/* One query against two keys, D = Dv = 1, scale 1: logits s = (1, 2) (or
+ * capped: c tanh(s / c)), o = (e^s0 v0 + e^s1 v1) / (e^s0 + e^s1),
+ * lse = log(e^s0 + e^s1). Checks the oracle itself, then the CPU. */
+static void closed_form(float softcap, int causal) {
+    tu_case("closed form softcap=%g causal=%d", softcap, causal);
+    float q[1] = {1.0f}, k[2] = {1.0f, 2.0f}, v[2] = {1.0f, 3.0f};
+    attn_tensor tq = attn_tensor_4d(q, ATTN_F32, 1, 1, 1, 1);
+    attn_tensor tk = attn_tensor_4d(k, ATTN_F32, 1, 2, 1, 1);
+    attn_tensor tv = attn_tensor_4d(v, ATTN_F32, 1, 2, 1, 1);
+    attn_params p = attn_params_default();
+    p.scale = 1.0f;
+    p.softcap = softcap;
+    p.causal = causal; /* one query aligned bottom-right sees both keys */
+    double s0 = 1.0, s1 = 2.0;
+    if (softcap > 0) {
+        s0 = softcap * tanh(s0 / softcap);
+        s1 = softcap * tanh(s1 / softcap);
+    }
+    double want_o = (exp(s0) * 1.0 + exp(s1) * 3.0) / (exp(s0) + exp(s1));
+    double want_l = log(exp(s0) + exp(s1));
+    tu_fwd_out r = tu_run_forward(g_ref, &p, &tq, &tk, &tv, ATTN_F64, ATTN_F64, 1);
+    CHECK_OK(r.st);
+    double ro = ((double *)r.o.mem)[0], rl = ((double *)r.lse.mem)[0];
+    CHECK(fabs(ro - want_o) < 1e-14 && fabs(rl - want_l) < 1e-14,
+          "reference: o %.17g lse %.17g, closed form %.17g %.17g", ro, rl, want_o, want_l);
+    for (int t = 0; t < 2; t++) {
+        tu_fwd_out c = tu_run_forward(g_cpu[t], &p, &tq, &tk, &tv, ATTN_F32, ATTN_F32, 1);
+        CHECK_OK(c.st);
+        double co = ((float *)c.o.mem)[0], cl = ((float *)c.lse.mem)[0];
+        CHECK(fabs(co - want_o) < 1e-6 && fabs(cl - want_l) < 1e-6,
+              "cpu: o %.9g lse %.9g, closed form %.9g %.9g", co, cl, want_o, want_l);
+        tu_fwd_free(&c);
+    }
+    tu_fwd_free(&r);
+}
+
 int main(void) {
     g_ref = tu_ctx("test_forward", ATTN_BACKEND_REF, 1);
     g_cpu[0] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_forward", ATTN_BACKEND_CPU, 1);
 
     g_n_isa = tu_other_isa_ctxs(g_isa, 4, 2);
+
+    closed_form(0.0f, 0);
+    closed_form(0.0f, 1);
+    closed_form(1.5f, 0);
 
     for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
 
