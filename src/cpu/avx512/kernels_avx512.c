@@ -14,20 +14,21 @@ static ALWAYS_INLINE __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
 }
 
-/* 2^x, about 1 ulp on the normal range; 2^-inf = 0 exactly, NaN stays NaN. */
+/* 2^x, within 2.3e-7 relative on the normal range; 2^-inf = 0 exactly, NaN stays NaN. */
 static ALWAYS_INLINE __m512 exp2v(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x); /* NaN in x survives (2nd operand) */
     x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5] */
-    /* Taylor series of 2^f = e^(f ln 2) to degree 6: relative error < 3e-8 */
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    /* 2^f by a degree-5 polynomial fitted for relative error on [-0.5, 0.5]:
+     * 2.3e-7 (2 ulp) in float arithmetic. One FMA fewer than degree 6 matters:
+     * the exponential shares the FMA pipes with the two GEMMs of attention. */
+    __m512 p = _mm512_set1_ps(1.327647129073739e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541892647743e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
     return _mm512_scalef_ps(p, n);
 }
 
