@@ -24,7 +24,9 @@ typedef struct bcase {
     int64_t wl, wr; /* used when win */
     int win;
     float scale, softcap;
-    attn_dtype dt; /* q, k, v (and dout) dtype; 0 = f32 */
+    attn_dtype dt;  /* q, k, v (and dout) dtype; 0 = f32 */
+    attn_dtype gdt; /* dq, dk, dv dtype of the CPU run; 0 = f32 */
+    int strided;    /* every tensor a permuted, padded view ([B, H, seq, dim + 2] memory) */
 } bcase;
 
 static const bcase k_cases[] = {
@@ -44,7 +46,18 @@ static const bcase k_cases[] = {
     {.B = 1, .N = 33, .M = 65, .H = 2, .Hk = 1, .D = 192, .Dv = 128, .causal = 1},
     {.B = 1, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 64, .causal = 1, .dt = ATTN_F16},
     {.B = 1, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 64, .dt = ATTN_BF16},
+    {.B = 2, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 48, .causal = 1, .strided = 1},
+    {.B = 1, .N = 65, .M = 63, .H = 2, .Hk = 1, .D = 33, .Dv = 17, .causal = 1},
+    {.B = 1, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 64, .causal = 1,
+     .dt = ATTN_F16, .gdt = ATTN_F16},
+    {.B = 1, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 64, .gdt = ATTN_BF16,
+     .strided = 1},
 };
+
+static tu_buf alloc4(attn_dtype dt, int strided, const int64_t *shape) {
+    return strided ? tu_alloc_strided(dt, shape[0], shape[1], shape[2], shape[3], 2)
+                   : tu_alloc(dt, shape[0], shape[1], shape[2], shape[3]);
+}
 
 typedef struct grads {
     tu_buf dq, dk, dv;
@@ -53,11 +66,12 @@ typedef struct grads {
 
 static grads run_backward(attn_ctx *ctx, const attn_params *p, const attn_tensor *q,
                           const attn_tensor *k, const attn_tensor *v, const attn_tensor *o,
-                          const attn_tensor *lse, const attn_tensor *dout, attn_dtype gdt) {
+                          const attn_tensor *lse, const attn_tensor *dout, attn_dtype gdt,
+                          int strided) {
     grads g;
-    g.dq = tu_alloc(gdt, q->shape[0], q->shape[1], q->shape[2], q->shape[3]);
-    g.dk = tu_alloc(gdt, k->shape[0], k->shape[1], k->shape[2], k->shape[3]);
-    g.dv = tu_alloc(gdt, v->shape[0], v->shape[1], v->shape[2], v->shape[3]);
+    g.dq = alloc4(gdt, strided, q->shape);
+    g.dk = alloc4(gdt, strided, k->shape);
+    g.dv = alloc4(gdt, strided, v->shape);
     g.st = attn_backward(ctx, p, q, k, v, o, lse, dout, &g.dq.t, &g.dk.t, &g.dv.t);
     return g;
 }
@@ -68,21 +82,26 @@ static void free_grads(grads *g) {
     tu_free(&g->dv);
 }
 
-/* CPU forward, then CPU and reference backward from the CPU's O and LSE. */
+/* CPU forward, then CPU and reference backward from the CPU's O and LSE.
+ * Gradients in gdt on the CPU side (tolerances of tu_rms_tol / tu_max_tol:
+ * f32 1e-5 / 1e-4, f16 1e-3 / 2e-3, bf16 8e-3 / 8e-3), all tensors strided
+ * views when strided. */
 static void cpu_vs_ref(attn_ctx *cpu, const attn_params *p, const attn_tensor *q,
-                       const attn_tensor *k, const attn_tensor *v, tu_rng *r) {
+                       const attn_tensor *k, const attn_tensor *v, tu_rng *r, attn_dtype gdt,
+                       int strided) {
     tu_fwd_out f = tu_run_forward(cpu, p, q, k, v, ATTN_F32, ATTN_F32, 1);
     CHECK_OK(f.st);
-    tu_buf dout = tu_alloc(q->dtype, q->shape[0], q->shape[1], q->shape[2], v->shape[3]);
+    const int64_t oshape[4] = {q->shape[0], q->shape[1], q->shape[2], v->shape[3]};
+    tu_buf dout = alloc4(q->dtype, strided, oshape);
     tu_fill(&dout.t, r, -1, 1);
-    grads c = run_backward(cpu, p, q, k, v, &f.o.t, &f.lse.t, &dout.t, ATTN_F32);
-    grads e = run_backward(g_ref, p, q, k, v, &f.o.t, &f.lse.t, &dout.t, ATTN_F64);
+    grads c = run_backward(cpu, p, q, k, v, &f.o.t, &f.lse.t, &dout.t, gdt, strided);
+    grads e = run_backward(g_ref, p, q, k, v, &f.o.t, &f.lse.t, &dout.t, ATTN_F64, 0);
     CHECK(c.st == ATTN_OK, "cpu backward: %s: %s", attn_status_str(c.st), attn_last_error());
     CHECK(e.st == ATTN_OK, "ref backward: %s: %s", attn_status_str(e.st), attn_last_error());
     if (c.st == ATTN_OK && e.st == ATTN_OK) {
-        CHECK_CLOSE("dq", &c.dq.t, &e.dq.t, 1e-5, 1e-4);
-        CHECK_CLOSE("dk", &c.dk.t, &e.dk.t, 1e-5, 1e-4);
-        CHECK_CLOSE("dv", &c.dv.t, &e.dv.t, 1e-5, 1e-4);
+        CHECK_CLOSE("dq", &c.dq.t, &e.dq.t, tu_rms_tol(gdt), tu_max_tol(gdt));
+        CHECK_CLOSE("dk", &c.dk.t, &e.dk.t, tu_rms_tol(gdt), tu_max_tol(gdt));
+        CHECK_CLOSE("dv", &c.dv.t, &e.dv.t, tu_rms_tol(gdt), tu_max_tol(gdt));
     }
     free_grads(&c);
     free_grads(&e);
@@ -100,18 +119,21 @@ static void run_case(int idx, const bcase *c) {
     p.scale = c->scale;
     p.softcap = c->softcap;
     tu_case("backward #%d B=%lld N=%lld M=%lld H=%lld Hk=%lld D=%lld Dv=%lld causal=%d "
-            "window=(%lld,%lld) scale=%g softcap=%g dtype=%s seed=%llx",
+            "window=(%lld,%lld) scale=%g softcap=%g dtype=%s grads=%s strided=%d seed=%llx",
             idx, (long long)c->B, (long long)c->N, (long long)c->M, (long long)c->H,
             (long long)c->Hk, (long long)c->D, (long long)c->Dv, c->causal,
             (long long)p.window_left, (long long)p.window_right, c->scale, c->softcap,
-            attn_dtype_name(c->dt), (unsigned long long)seed);
-    tu_buf q = tu_alloc(c->dt, c->B, c->N, c->H, c->D);
-    tu_buf k = tu_alloc(c->dt, c->B, c->M, c->Hk, c->D);
-    tu_buf v = tu_alloc(c->dt, c->B, c->M, c->Hk, c->Dv);
+            attn_dtype_name(c->dt), attn_dtype_name(c->gdt), c->strided,
+            (unsigned long long)seed);
+    const int64_t qs[4] = {c->B, c->N, c->H, c->D}, ks[4] = {c->B, c->M, c->Hk, c->D};
+    const int64_t vs[4] = {c->B, c->M, c->Hk, c->Dv};
+    tu_buf q = alloc4(c->dt, c->strided, qs);
+    tu_buf k = alloc4(c->dt, c->strided, ks);
+    tu_buf v = alloc4(c->dt, c->strided, vs);
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r, c->gdt, c->strided);
     tu_free(&q);
     tu_free(&k);
     tu_free(&v);
@@ -134,7 +156,7 @@ static void run_varlen(int idx, int causal) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r, ATTN_F32, 0);
     tu_free(&q);
     tu_free(&k);
     tu_free(&v);
@@ -179,7 +201,7 @@ static void run_plan(int idx, int causal, int64_t heads) {
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
-    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r);
+    cpu_vs_ref(cpu_for(idx), &p, &q.t, &k.t, &v.t, &r, ATTN_F32, 0);
     attn_plan_free(plan);
     tu_free(&q);
     tu_free(&k);
@@ -232,7 +254,7 @@ static void finite_diff(int idx, int64_t B, int64_t N, int64_t M, int64_t H, int
     tu_fill(&dout.t, &r, -1, 1);
     tu_fwd_out f = tu_run_forward(g_ref, &p, &q.t, &k.t, &v.t, ATTN_F64, ATTN_F64, 1);
     CHECK_OK(f.st);
-    grads g = run_backward(g_ref, &p, &q.t, &k.t, &v.t, &f.o.t, &f.lse.t, &dout.t, ATTN_F64);
+    grads g = run_backward(g_ref, &p, &q.t, &k.t, &v.t, &f.o.t, &f.lse.t, &dout.t, ATTN_F64, 0);
     CHECK_OK(g.st);
     tu_buf o = tu_alloc(ATTN_F64, B, N, H, Dv);
     tu_buf fq = tu_alloc(ATTN_F64, B, N, H, D), fk = tu_alloc(ATTN_F64, B, M, Hk, D);

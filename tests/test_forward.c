@@ -28,8 +28,9 @@ typedef struct fcase {
     int64_t wl, wr;
     float scale, softcap;
     attn_dtype qdt, kvdt, odt; /* all 0 = f32 */
-    int strided;               /* q, k, v, o as permuted, padded views */
+    int strided;               /* q, k, v, o as permuted, padded views; lse [B, H, N] over [B, N, H] */
     int no_lse;
+    int bcast;                 /* k and v broadcast over the batch (stride 0) */
 } fcase;
 
 static const fcase k_cases[] = {
@@ -96,6 +97,12 @@ static const fcase k_cases[] = {
      .kvdt = ATTN_F16, .odt = ATTN_F16, .strided = 1},
     /* lse = NULL */
     {.B = 1, .N = 63, .M = 65, .H = 2, .Hk = 1, .D = 64, .Dv = 64, .causal = 1, .no_lse = 1},
+    /* odd head dims (SIMD tails) */
+    {.B = 1, .N = 65, .M = 63, .H = 2, .Hk = 1, .D = 33, .Dv = 17, .causal = 1},
+    {.B = 1, .N = 17, .M = 100, .H = 3, .Hk = 1, .D = 7, .Dv = 129},
+    /* k and v shared by every batch entry (stride 0) */
+    {.B = 3, .N = 63, .M = 65, .H = 4, .Hk = 2, .D = 64, .Dv = 64, .causal = 1, .bcast = 1},
+    {.B = 2, .N = 33, .M = 65, .H = 2, .Hk = 2, .D = 64, .Dv = 64, .bcast = 1, .strided = 1},
 };
 
 static tu_buf input4(attn_dtype dt, int strided, int64_t a, int64_t b, int64_t c, int64_t d) {
@@ -112,19 +119,24 @@ static void run_case(int idx, const fcase *c) {
     p.scale = c->scale;
     p.softcap = c->softcap;
     tu_case("forward #%d B=%lld N=%lld M=%lld H=%lld Hk=%lld D=%lld Dv=%lld causal=%d "
-            "window=(%lld,%lld) scale=%g softcap=%g q=%s kv=%s o=%s strided=%d seed=%llx",
+            "window=(%lld,%lld) scale=%g softcap=%g q=%s kv=%s o=%s strided=%d bcast=%d seed=%llx",
             idx, (long long)c->B, (long long)c->N, (long long)c->M, (long long)c->H,
             (long long)c->Hk, (long long)c->D, (long long)c->Dv, c->causal,
             (long long)p.window_left, (long long)p.window_right, c->scale, c->softcap,
             attn_dtype_name(c->qdt), attn_dtype_name(c->kvdt), attn_dtype_name(c->odt),
-            c->strided, (unsigned long long)seed);
+            c->strided, c->bcast, (unsigned long long)seed);
 
     tu_buf q = input4(c->qdt, c->strided, c->B, c->N, c->H, c->D);
-    tu_buf k = input4(c->kvdt, c->strided, c->B, c->M, c->Hk, c->D);
-    tu_buf v = input4(c->kvdt, c->strided, c->B, c->M, c->Hk, c->Dv);
+    int64_t kb = c->bcast ? 1 : c->B;
+    tu_buf k = input4(c->kvdt, c->strided, kb, c->M, c->Hk, c->D);
+    tu_buf v = input4(c->kvdt, c->strided, kb, c->M, c->Hk, c->Dv);
     tu_fill(&q.t, &r, -2, 2);
     tu_fill(&k.t, &r, -2, 2);
     tu_fill(&v.t, &r, -1, 1);
+    if (c->bcast) {
+        k.t.shape[0] = v.t.shape[0] = c->B;
+        k.t.stride[0] = v.t.stride[0] = 0;
+    }
     attn_ctx *cpus[5];
     int ncpu = cpus_for(idx, cpus);
 
@@ -137,7 +149,11 @@ static void run_case(int idx, const fcase *c) {
         for (int i = 0; i < ncpu; i++) {
             tu_prefix = i ? attn_isa_name(attn_ctx_isa(cpus[i])) : "";
             tu_buf o = input4(c->odt, 1, c->B, c->N, c->H, c->Dv);
-            tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->N, -1);
+            tu_buf lse = tu_alloc(ATTN_F32, c->B, c->N, c->H, -1); /* viewed as [B, H, N] */
+            lse.t.shape[1] = c->H;
+            lse.t.shape[2] = c->N;
+            lse.t.stride[1] = 1;
+            lse.t.stride[2] = c->H;
             CHECK_OK(attn_forward(cpus[i], &p, &q.t, &k.t, &v.t, &o.t, &lse.t));
             CHECK_CLOSE("o (strided)", &o.t, &rr.o.t, tu_rms_tol(c->odt), tu_max_tol(c->odt));
             CHECK_CLOSE("lse", &lse.t, &rr.lse.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
