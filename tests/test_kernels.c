@@ -16,11 +16,20 @@
  *   softmax l       the p tolerance + (rows + 2) * 2 eps (the running sum)
  *   dsoftmax_rows   relative 1e-6 (three roundings)
  *   dot_rows        |err| <= 1e-5 * sum |q||k|
+ *   qk_heads        |err| <= 1e-5 * sum |q||k|  (k as stored: f32, f16 or bf16)
+ *   pv_heads        |err| <= 1e-5 * (|o| + sum |p||v|)
  *   axpy            |err| <= 1e-6 * (|a x| + |y|)
  *   conversions     bit-exact with attn_f16_to_f32 & co. of attn.h (for NaN
  *                   payloads see STRICT_NAN_PAYLOADS)
  * Exact: -inf logits give p = 0, a column with only -inf logits (and m = -inf)
  * keeps m = -inf, l = 0 and gets alpha = 0; 2^-inf = 0; max is exact. */
+#if defined(__unix__) || defined(__APPLE__)
+#define _POSIX_C_SOURCE 200809L /* posix_memalign, mprotect, sysconf */
+#include <sys/mman.h>
+#include <unistd.h>
+#define GUARD_PAGES 1
+#endif
+
 #include "test_util.h"
 
 #include "cpu/kernels.h"
@@ -42,13 +51,51 @@ static float bitsf(uint32_t u) {
     return f;
 }
 
+/* Every buffer ends exactly at an inaccessible page (where the OS allows it):
+ * AddressSanitizer does not see the masked loads of intrinsics, but the MMU
+ * does, so a kernel that reads a lane past the end crashes the test. The
+ * allocation and its guard page are noted in the 16 bytes at (p - 16) & ~7. */
 static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
+    if (!bytes) bytes = 1;
+#ifdef GUARD_PAGES
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t body = (bytes + 16 + page - 1) / page * page;
+    void *base = NULL;
+    if (posix_memalign(&base, page, body + page) == 0) {
+        char *guard = (char *)base + body;
+        if (mprotect(guard, page, PROT_NONE) == 0) {
+            char *p = guard - bytes;
+            void *note[2] = {base, guard};
+            memcpy((void *)(((uintptr_t)p - 16) & ~(uintptr_t)7), note, sizeof note);
+            return p;
+        }
+        free(base);
+    }
+    fprintf(stderr, "test_kernels: cannot allocate %zu bytes with a guard page\n", bytes);
+    exit(2);
+#else
+    void *p = malloc(bytes);
     if (!p) {
         fprintf(stderr, "test_kernels: out of memory\n");
         exit(2);
     }
     return p;
+#endif
+}
+
+static void xfree(void *p) {
+#ifdef GUARD_PAGES
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    void *note[2];
+    memcpy(note, (void *)(((uintptr_t)p - 16) & ~(uintptr_t)7), sizeof note);
+    if (mprotect(note[1], page, PROT_READ | PROT_WRITE) != 0) {
+        fprintf(stderr, "test_kernels: cannot release a guard page\n");
+        exit(2);
+    }
+    free(note[0]);
+#else
+    free(p);
+#endif
 }
 static float *falloc(int64_t n) { return xmalloc((size_t)(n > 0 ? n : 1) * sizeof(float)); }
 static void ffill(float *p, int64_t n, float x) {
@@ -153,7 +200,7 @@ static void gemm_case(const table *t, uint64_t idx, int64_t m, int64_t n, int64_
           worst > 1.0 ? ref[wr * n + wj] : 0.0);
     int64_t bad = pad_changed(c, m, n, ldc, nc);
     CHECK(bad == 0, "%lld padding slots of C (columns n .. ldc-1) changed", (long long)bad);
-    free(a), free(b), free(c), free(cs), free(ref), free(bound);
+    xfree(a), xfree(b), xfree(c), xfree(cs), xfree(ref), xfree(bound);
 }
 
 static void test_gemm(const table *t) {
@@ -325,9 +372,9 @@ static void softmax_case(const table *t, uint64_t idx, int64_t rows, int64_t col
         CHECK(bp == 0, "%lld p (first part times the second alpha) differ from one call",
               (long long)bp);
     }
-    free(s0), free(s), free(s2), free(m0), free(l0), free(m), free(l), free(al);
-    free(m2), free(l2), free(al1), free(al2);
-    free(o.p), free(o.m), free(o.l), free(o.alpha);
+    xfree(s0), xfree(s), xfree(s2), xfree(m0), xfree(l0), xfree(m), xfree(l), xfree(al);
+    xfree(m2), xfree(l2), xfree(al1), xfree(al2);
+    xfree(o.p), xfree(o.m), xfree(o.l), xfree(o.alpha);
 }
 
 /* A NaN logit poisons its column: l becomes NaN; other columns are unharmed. */
@@ -395,7 +442,7 @@ static void exp2_case(const table *t, uint64_t idx, int64_t rows, int64_t cols) 
           worst_r);
     int64_t bp = pad_changed(s, rows, cols, lds, ns);
     CHECK(bp == 0, "%lld padding slots changed", (long long)bp);
-    free(s), free(s0), free(sub);
+    xfree(s), xfree(s0), xfree(sub);
 }
 
 static void exp2_specials(const table *t) {
@@ -438,7 +485,7 @@ static void exp2_specials(const table *t) {
     tu_case("%s exp2 accuracy on [-120, 120]", t->name);
     CHECK(worst < 1e-6, "max relative error %.3g at x = %.9g", worst, wx);
     printf("  %-7s exp2 max relative error on [-120, 120]: %.3g\n", t->name, worst);
-    free(v), free(v0);
+    xfree(v), xfree(v0);
 }
 
 static void test_exp2(const table *t) {
@@ -479,7 +526,7 @@ static void dsoftmax_case(const table *t, uint64_t idx, int64_t rows, int64_t co
     CHECK(bad == 0, "%lld outside tolerance", (long long)bad);
     int64_t bp = pad_changed(dp, rows, cols, ld, n);
     CHECK(bp == 0, "%lld padding slots changed", (long long)bp);
-    free(dp), free(dp0), free(p), free(delta);
+    xfree(dp), xfree(dp0), xfree(p), xfree(delta);
 }
 
 static void test_dsoftmax(const table *t) {
@@ -522,7 +569,7 @@ static void test_dot(const table *t) {
             }
             CHECK(bad == 0, "%lld of %lld rows outside tolerance", (long long)bad,
                   (long long)rows);
-            free(k), free(q), free(out);
+            xfree(k), xfree(q), xfree(out);
         }
 }
 
@@ -551,7 +598,128 @@ static void test_axpy(const table *t) {
                 if (fbits(y[j]) != SENTINEL) bg++;
             CHECK(bad == 0, "%lld outside tolerance", (long long)bad);
             CHECK(bg == 0, "%lld slots after y[n-1] changed", (long long)bg);
-            free(x), free(y), free(y0);
+            xfree(x), xfree(y), xfree(y0);
+        }
+}
+
+/* ------------------------------------------------------------ qk_heads, pv_heads */
+
+static const attn_dtype CACHE_KINDS[] = {ATTN_F32, ATTN_F16, ATTN_BF16};
+
+/* A cache block: nk rows of `heads` heads of n values, row j of head h at
+ * element j * ld + h * hs, allocated to end exactly after the last value
+ * (unused elements NaN). vals holds the values as f32 (after rounding to the
+ * kind) at the same offsets. */
+typedef struct cache_blk {
+    void *data;
+    float *vals;
+    int64_t ld, hs, len;
+} cache_blk;
+
+static cache_blk cache_make(tu_rng *rng, attn_dtype kind, int64_t nk, int64_t heads, int64_t n,
+                            int head_major) {
+    cache_blk c;
+    int64_t pad1 = tu_int(rng, 0, 3), pad2 = tu_int(rng, 0, 5);
+    if (head_major) { /* [heads][nk][n] */
+        c.ld = n + pad1;
+        c.hs = nk * c.ld + pad2;
+    } else { /* [nk][heads][n] */
+        c.hs = n + pad1;
+        c.ld = heads * c.hs + pad2;
+    }
+    c.len = (nk - 1) * c.ld + (heads - 1) * c.hs + n;
+    size_t es = kind == ATTN_F32 ? 4 : 2;
+    c.data = xmalloc(es * (size_t)c.len);
+    c.vals = falloc(c.len);
+    for (int64_t i = 0; i < c.len; i++) {
+        if (kind == ATTN_F32) ((float *)c.data)[i] = NAN;
+        else ((uint16_t *)c.data)[i] = kind == ATTN_F16 ? 0x7e00 : 0x7fc0;
+    }
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t i = 0; i < n; i++) {
+                int64_t off = j * c.ld + h * c.hs + i;
+                float x = frand(rng, -1, 1);
+                if (kind == ATTN_F16) {
+                    ((uint16_t *)c.data)[off] = attn_f32_to_f16(x);
+                    x = attn_f16_to_f32(((uint16_t *)c.data)[off]);
+                } else if (kind == ATTN_BF16) {
+                    ((uint16_t *)c.data)[off] = attn_f32_to_bf16(x);
+                    x = attn_bf16_to_f32(((uint16_t *)c.data)[off]);
+                } else {
+                    ((float *)c.data)[off] = x;
+                }
+                c.vals[off] = x;
+            }
+    return c;
+}
+
+/* qk_heads: |err| <= 1e-5 * sum |q||k|; pv_heads: |err| <= 1e-5 * (|o| + sum |p||v|). */
+static void heads_case(const table *t, uint64_t idx, attn_dtype kind, int64_t heads, int64_t nk,
+                       int64_t rows, int64_t d) {
+    tu_rng rng = {tu_seed(SALT, idx)};
+    int head_major = (int)(idx & 1);
+    const char *kn = kind == ATTN_F32 ? "f32" : kind == ATTN_F16 ? "f16" : "bf16";
+
+    /* qk_heads: s[h][j][r] = sum_i q[h][r][i] * k(j, h)[i] */
+    cache_blk kc = cache_make(&rng, kind, nk, heads, d, head_major);
+    int64_t nq = heads * rows * d, ns = heads * nk * rows;
+    float *q = falloc(nq), *sv = falloc(ns);
+    for (int64_t i = 0; i < nq; i++) q[i] = frand(&rng, -1, 1);
+    ffill(sv, ns, NAN);
+    t->k->qk_heads(kind, kc.data, kc.ld, kc.hs, heads, nk, q, rows, d, sv);
+    tu_case("%s qk_heads %s heads=%lld nk=%lld rows=%lld d=%lld ld=%lld hs=%lld", t->name, kn,
+            (long long)heads, (long long)nk, (long long)rows, (long long)d, (long long)kc.ld,
+            (long long)kc.hs);
+    int64_t bad = 0;
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t j = 0; j < nk; j++)
+            for (int64_t r = 0; r < rows; r++) {
+                double sum = 0, b = 0;
+                for (int64_t i = 0; i < d; i++) {
+                    double x = (double)q[(h * rows + r) * d + i] * kc.vals[j * kc.ld + h * kc.hs + i];
+                    sum += x;
+                    b += fabs(x);
+                }
+                if (!(fabs(sv[(h * nk + j) * rows + r] - sum) <= 1e-5 * b)) bad++;
+            }
+    CHECK(bad == 0, "%lld of %lld outside tolerance", (long long)bad, (long long)ns);
+    xfree(kc.data), xfree(kc.vals), xfree(q);
+
+    /* pv_heads: o[h][r][:] += sum_j p[h][j][r] * v(j, h)[:], with dv = d */
+    int64_t dv = d, no = heads * rows * dv;
+    cache_blk vc = cache_make(&rng, kind, nk, heads, dv, !head_major);
+    float *o = falloc(no), *o0 = falloc(no);
+    for (int64_t i = 0; i < ns; i++) sv[i] = frand(&rng, 0, 1); /* probabilities */
+    for (int64_t i = 0; i < no; i++) o[i] = o0[i] = frand(&rng, -1, 1);
+    t->k->pv_heads(kind, vc.data, vc.ld, vc.hs, heads, nk, sv, rows, dv, o);
+    tu_case("%s pv_heads %s heads=%lld nk=%lld rows=%lld dv=%lld ld=%lld hs=%lld", t->name, kn,
+            (long long)heads, (long long)nk, (long long)rows, (long long)dv, (long long)vc.ld,
+            (long long)vc.hs);
+    bad = 0;
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < dv; c++) {
+                double sum = o0[(h * rows + r) * dv + c], b = fabs(sum);
+                for (int64_t j = 0; j < nk; j++) {
+                    double x = (double)sv[(h * nk + j) * rows + r] * vc.vals[j * vc.ld + h * vc.hs + c];
+                    sum += x;
+                    b += fabs(x);
+                }
+                if (!(fabs(o[(h * rows + r) * dv + c] - sum) <= 1e-5 * b)) bad++;
+            }
+    CHECK(bad == 0, "%lld of %lld outside tolerance", (long long)bad, (long long)no);
+    xfree(vc.data), xfree(vc.vals), xfree(o), xfree(o0), xfree(sv);
+}
+
+static void test_heads(const table *t) {
+    static const int64_t ds[] = {1, 7, 8, 15, 16, 17, 31, 64, 65, 100, 128, 129, 600};
+    uint64_t idx = 9000;
+    for (int kk = 0; kk < 3; kk++)
+        for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) {
+            int64_t heads = 1 + (int64_t)(i % 3), nk = (int64_t[]){1, 5, 17}[(i + kk) % 3];
+            int64_t rows = (int64_t[]){1, 3, 8}[(i / 3 + kk) % 3];
+            heads_case(t, idx++, CACHE_KINDS[kk], heads, nk, rows, ds[i]);
         }
 }
 
@@ -649,7 +817,7 @@ static void test_conversions(const table *t) {
         int64_t bad = conv_f32_check(out, all, 65536, bf, msg, sizeof msg);
         CHECK(bad == 0, "%lld of 65536 differ from the scalar conversion, first %s",
               (long long)bad, msg);
-        free(out);
+        xfree(out);
         for (int64_t n = 1; n <= 40; n++) {
             int64_t off = (n * 7919) % 60000 + (n & 1);
             float *o = falloc(n);
@@ -657,10 +825,10 @@ static void test_conversions(const table *t) {
             bad = conv_f32_check(o, all + off, n, bf, msg, sizeof msg);
             tu_case("%s %s_to_f32 n=%lld", t->name, bf ? "bf16" : "f16", (long long)n);
             CHECK(bad == 0, "%lld differ, first %s", (long long)bad, msg);
-            free(o);
+            xfree(o);
         }
     }
-    free(all);
+    xfree(all);
 
     /* 32 -> 16 bits: specials, random bit patterns (NaN payloads, subnormals, all
      * exponents), random values around the half range and near bf16 ties */
@@ -709,11 +877,11 @@ static void test_conversions(const table *t) {
             tu_case("%s f32_to_%s n=%lld", t->name, bf ? "bf16" : "f16", (long long)len);
             bad = conv_u16_check(o, src + off, len, bf, msg, sizeof msg);
             CHECK(bad == 0, "%lld differ, first %s", (long long)bad, msg);
-            free(o);
+            xfree(o);
         }
-        free(out);
+        xfree(out);
     }
-    free(src);
+    xfree(src);
     if (nan_payload_diffs)
         fprintf(stderr, "note: %s conversions: %lld NaN results differ from the scalar "
                 "conversion in the payload only (STRICT_NAN_PAYLOADS 0), first %s\n",
@@ -754,6 +922,7 @@ int main(void) {
         test_exp2(t);
         test_dsoftmax(t);
         test_dot(t);
+        test_heads(t);
         test_axpy(t);
         test_conversions(t);
         printf("  %-7s %s\n", t->name, tu_failed == before ? "ok" : "FAILED");

@@ -252,8 +252,9 @@ static ALWAYS_INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
-                     float *out) {
+/* out[r] = sum_i q[r][i] * k[i] (i < d), or out[r] += that when add. */
+static ALWAYS_INLINE void dot_core(const float *k, const float *q, int64_t rows, int64_t d,
+                                   int64_t ldq, float *out, int add) {
     const __m256i mk = tail_mask(d % 8);
     for (int64_t r = 0; r < rows; r++) {
         const float *qr = q + r * ldq;
@@ -270,8 +271,142 @@ static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, in
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(k + i), a0);
         if (i < d)
             a1 = _mm256_fmadd_ps(_mm256_maskload_ps(qr + i, mk), _mm256_maskload_ps(k + i, mk), a1);
-        out[r] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        float x = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        out[r] = add ? out[r] + x : x;
     }
+}
+
+static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
+                     float *out) {
+    dot_core(k, q, rows, d, ldq, out, 0);
+}
+
+/* ---------------------------------------------------------------- decode */
+
+enum { B_F32 = 0, B_F16 = 1, B_BF16 = 2 }; /* storage of a cache row */
+
+/* p[0 .. rem) (1 <= rem <= 7) as 16-bit lanes, zeros above, reading nothing
+ * past p[rem - 1]: AVX2 has no 16-bit masked load, so whole pairs come from a
+ * 32-bit masked load and an odd last value is broadcast and blended in. */
+static ALWAYS_INLINE __m128i tail16(const uint16_t *p, int64_t rem) {
+    __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32((int)(rem / 2)), _mm_setr_epi32(0, 1, 2, 3));
+    __m128i last = _mm_cmpeq_epi16(_mm_set1_epi16((short)(rem & 1 ? rem - 1 : -1)),
+                                   _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7));
+    __m128i v = _mm_maskload_epi32((const int *)(const void *)p, pairs);
+    return _mm_blendv_epi8(v, _mm_set1_epi16((short)p[rem - 1]), last);
+}
+
+/* 8 values of a row from element i as f32; when masked only the first rem
+ * (1..7) are read and the other lanes are 0. Full vectors use plain loads
+ * (masked loads are slower when streaming from memory). */
+static ALWAYS_INLINE __m256 load_row8(int kind, int masked, const void *x, int64_t i,
+                                      int64_t rem) {
+    if (kind == B_F32)
+        return masked ? _mm256_maskload_ps((const float *)x + i, tail_mask(rem))
+                      : _mm256_loadu_ps((const float *)x + i);
+    const uint16_t *p = (const uint16_t *)x + i;
+    __m128i h = masked ? tail16(p, rem) : _mm_loadu_si128((const __m128i *)p);
+    if (kind == B_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* The cache streams from memory: ask for the bytes PREFETCH_AHEAD past the
+ * row being read. */
+enum { PREFETCH_AHEAD = 4096 };
+static ALWAYS_INLINE void prefetch_ahead(const char *row, size_t bytes) {
+    for (size_t x = 0; x < bytes; x += 64) _mm_prefetch(row + PREFETCH_AHEAD + x, _MM_HINT_T0);
+}
+
+/* A 16-bit key row is converted once, CHUNK values at a time, into a buffer
+ * on the stack; every query row then runs the f32 dot product over it. */
+static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int64_t hs,
+                                        int64_t heads, int64_t nk, const float *q,
+                                        int64_t rows, int64_t d, float *s) {
+    enum { CHUNK = 512 };
+    const size_t es = kind == B_F32 ? 4 : 2;
+    float kf[CHUNK];
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++) {
+            const char *kr = (const char *)k + (size_t)(j * ld + h * hs) * es;
+            prefetch_ahead(kr, (size_t)d * es);
+            const float *qh = q + h * rows * d;
+            float *sj = s + (h * nk + j) * rows;
+            if (kind == B_F32) {
+                dot_core((const float *)kr, qh, rows, d, d, sj, 0);
+                continue;
+            }
+            if (d <= 0) dot_core(kf, qh, rows, 0, d, sj, 0); /* zeros */
+            for (int64_t i0 = 0; i0 < d; i0 += CHUNK) {
+                int64_t len = d - i0 < CHUNK ? d - i0 : CHUNK, i = 0;
+                for (; i + 8 <= len; i += 8)
+                    _mm256_storeu_ps(kf + i, load_row8(kind, 0, kr, i0 + i, 8));
+                if (i < len)
+                    _mm256_maskstore_ps(kf + i, tail_mask(len - i),
+                                        load_row8(kind, 1, kr, i0 + i, len - i));
+                dot_core(kf, qh + i0, rows, len, d, sj, i0 > 0);
+            }
+        }
+}
+
+/* Up to 8 vectors (64 columns) of a value row in registers, then every
+ * query row's o[r][c ..] += p[r] * v. */
+static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int64_t hs,
+                                        int64_t heads, int64_t nk, const float *p,
+                                        int64_t rows, int64_t dv, float *o) {
+    const size_t es = kind == B_F32 ? 4 : 2;
+    for (int64_t j = 0; j < nk; j++)
+        for (int64_t h = 0; h < heads; h++) {
+            const char *vr = (const char *)v + (size_t)(j * ld + h * hs) * es;
+            prefetch_ahead(vr, (size_t)dv * es);
+            const float *pj = p + (h * nk + j) * rows;
+            float *oh = o + h * rows * dv;
+            int64_t c = 0;
+            for (; c + 64 <= dv; c += 64) {
+                __m256 vv[8];
+#pragma GCC unroll 8
+                for (int x = 0; x < 8; x++) vv[x] = load_row8(kind, 0, vr, c + 8 * x, 8);
+                for (int64_t r = 0; r < rows; r++) {
+                    __m256 pr = _mm256_set1_ps(pj[r]);
+                    float *orow = oh + r * dv + c;
+#pragma GCC unroll 8
+                    for (int x = 0; x < 8; x++)
+                        _mm256_storeu_ps(orow + 8 * x, _mm256_fmadd_ps(pr, vv[x],
+                                                                       _mm256_loadu_ps(orow + 8 * x)));
+                }
+            }
+            if (c < dv) { /* the last 1 .. 63 columns */
+                __m256 vv[8];
+                int nf = (int)((dv - c) / 8), rem = (int)((dv - c) % 8);
+                __m256i mk = tail_mask(rem);
+                for (int x = 0; x < nf; x++) vv[x] = load_row8(kind, 0, vr, c + 8 * x, 8);
+                if (rem) vv[nf] = load_row8(kind, 1, vr, c + 8 * nf, rem);
+                for (int64_t r = 0; r < rows; r++) {
+                    __m256 pr = _mm256_set1_ps(pj[r]);
+                    float *orow = oh + r * dv + c;
+                    for (int x = 0; x < nf; x++)
+                        _mm256_storeu_ps(orow + 8 * x, _mm256_fmadd_ps(pr, vv[x],
+                                                                       _mm256_loadu_ps(orow + 8 * x)));
+                    if (rem)
+                        _mm256_maskstore_ps(orow + 8 * nf, mk,
+                                            _mm256_fmadd_ps(pr, vv[nf],
+                                                            _mm256_maskload_ps(orow + 8 * nf, mk)));
+                }
+            }
+        }
+}
+
+static void qk_heads(attn_dtype kind, const void *k, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *q, int64_t rows, int64_t d, float *s) {
+    if (kind == ATTN_F16) qk_heads_kind(B_F16, k, ld, hs, heads, nk, q, rows, d, s);
+    else if (kind == ATTN_BF16) qk_heads_kind(B_BF16, k, ld, hs, heads, nk, q, rows, d, s);
+    else qk_heads_kind(B_F32, k, ld, hs, heads, nk, q, rows, d, s);
+}
+
+static void pv_heads(attn_dtype kind, const void *v, int64_t ld, int64_t hs, int64_t heads,
+                     int64_t nk, const float *p, int64_t rows, int64_t dv, float *o) {
+    if (kind == ATTN_F16) pv_heads_kind(B_F16, v, ld, hs, heads, nk, p, rows, dv, o);
+    else if (kind == ATTN_BF16) pv_heads_kind(B_BF16, v, ld, hs, heads, nk, p, rows, dv, o);
+    else pv_heads_kind(B_F32, v, ld, hs, heads, nk, p, rows, dv, o);
 }
 
 static void axpy(int64_t n, float a, const float *x, float *y) {
@@ -365,6 +500,8 @@ const attn_kernels attn_kernels_avx2 = {
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,
+    .qk_heads = qk_heads,
+    .pv_heads = pv_heads,
     .axpy = axpy,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,
