@@ -30,6 +30,9 @@ static const dcase k_cases[] = {
     {3, 1, 4, 2, 32, 32, 64, {0, 5, 64}, 0, -1, -1, 0, ATTN_F32, ATTN_F32, ATTN_F32, 0},
     {2, 16, 8, 2, 128, 128, 600, {600, 333}, 1, -1, -1, 0, ATTN_F16, ATTN_F16, ATTN_F16, 0},
     {1, 3, 8, 8, 60, 60, 257, {256}, 0, 20, 20, 0, ATTN_F32, ATTN_F16, ATTN_F32, 1},
+    /* wide GQA groups: 16 queries x 32 heads per kv head; many heads */
+    {1, 16, 32, 1, 128, 128, 300, {299}, 1, -1, -1, 0, ATTN_F32, ATTN_F16, ATTN_F32, 0},
+    {2, 1, 64, 8, 64, 64, 129, {-1, -1}, 0, -1, -1, 0, ATTN_F32, ATTN_F32, ATTN_F32, 0},
     /* a cache of more than 100k keys */
     {1, 2, 4, 1, 64, 64, 131072, {100003}, 1, -1, -1, 0, ATTN_F32, ATTN_F16, ATTN_F32, 0},
 };
