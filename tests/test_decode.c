@@ -4,10 +4,17 @@
  * bf16: 8e-3 / 8e-3; LSE 1e-5 / 1e-4). */
 #include "test_util.h"
 
-static attn_ctx *g_ref, *g_cpu[2];
-static attn_ctx *g_isa; /* when set: the cpu context of every case */
+static attn_ctx *g_ref, *g_cpu[2]; /* cpu with 2 threads and with 1 thread */
+static attn_ctx *g_isa[4];         /* cpu pinned to each other ISA of the machine */
+static int g_n_isa;
 
-static attn_ctx *cpu_for(int idx) { return g_isa ? g_isa : g_cpu[idx % 2]; }
+/* The CPU contexts case idx runs on: auto ISA (2 or 1 threads by case), then
+ * every other ISA. The reference runs once per case. Returns how many. */
+static int cpus_for(int idx, attn_ctx **out) {
+    out[0] = g_cpu[idx % 2];
+    for (int i = 0; i < g_n_isa; i++) out[1 + i] = g_isa[i];
+    return 1 + g_n_isa;
+}
 
 #define SALT 0xDEC0u
 
@@ -41,6 +48,24 @@ static tu_buf cache(attn_dtype dt, int strided, int64_t B, int64_t M, int64_t Hk
     return strided ? tu_alloc_strided(dt, B, M, Hk, D, 0) : tu_alloc(dt, B, M, Hk, D);
 }
 
+/* Sequence b of a [B, ...] tensor as a [1, ...] view. */
+static attn_tensor batch_view(const attn_tensor *t, int64_t b) {
+    attn_tensor v = *t;
+    v.data = (char *)t->data + (size_t)(b * t->stride[0]) * attn_dtype_size(t->dtype);
+    v.shape[0] = 1;
+    return v;
+}
+
+/* Every element of sequence b of o is 0 and of lse -inf (an empty cache). */
+static int64_t count_not_empty(const attn_tensor *o, const attn_tensor *lse, int64_t b) {
+    attn_tensor ob = batch_view(o, b), lb = batch_view(lse, b);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < tu_numel(&ob); i++) bad += tu_load(&ob, tu_offset(&ob, i)) != 0.0;
+    for (int64_t i = 0; i < tu_numel(&lb); i++)
+        bad += tu_load(&lb, tu_offset(&lb, i)) != -INFINITY;
+    return bad;
+}
+
 static void run_case(int idx, const dcase *c) {
     uint64_t seed = tu_seed(SALT, (uint64_t)idx);
     tu_rng r = {seed};
@@ -64,47 +89,25 @@ static void run_case(int idx, const dcase *c) {
     p.window_right = c->wr;
     p.softcap = c->softcap;
 
-    tu_buf o = tu_alloc(c->odt, c->B, c->Nq, c->H, c->Dv);
-    tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->Nq, -1);
+    /* the reference decode, once */
     tu_buf ro = tu_alloc(ATTN_F64, c->B, c->Nq, c->H, c->Dv);
     tu_buf rl = tu_alloc(ATTN_F64, c->B, c->H, c->Nq, -1);
-    attn_status sc = attn_decode(cpu_for(idx), &p, &q.t, &k.t, &v.t, lens, &o.t, &lse.t);
     attn_status sr = attn_decode(g_ref, &p, &q.t, &k.t, &v.t, lens, &ro.t, &rl.t);
-    CHECK(sc == ATTN_OK, "cpu decode: %s: %s", attn_status_str(sc), attn_last_error());
     CHECK(sr == ATTN_OK, "ref decode: %s: %s", attn_status_str(sr), attn_last_error());
-    if (sc == ATTN_OK && sr == ATTN_OK) {
-        CHECK_CLOSE("o", &o.t, &ro.t, tu_rms_tol(c->odt), tu_max_tol(c->odt));
-        CHECK_CLOSE("lse", &lse.t, &rl.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
-    }
 
-    /* Each sequence equals the reference forward over its live keys; an
-     * empty cache gives O = 0 and LSE = -inf. */
+    /* Each sequence of it equals the reference forward over its live keys
+     * (queries aligned bottom-right); an empty cache gives O = 0, LSE = -inf. */
     for (int64_t b = 0; b < c->B && sr == ATTN_OK; b++) {
         int64_t len = lens ? lens[b] : c->Mcap;
-        attn_tensor qb = q.t, kb = k.t, vb = v.t, ob = ro.t, lb = rl.t;
-        qb.data = (char *)q.mem + (size_t)(b * q.t.stride[0]) * attn_dtype_size(c->qdt);
-        kb.data = (char *)k.mem + (size_t)(b * k.t.stride[0]) * attn_dtype_size(c->kvdt);
-        vb.data = (char *)v.mem + (size_t)(b * v.t.stride[0]) * attn_dtype_size(c->kvdt);
-        ob.data = (double *)ro.mem + b * ro.t.stride[0];
-        lb.data = (double *)rl.mem + b * rl.t.stride[0];
-        qb.shape[0] = kb.shape[0] = vb.shape[0] = ob.shape[0] = lb.shape[0] = 1;
         if (len == 0) {
-            int64_t bad = 0;
-            for (int64_t i = 0; i < tu_numel(&ob); i++) bad += tu_load(&ob, tu_offset(&ob, i)) != 0.0;
-            for (int64_t i = 0; i < tu_numel(&lb); i++)
-                bad += tu_load(&lb, tu_offset(&lb, i)) != -INFINITY;
-            /* the CPU too, exactly */
-            attn_tensor oc = o.t, lc = lse.t;
-            oc.data = (char *)o.mem + (size_t)(b * o.t.stride[0]) * attn_dtype_size(c->odt);
-            lc.data = (float *)lse.mem + b * lse.t.stride[0];
-            oc.shape[0] = lc.shape[0] = 1;
-            for (int64_t i = 0; i < tu_numel(&oc); i++) bad += tu_load(&oc, tu_offset(&oc, i)) != 0.0;
-            for (int64_t i = 0; i < tu_numel(&lc); i++)
-                bad += tu_load(&lc, tu_offset(&lc, i)) != -INFINITY;
-            CHECK(bad == 0, "sequence %lld with an empty cache: %lld elements not O=0/LSE=-inf",
+            int64_t bad = count_not_empty(&ro.t, &rl.t, b);
+            CHECK(bad == 0, "ref: sequence %lld with an empty cache: %lld elements not O=0/LSE=-inf",
                   (long long)b, (long long)bad);
             continue;
         }
+        attn_tensor qb = batch_view(&q.t, b), kb = batch_view(&k.t, b);
+        attn_tensor vb = batch_view(&v.t, b), ob = batch_view(&ro.t, b);
+        attn_tensor lb = batch_view(&rl.t, b);
         kb.shape[1] = vb.shape[1] = len;
         tu_fwd_out f = tu_run_forward(g_ref, &p, &qb, &kb, &vb, ATTN_F64, ATTN_F64, 1);
         CHECK(f.st == ATTN_OK, "ref forward of sequence %lld: %s", (long long)b, attn_last_error());
@@ -114,11 +117,39 @@ static void run_case(int idx, const dcase *c) {
         }
         tu_fwd_free(&f);
     }
-    tu_buf *all[] = {&q, &k, &v, &o, &lse, &ro, &rl};
+
+    /* every CPU context against it */
+    attn_ctx *cpus[5];
+    int ncpu = cpus_for(idx, cpus);
+    for (int i = 0; i < ncpu && sr == ATTN_OK; i++) {
+        tu_prefix = i ? attn_isa_name(attn_ctx_isa(cpus[i])) : "";
+        tu_buf o = tu_alloc(c->odt, c->B, c->Nq, c->H, c->Dv);
+        tu_buf lse = tu_alloc(ATTN_F32, c->B, c->H, c->Nq, -1);
+        attn_status sc = attn_decode(cpus[i], &p, &q.t, &k.t, &v.t, lens, &o.t, &lse.t);
+        CHECK(sc == ATTN_OK, "cpu decode: %s: %s", attn_status_str(sc), attn_last_error());
+        if (sc == ATTN_OK) {
+            CHECK_CLOSE("o", &o.t, &ro.t, tu_rms_tol(c->odt), tu_max_tol(c->odt));
+            CHECK_CLOSE("lse", &lse.t, &rl.t, TU_LSE_RMS_TOL, TU_LSE_MAX_TOL);
+            for (int64_t b = 0; b < c->B; b++) {
+                if (!lens || lens[b] != 0) continue;
+                int64_t bad = count_not_empty(&o.t, &lse.t, b);
+                CHECK(bad == 0, "sequence %lld with an empty cache: %lld elements not O=0/LSE=-inf",
+                      (long long)b, (long long)bad);
+            }
+        }
+        tu_free(&o);
+        tu_free(&lse);
+    }
+    tu_prefix = "";
+    tu_buf *all[] = {&q, &k, &v, &ro, &rl};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) tu_free(all[i]);
 }
 
 /* ------------------------------------------------------------ LSE merge */
+
+static attn_ctx *g_merge_ctx; /* when set: the cpu context of the merge cases */
+
+static attn_ctx *cpu_for(int idx) { return g_merge_ctx ? g_merge_ctx : g_cpu[idx % 2]; }
 
 /* Splits the keys at m1, runs the CPU forward on each part, merges (CPU and
  * reference merge), and compares with the reference forward over all keys. */
@@ -234,22 +265,21 @@ int main(void) {
     g_cpu[0] = tu_ctx("test_decode", ATTN_BACKEND_CPU, 2);
     g_cpu[1] = tu_ctx("test_decode", ATTN_BACKEND_CPU, 1);
 
-    /* every case with the auto-selected ISA, then with each other ISA */
-    attn_ctx *isas[4];
-    int n_isa = tu_other_isa_ctxs(isas, 4, 2);
-    for (int r = -1; r < n_isa; r++) {
-        g_isa = r < 0 ? NULL : isas[r];
-        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_isa));
-        for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++)
-            run_case(i, &k_cases[i]);
+    g_n_isa = tu_other_isa_ctxs(g_isa, 4, 2);
+    for (int i = 0; i < (int)(sizeof k_cases / sizeof k_cases[0]); i++) run_case(i, &k_cases[i]);
+
+    /* the merge on every ISA */
+    for (int r = -1; r < g_n_isa; r++) {
+        g_merge_ctx = r < 0 ? NULL : g_isa[r];
+        tu_prefix = r < 0 ? "" : attn_isa_name(attn_ctx_isa(g_merge_ctx));
         merge_split(0, 2, 33, 200, 100, 4, 2, 64, ATTN_F32);
         merge_split(1, 1, 1, 1000, 1, 8, 1, 128, ATTN_F32);
         merge_split(2, 1, 16, 65, 63, 4, 4, 96, ATTN_F16);
         merge_neg_inf(0);
         merge_neg_inf(1);
     }
-    for (int r = 0; r < n_isa; r++) attn_ctx_free(isas[r]);
     tu_prefix = "";
+    for (int i = 0; i < g_n_isa; i++) attn_ctx_free(g_isa[i]);
 
     attn_ctx_free(g_ref);
     attn_ctx_free(g_cpu[0]);
