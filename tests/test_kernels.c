@@ -402,12 +402,57 @@ static void softmax_nan(const table *t) {
                 t->name, (double)m[2], (double)m[9], (double)m[5]);
 }
 
+/* softmax_rows on a row-major tile (query rows, key columns) against the
+ * double-precision online softmax of its transpose. Tolerances: m exact;
+ * p, alpha, l relative 1e-5 (exp2 within 2.3e-7, sums of <= 100 terms). */
+static void softmax_rows_case(const table *t, uint64_t idx, int64_t rows, int64_t cols) {
+    tu_rng rng = {tu_seed(SALT, idx)};
+    int64_t lds = cols + tu_int(&rng, 0, 3);
+    int64_t ns = (rows - 1) * lds + cols;
+    float *s = falloc(ns), *st = falloc(rows * cols);
+    float *m = falloc(rows), *l = falloc(rows), *al = falloc(rows), *m0 = falloc(rows), *l0 = falloc(rows);
+    sm_ref o = {xmalloc(sizeof(double) * (size_t)(rows * cols)), xmalloc(sizeof(double) * (size_t)rows),
+                xmalloc(sizeof(double) * (size_t)rows), xmalloc(sizeof(double) * (size_t)rows)};
+    fsent(s, ns);
+    for (int64_t r = 0; r < rows; r++) {
+        int dead = r % 4 == 3;
+        for (int64_t c = 0; c < cols; c++) {
+            float x = dead || tu_int(&rng, 0, 4) == 0 ? -INFINITY : frand(&rng, -20, 20);
+            s[r * lds + c] = x;
+            st[c * rows + r] = x; /* transpose: column-major for the reference */
+        }
+        m0[r] = r % 2 ? frand(&rng, -10, 10) : -INFINITY;
+        l0[r] = r % 2 ? frand(&rng, 0.5, 3) : 0.0f;
+        if (dead && r % 2) m0[r] = -INFINITY, l0[r] = 0.0f;
+    }
+    memcpy(m, m0, sizeof(float) * (size_t)rows);
+    memcpy(l, l0, sizeof(float) * (size_t)rows);
+    t->k->softmax_rows(s, rows, cols, lds, m, l, al);
+    softmax_ref(st, cols, rows, rows, m0, l0, &o);
+    tu_case("%s softmax_rows rows=%lld cols=%lld lds=%lld", t->name, (long long)rows,
+            (long long)cols, (long long)lds);
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if ((double)m[r] != o.m[r]) bad++;
+        if (!close_rel(al[r], o.alpha[r], 1e-5) || !close_rel(l[r], o.l[r], 1e-5)) bad++;
+        for (int64_t c = 0; c < cols; c++)
+            if (!close_rel(s[r * lds + c], o.p[c * rows + r], 1e-5)) bad++;
+        for (int64_t c = cols; c < lds && r + 1 < rows; c++)
+            if (fbits(s[r * lds + c]) != SENTINEL) bad++; /* padding untouched */
+    }
+    CHECK(bad == 0, "%lld values outside tolerance", (long long)bad);
+    xfree(s), xfree(st), xfree(m), xfree(l), xfree(al), xfree(m0), xfree(l0);
+    xfree(o.p), xfree(o.m), xfree(o.l), xfree(o.alpha);
+}
+
 static void test_softmax(const table *t) {
     static const int64_t shp[][2] = {{1, 1},  {1, 8},   {2, 1},  {3, 7},   {5, 9},
                                      {7, 24}, {16, 16}, {17, 13}, {31, 64}, {64, 33},
                                      {100, 17}, {4, 100}};
     for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++)
         softmax_case(t, 2000 + i, shp[i][0], shp[i][1]);
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++)
+        softmax_rows_case(t, 2100 + i, shp[i][1], shp[i][0]);
     softmax_nan(t);
 }
 
@@ -681,7 +726,7 @@ static void heads_case(const table *t, uint64_t idx, attn_dtype kind, int64_t he
                     sum += x;
                     b += fabs(x);
                 }
-                if (!(fabs(sv[(h * nk + j) * rows + r] - sum) <= 1e-5 * b)) bad++;
+                if (!(fabs(sv[(h * rows + r) * nk + j] - sum) <= 1e-5 * b)) bad++;
             }
     CHECK(bad == 0, "%lld of %lld outside tolerance", (long long)bad, (long long)ns);
     xfree(kc.data), xfree(kc.vals), xfree(q);
@@ -702,7 +747,7 @@ static void heads_case(const table *t, uint64_t idx, attn_dtype kind, int64_t he
             for (int64_t c = 0; c < dv; c++) {
                 double sum = o0[(h * rows + r) * dv + c], b = fabs(sum);
                 for (int64_t j = 0; j < nk; j++) {
-                    double x = (double)sv[(h * nk + j) * rows + r] * vc.vals[j * vc.ld + h * vc.hs + c];
+                    double x = (double)sv[(h * rows + r) * nk + j] * vc.vals[j * vc.ld + h * vc.hs + c];
                     sum += x;
                     b += fabs(x);
                 }

@@ -29,6 +29,12 @@ typedef struct attn_kernels {
     void (*softmax_cols)(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
                          float *l, float *alpha);
 
+    /* The same online softmax over a row-major tile s[rows][cols] (row r is a
+     * query, column c a key), vectorised along keys: for decode, where a
+     * head has few query rows. */
+    void (*softmax_rows)(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha);
+
     /* Row-major tile: p[r][c] = 2^(s[r][c] * mul - sub[r]) in place. */
     void (*exp2_rows)(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub);
@@ -46,8 +52,8 @@ typedef struct attn_kernels {
      * element j * ld + h * hs of k or v, stored as kind (f32, f16 or bf16,
      * converted in registers). Rows are read in memory order, all heads of a
      * row together, so that a long cache streams at full bandwidth.
-     *   qk_heads: s[h][j][r] = sum_d q[h][r][d] * k(j, h)[d]
-     *   pv_heads: o[h][r][:] += sum_j p[h][j][r] * v(j, h)[:] */
+     *   qk_heads: s[h][r][j] = sum_d q[h][r][d] * k(j, h)[d]
+     *   pv_heads: o[h][r][:] += sum_j p[h][r][j] * v(j, h)[:] */
     void (*qk_heads)(attn_dtype kind, const void *k, int64_t ld, int64_t hs, int64_t heads,
                      int64_t nk, const float *q, int64_t rows, int64_t d, float *s);
     void (*pv_heads)(attn_dtype kind, const void *v, int64_t ld, int64_t hs, int64_t heads,

@@ -23,7 +23,7 @@ typedef struct dec_bufs {
     float *q;     /* [hk][rows][d] pre-scaled queries */
     float *kbuf;  /* [blk][hk][d] f32 staging, for caches without unit stride */
     float *vbuf;  /* [blk][hk][dv] */
-    float *s;     /* [hk][blk][rows] logits then probabilities */
+    float *s;     /* [hk][rows][blk] logits then probabilities */
     float *o;     /* [hk][rows][dv] unnormalised outputs */
     float *m, *l, *alpha; /* [hk][rows] */
 } dec_bufs;
@@ -107,7 +107,7 @@ static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_
                 int64_t a, z;
                 attn_visible_range(p, nq, sq->m, r / g, &a, &z);
                 if (j0 + j < a || j0 + j > z) continue;
-                kr->axpy(dv, b->s[(hk * nk + j) * rows + r], b->vbuf, b->o + (hk * rows + r) * dv);
+                kr->axpy(dv, b->s[(hk * rows + r) * nk + j], b->vbuf, b->o + (hk * rows + r) * dv);
             }
         }
 }
@@ -146,18 +146,19 @@ static void run_split(const attn_kernels *kr, const attn_problem *p, const attn_
         operand V = cache_rows(kr, v, attn_off4(v, sq.tb, j0, 0, 0), p->hk, nk, dv, b->vbuf);
         kr->qk_heads(K.kind, K.data, K.ld, K.hs, p->hk, nk, b->q, rows, d, b->s);
         for (int64_t hk = 0; hk < p->hk; hk++) {
-            float *s = b->s + hk * nk * rows;
+            float *s = b->s + hk * rows * nk; /* [rows][nk] */
             for (int64_t r = 0; r < rows; r++) {
                 int64_t a, z;
                 attn_visible_range(p, nq, sq.m, r / g, &a, &z);
-                for (int64_t j = 0; j < nk; j++) {
-                    float *x = s + j * rows + r;
-                    if (p->softcap > 0.0f) *x = p->softcap * tanhf(*x / p->softcap) * LOG2E;
-                    if (j0 + j < a || j0 + j > z) *x = -INFINITY;
-                }
+                float *sr = s + r * nk;
+                if (p->softcap > 0.0f)
+                    for (int64_t j = 0; j < nk; j++)
+                        sr[j] = p->softcap * tanhf(sr[j] / p->softcap) * LOG2E;
+                for (int64_t j = 0; j < nk && j0 + j < a; j++) sr[j] = -INFINITY;
+                for (int64_t j = z + 1 - j0 > 0 ? z + 1 - j0 : 0; j < nk; j++) sr[j] = -INFINITY;
             }
             float *m = b->m + hk * rows, *l = b->l + hk * rows, *al = b->alpha + hk * rows;
-            kr->softmax_cols(s, nk, rows, rows, m, l, al);
+            kr->softmax_rows(s, rows, nk, nk, m, l, al);
             /* rescale this head's outputs: O = diag(alpha) O (a GEMM with k = 0) */
             kr->gemm(rows, dv, 0, s, 1, rows, b->o, dv, b->o + hk * rows * dv, dv, 0, al);
         }

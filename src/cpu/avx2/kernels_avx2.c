@@ -252,9 +252,9 @@ static ALWAYS_INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* out[r] = sum_i q[r][i] * k[i] (i < d), or out[r] += that when add. */
+/* out[r * ldo] = sum_i q[r][i] * k[i] (i < d), or += that when add. */
 static ALWAYS_INLINE void dot_core(const float *k, const float *q, int64_t rows, int64_t d,
-                                   int64_t ldq, float *out, int add) {
+                                   int64_t ldq, float *out, int64_t ldo, int add) {
     const __m256i mk = tail_mask(d % 8);
     for (int64_t r = 0; r < rows; r++) {
         const float *qr = q + r * ldq;
@@ -272,13 +272,55 @@ static ALWAYS_INLINE void dot_core(const float *k, const float *q, int64_t rows,
         if (i < d)
             a1 = _mm256_fmadd_ps(_mm256_maskload_ps(qr + i, mk), _mm256_maskload_ps(k + i, mk), a1);
         float x = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        out[r] = add ? out[r] + x : x;
+        out[r * ldo] = add ? out[r * ldo] + x : x;
+    }
+}
+
+static void softmax_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha) {
+    const __m256i full = _mm256_set1_epi32(-1), mk = tail_mask(cols % 8);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * lds;
+        __m256 mx = ninf, nan = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            __m256 x = ld8(0, sr + c, full);
+            mx = _mm256_max_ps(mx, x);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        }
+        if (c < cols) {
+            __m256 x = _mm256_blendv_ps(ninf, ld8(1, sr + c, mk), _mm256_castsi256_ps(mk));
+            mx = _mm256_max_ps(mx, x);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, _mm256_or_ps(mx, nan));
+        float mnew = m[r];
+        for (int i = 0; i < 8; i++) /* NaN-keeping max, as the scalar kernel */
+            if (lanes[i] > mnew || lanes[i] != lanes[i]) mnew = mnew != mnew ? mnew : lanes[i];
+        float sub = mnew == -INFINITY ? 0.0f : mnew;
+        __m256 vs = _mm256_set1_ps(sub), sum = _mm256_setzero_ps();
+        for (c = 0; c + 8 <= cols; c += 8) {
+            __m256 p = exp2v(_mm256_sub_ps(ld8(0, sr + c, full), vs));
+            st8(0, sr + c, full, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        if (c < cols) {
+            __m256 p = exp2v(_mm256_sub_ps(ld8(1, sr + c, mk), vs));
+            st8(1, sr + c, mk, p);
+            sum = _mm256_add_ps(sum, _mm256_and_ps(p, _mm256_castsi256_ps(mk)));
+        }
+        float al = exp2f(m[r] - sub);
+        alpha[r] = al;
+        l[r] = al * l[r] + hsum(sum);
+        m[r] = mnew;
     }
 }
 
 static void dot_rows(const float *k, const float *q, int64_t rows, int64_t d, int64_t ldq,
                      float *out) {
-    dot_core(k, q, rows, d, ldq, out, 0);
+    dot_core(k, q, rows, d, ldq, out, 1, 0);
 }
 
 /* ---------------------------------------------------------------- decode */
@@ -330,12 +372,12 @@ static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int
             const char *kr = (const char *)k + (size_t)(j * ld + h * hs) * es;
             prefetch_ahead(kr, (size_t)d * es);
             const float *qh = q + h * rows * d;
-            float *sj = s + (h * nk + j) * rows;
+            float *sj = s + h * rows * nk + j; /* row r at sj[r * nk] */
             if (kind == B_F32) {
-                dot_core((const float *)kr, qh, rows, d, d, sj, 0);
+                dot_core((const float *)kr, qh, rows, d, d, sj, nk, 0);
                 continue;
             }
-            if (d <= 0) dot_core(kf, qh, rows, 0, d, sj, 0); /* zeros */
+            if (d <= 0) dot_core(kf, qh, rows, 0, d, sj, nk, 0); /* zeros */
             for (int64_t i0 = 0; i0 < d; i0 += CHUNK) {
                 int64_t len = d - i0 < CHUNK ? d - i0 : CHUNK, i = 0;
                 for (; i + 8 <= len; i += 8)
@@ -343,7 +385,7 @@ static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int
                 if (i < len)
                     _mm256_maskstore_ps(kf + i, tail_mask(len - i),
                                         load_row8(kind, 1, kr, i0 + i, len - i));
-                dot_core(kf, qh + i0, rows, len, d, sj, i0 > 0);
+                dot_core(kf, qh + i0, rows, len, d, sj, nk, i0 > 0);
             }
         }
 }
@@ -358,7 +400,7 @@ static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int
         for (int64_t h = 0; h < heads; h++) {
             const char *vr = (const char *)v + (size_t)(j * ld + h * hs) * es;
             prefetch_ahead(vr, (size_t)dv * es);
-            const float *pj = p + (h * nk + j) * rows;
+            const float *pj = p + h * rows * nk + j; /* row r at pj[r * nk] */
             float *oh = o + h * rows * dv;
             int64_t c = 0;
             for (; c + 64 <= dv; c += 64) {
@@ -366,7 +408,7 @@ static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int
 #pragma GCC unroll 8
                 for (int x = 0; x < 8; x++) vv[x] = load_row8(kind, 0, vr, c + 8 * x, 8);
                 for (int64_t r = 0; r < rows; r++) {
-                    __m256 pr = _mm256_set1_ps(pj[r]);
+                    __m256 pr = _mm256_set1_ps(pj[r * nk]);
                     float *orow = oh + r * dv + c;
 #pragma GCC unroll 8
                     for (int x = 0; x < 8; x++)
@@ -381,7 +423,7 @@ static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int
                 for (int x = 0; x < nf; x++) vv[x] = load_row8(kind, 0, vr, c + 8 * x, 8);
                 if (rem) vv[nf] = load_row8(kind, 1, vr, c + 8 * nf, rem);
                 for (int64_t r = 0; r < rows; r++) {
-                    __m256 pr = _mm256_set1_ps(pj[r]);
+                    __m256 pr = _mm256_set1_ps(pj[r * nk]);
                     float *orow = oh + r * dv + c;
                     for (int x = 0; x < nf; x++)
                         _mm256_storeu_ps(orow + 8 * x, _mm256_fmadd_ps(pr, vv[x],
@@ -497,6 +539,7 @@ const attn_kernels attn_kernels_avx2 = {
     .isa = ATTN_ISA_AVX2,
     .gemm = gemm,
     .softmax_cols = softmax_cols,
+    .softmax_rows = softmax_rows,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,

@@ -150,7 +150,7 @@ static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int
             const char *kr = (const char *)k + (size_t)(j * ld + h * hs) * es;
             prefetch_ahead(kr, (size_t)d * es);
             const float *qh = q + h * rows * d;
-            float *sj = s + (h * nk + j) * rows;
+            float *sj = s + h * rows * nk + j; /* row r at sj[r * nk] */
             if (nv <= 8) {
                 __m512 kv[8];
                 load_row(kind, kr, d, kv, nv);
@@ -164,7 +164,7 @@ static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int
                                                                        qh + r * d + 16 * v + 16),
                                                  kv[v + 1], a1);
                     }
-                    sj[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                    sj[r * nk] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
                 }
             } else {
                 for (int64_t r = 0; r < rows; r++) {
@@ -174,7 +174,7 @@ static ALWAYS_INLINE void qk_heads_kind(int kind, const void *k, int64_t ld, int
                         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qh + r * d + i),
                                              load_b(kind, kr, i, mk), a0);
                     }
-                    sj[r] = _mm512_reduce_add_ps(a0);
+                    sj[r * nk] = _mm512_reduce_add_ps(a0);
                 }
             }
         }
@@ -188,7 +188,7 @@ static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int
         for (int64_t h = 0; h < heads; h++) {
             const char *vr = (const char *)v + (size_t)(j * ld + h * hs) * es;
             prefetch_ahead(vr, (size_t)dv * es);
-            const float *pj = p + (h * nk + j) * rows;
+            const float *pj = p + h * rows * nk + j; /* row r at pj[r * nk] */
             float *oh = o + h * rows * dv;
             for (int64_t c = 0; c < dv; c += 64) { /* 4 vectors of the row at a time */
                 __m512 vv[4];
@@ -196,7 +196,7 @@ static ALWAYS_INLINE void pv_heads_kind(int kind, const void *v, int64_t ld, int
                 for (int x = 0; x < nv; x++)
                     vv[x] = load_b(kind, vr, c + 16 * x, tail_mask(dv - c - 16 * x));
                 for (int64_t r = 0; r < rows; r++) {
-                    __m512 pr = _mm512_set1_ps(pj[r]);
+                    __m512 pr = _mm512_set1_ps(pj[r * nk]);
                     float *orow = oh + r * dv + c;
                     for (int x = 0; x < nv; x++) {
                         __mmask16 mk = tail_mask(dv - c - 16 * x);
@@ -258,6 +258,37 @@ static void softmax_cols(float *s, int64_t rows, int64_t cols, int64_t lds, floa
         _mm512_mask_storeu_ps(l + i, mk, lv);
         _mm512_mask_storeu_ps(m + i, mk, mx);
         _mm512_mask_storeu_ps(alpha + i, mk, al);
+    }
+}
+
+static void softmax_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * lds;
+        __m512 mx = ninf;
+        __mmask16 nan = 0;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 mk = tail_mask(cols - c);
+            __m512 x = mk == 0xffff ? _mm512_loadu_ps(sr + c) : _mm512_mask_loadu_ps(ninf, mk, sr + c);
+            mx = _mm512_max_ps(mx, x);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        }
+        /* NaN-keeping max, as the scalar kernel: a NaN logit poisons its row */
+        float mnew = nan ? NAN : _mm512_reduce_max_ps(mx);
+        if (m[r] != m[r] || (mnew == mnew && m[r] > mnew)) mnew = m[r];
+        float sub = mnew == -INFINITY ? 0.0f : mnew;
+        __m512 vs = _mm512_set1_ps(sub), sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 mk = tail_mask(cols - c);
+            __m512 p = exp2v(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + c), vs));
+            _mm512_mask_storeu_ps(sr + c, mk, p);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
+        }
+        float al = exp2f(m[r] - sub);
+        alpha[r] = al;
+        l[r] = al * l[r] + _mm512_reduce_add_ps(sum);
+        m[r] = mnew;
     }
 }
 
@@ -375,6 +406,7 @@ const attn_kernels attn_kernels_avx512 = {
     .isa = ATTN_ISA_AVX512,
     .gemm = gemm,
     .softmax_cols = softmax_cols,
+    .softmax_rows = softmax_rows,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,

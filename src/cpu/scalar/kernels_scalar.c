@@ -44,6 +44,13 @@ static void softmax_cols(float *s, int64_t rows, int64_t cols, int64_t lds, floa
     }
 }
 
+static void softmax_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
+                         float *l, float *alpha) {
+    /* the column kernel with the tile's strides swapped, one row at a time */
+    for (int64_t r = 0; r < rows; r++)
+        softmax_cols(s + r * lds, cols, 1, 1, m + r, l + r, alpha + r);
+}
+
 static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub) {
     for (int64_t r = 0; r < rows; r++)
@@ -83,7 +90,7 @@ static void qk_heads(attn_dtype kind, const void *k, int64_t ld, int64_t hs, int
                 float acc = 0.0f;
                 for (int64_t i = 0; i < d; i++)
                     acc += q[(h * rows + r) * d + i] * elem(kind, k, j * ld + h * hs + i);
-                s[(h * nk + j) * rows + r] = acc;
+                s[(h * rows + r) * nk + j] = acc;
             }
 }
 
@@ -92,7 +99,7 @@ static void pv_heads(attn_dtype kind, const void *v, int64_t ld, int64_t hs, int
     for (int64_t j = 0; j < nk; j++)
         for (int64_t h = 0; h < heads; h++)
             for (int64_t r = 0; r < rows; r++) {
-                float pr = p[(h * nk + j) * rows + r];
+                float pr = p[(h * rows + r) * nk + j];
                 for (int64_t c = 0; c < dv; c++)
                     o[(h * rows + r) * dv + c] += pr * elem(kind, v, j * ld + h * hs + c);
             }
@@ -119,6 +126,7 @@ const attn_kernels attn_kernels_scalar = {
     .isa = ATTN_ISA_SCALAR,
     .gemm = gemm,
     .softmax_cols = softmax_cols,
+    .softmax_rows = softmax_rows,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,
