@@ -83,6 +83,20 @@ static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t 
     *hi = r;
 }
 
+/* The inverse of attn_visible_range: queries i (inclusive [*lo, *hi], clipped
+ * to [0, n-1]) that see key j under the causal/window rule. */
+static inline void attn_visible_queries(const attn_problem *p, int64_t n, int64_t m,
+                                        int64_t j, int64_t *lo, int64_t *hi) {
+    int64_t off = m - n, l = 0, r = n - 1;
+    int64_t right = p->window_right;
+    if (p->causal && (right < 0 || right > 0)) right = 0;
+    if (right >= 0 && j - off - right > l) l = j - off - right; /* j <= i + off + right */
+    if (p->window_left >= 0 && j - off + p->window_left < r)
+        r = j - off + p->window_left;                          /* j >= i + off - left */
+    *lo = l;
+    *hi = r;
+}
+
 /* Plan row of query head hq: index into plan->row_offsets' head dimension. */
 static inline int64_t attn_plan_head(const attn_plan *plan, int64_t hq, int64_t h,
                                      int64_t hk) {

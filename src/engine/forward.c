@@ -20,16 +20,19 @@
 
 
 /* Set logits of keys outside each query's visible range to -inf. Rows of the
- * tile are keys j0.., columns queries i0... */
+ * tile are keys j0.., columns queries i0..; the queries that see a key form
+ * one run, so each row masks a prefix and a suffix. */
 static void mask_tile(const attn_problem *p, const attn_seq *sq, float *s, int64_t ld,
                       int64_t i0, int64_t nq, int64_t j0, int64_t nk) {
-    for (int64_t c = 0; c < nq; c++) {
+    for (int64_t r = 0; r < nk; r++) {
         int64_t lo, hi;
-        attn_visible_range(p, sq->n, sq->m, i0 + c, &lo, &hi);
-        for (int64_t r = 0; r < nk; r++) {
-            int64_t j = j0 + r;
-            if (j < lo || j > hi) s[r * ld + c] = -INFINITY;
-        }
+        attn_visible_queries(p, sq->n, sq->m, j0 + r, &lo, &hi);
+        lo -= i0;
+        hi -= i0;
+        float *row = s + r * ld;
+        if (lo > hi) lo = nq; /* nobody in this tile sees the key */
+        for (int64_t c = 0; c < nq && c < lo; c++) row[c] = -INFINITY;
+        for (int64_t c = hi + 1 > 0 ? hi + 1 : 0; c < nq; c++) row[c] = -INFINITY;
     }
 }
 

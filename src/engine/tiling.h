@@ -5,15 +5,20 @@
 
 #include <stdint.h>
 
-/* Forward query block: columns of the logit tile S^T[bk][bq]. 128 fills two
- * 64-wide register tiles and amortises packing Q^T over every key block. */
+/* Forward query block: columns of the logit tile S^T[bk][bq] and rows of the
+ * P*V product. 192 = 3 register tiles of 64 columns = 32 tiles of 6 rows, and
+ * amortises packing Q^T over every key block. Measured (attn bench, N = M =
+ * 4096, H = 8, 2 threads, ms, bk = 96): D = 128: bq 64: 184, 96: 176,
+ * 128: 175, 192: 158, 256: 164, 384: 156; D = 64: 128: 82, 192: 81, 256: 86;
+ * D = 256 (N = 2048): 64: 94, 128: 87, 192: 82. */
 static inline int64_t tiling_fwd_bq(int64_t d, int64_t dv) {
     (void)dv;
-    return d > 256 ? 64 : 128;
+    return d > 256 ? 96 : 192;
 }
 
 /* Forward key block: rows of S^T, the k of the P*V product. 96 rows = 16
- * register tiles of 6, and the 96 x 128 f32 logit tile stays in L1/L2. */
+ * register tiles of 6. Measured as above, D = 128, bq = 192: bk 64: 161,
+ * 96: 158-162, 128: 159, 192: 158 (flat), D = 64: 48..128 within 2%. */
 static inline int64_t tiling_fwd_bk(int64_t d, int64_t dv) {
     (void)d;
     (void)dv;
