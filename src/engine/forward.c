@@ -6,6 +6,7 @@
  * across queries. No N x M buffer exists anywhere. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "engine.h"
 #include "rows.h"
@@ -88,27 +89,36 @@ static fwd_bufs fwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_
     return b;
 }
 
+/* No NaN or Inf in the tile: exponent bits all ones mark both. An integer OR
+ * without early exit, so that the compiler vectorises it. */
 static bool all_finite(const float *x, int64_t rows, int64_t cols, int64_t ld) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++)
-            if (!isfinite(x[r * ld + c])) return false;
-    return true;
+    uint32_t bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        for (int64_t c = 0; c < cols; c++) {
+            uint32_t u;
+            memcpy(&u, xr + c, 4);
+            bad |= (u & 0x7f800000u) == 0x7f800000u;
+        }
+    }
+    return !bad;
 }
 
 /* P * V over visible keys only: a masked key's probability is 0, but 0 * NaN
  * is NaN, and a NaN or Inf in V must reach only the rows that see its key.
- * Runs only on blocks that are partly masked and hold a non-finite V. */
+ * Runs only on blocks that are partly masked and hold a non-finite V.
+ * s: P^T [nk][lds] for queries i0.., o: [nq][dv], alpha: [nq]. */
 static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
-                      const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
-                      int64_t nk, const float *vb, int64_t ldv) {
+                      const float *s, int64_t lds, float *o, const float *alpha, int64_t i0,
+                      int64_t nq, int64_t j0, int64_t nk, const float *vb, int64_t ldv) {
     const int64_t dv = p->dv;
     for (int64_t c = 0; c < nq; c++) {
-        float *orow = b->o + c * dv;
-        for (int64_t x = 0; x < dv; x++) orow[x] *= b->alpha[c];
+        float *orow = o + c * dv;
+        for (int64_t x = 0; x < dv; x++) orow[x] *= alpha[c];
         int64_t lo, hi;
         attn_visible_range(p, sq->n, sq->m, i0 + c, &lo, &hi);
         for (int64_t r = 0; r < nk; r++)
-            if (j0 + r >= lo && j0 + r <= hi) kr->axpy(dv, b->s[r * bq + c], vb + r * ldv, orow);
+            if (j0 + r >= lo && j0 + r <= hi) kr->axpy(dv, s[r * lds + c], vb + r * ldv, orow);
     }
 }
 
@@ -138,16 +148,30 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
         vb = b->vbuf;
         ldv = dv;
     }
-    /* S^T[nk][nq] = K[nk][d] * Q^T[d][nq] */
-    kr->gemm(nk, nq, d, ka, lda, 1, b->qt, bq, b->s, bq, 0, NULL);
-    if (p->softcap > 0.0f) softcap_tile(b->s, nk, nq, bq, p->softcap);
-    if (masked) mask_tile(p, sq, b->s, bq, i0, nq, j0, nk);
-    kr->softmax_cols(b->s, nk, nq, bq, b->m, b->l, b->alpha);
-    /* O[nq][dv] = diag(alpha) O + P[nq][nk] * V[nk][dv], P read from S^T */
+    /* Only the queries that see some key of the block: on the causal diagonal
+     * (and window edges) the others are skipped, not computed and masked. */
+    int64_t c0 = 0, c1 = nq;
+    if (masked) {
+        int64_t lo, hi, lo2, hi2;
+        attn_visible_queries(p, sq->n, sq->m, j0, &lo, &hi);
+        attn_visible_queries(p, sq->n, sq->m, j1 - 1, &lo2, &hi2);
+        if (lo - i0 > c0) c0 = lo - i0;
+        if (hi2 + 1 - i0 < c1) c1 = hi2 + 1 - i0;
+        if (c0 >= c1) return;
+    }
+    const int64_t nc = c1 - c0;
+    float *s = b->s + c0, *o = b->o + c0 * dv, *m = b->m + c0, *l = b->l + c0,
+          *alpha = b->alpha + c0;
+    /* S^T[nk][nc] = K[nk][d] * Q^T[d][nc] */
+    kr->gemm(nk, nc, d, ka, lda, 1, b->qt + c0, bq, s, bq, 0, NULL);
+    if (p->softcap > 0.0f) softcap_tile(s, nk, nc, bq, p->softcap);
+    if (masked) mask_tile(p, sq, s, bq, i0 + c0, nc, j0, nk);
+    kr->softmax_cols(s, nk, nc, bq, m, l, alpha);
+    /* O[nc][dv] = diag(alpha) O + P[nc][nk] * V[nk][dv], P read from S^T */
     if (masked && !all_finite(vb, nk, dv, ldv))
-        masked_pv(kr, p, sq, b, bq, i0, nq, j0, nk, vb, ldv);
+        masked_pv(kr, p, sq, s, bq, o, alpha, i0 + c0, nc, j0, nk, vb, ldv);
     else
-        kr->gemm(nq, dv, nk, b->s, 1, bq, vb, ldv, b->o, dv, 0, b->alpha);
+        kr->gemm(nc, dv, nk, s, 1, bq, vb, ldv, o, dv, 0, alpha);
 }
 
 static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
