@@ -122,12 +122,33 @@ static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_
     }
 }
 
+/* Ask for rows [r0, r0 + n) of head h of t (any dtype, unit stride assumed
+ * for the extent; other layouts only lose the hint). Rows of one head are
+ * H * D elements apart in the usual layout, a stride the hardware
+ * prefetchers do not follow. */
+static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h,
+                          int write) {
+    const int64_t es = (int64_t)attn_dtype_size(t->dtype);
+    const int64_t bytes = t->shape[3] * es;
+    const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t x = 0; x < bytes; x += 64) {
+            if (write) __builtin_prefetch(base + r * t->stride[1] * es + x, 1, 3);
+            else __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
+        }
+}
+
 /* One key block [j0, j1) against the current query tile. */
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
                         const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
                         int64_t j1, bool masked) {
     const int64_t d = p->d, dv = p->dv, nk = j1 - j0;
+    if (j1 < sq->m) { /* the next block, most likely visited next */
+        int64_t n2 = j1 + nk <= sq->m ? nk : sq->m - j1;
+        prefetch_rows(k, sq->tb, sq->k0 + j1, n2, hk, 0);
+        prefetch_rows(v, sq->tb, sq->k0 + j1, n2, hk, 0);
+    }
     const float *ka, *vb;
     int64_t lda, ldv;
     int64_t koff = attn_off4(k, sq->tb, sq->k0 + j0, hk, 0);
@@ -184,6 +205,8 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
     const int64_t i0 = qb * bq, nq = (i0 + bq <= sq.n) ? bq : sq.n - i0;
     const float qscale = p->softcap > 0.0f ? p->scale : p->scale * LOG2E;
 
+    prefetch_rows(q, sq.tb, sq.q0 + i0, nq, h, 0);
+    prefetch_rows(o, sq.tb, sq.q0 + i0, nq, h, 1);
     for (int64_t c = 0; c < nq; c++) {
         rows_load(kr, q, attn_off4(q, sq.tb, sq.q0 + i0 + c, h, 0), d, b->row);
         for (int64_t x = 0; x < d; x++) b->qt[x * bq + c] = b->row[x] * qscale;
@@ -271,7 +294,8 @@ attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const att
         fwd_bufs b = fwd_carve(scr + stride * (size_t)tid, bq, bk, p->d, p->dv);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++) {
-            int64_t s = ti / p->h, h = ti % p->h;
+            /* head-major: consecutive tasks share a head, and its K/V stay in cache */
+            int64_t h = ti / n_tasks_seq, s = ti % n_tasks_seq;
             run_task(ctx, p, q, k, v, o, lse, &b, bq, bk, task_seq[2 * s], h,
                      task_seq[2 * s + 1]);
         }
