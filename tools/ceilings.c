@@ -12,6 +12,7 @@
 #include "cli.h"
 
 #include <omp.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,24 +210,11 @@ static void share(size_t n, int t, int threads, size_t *lo, size_t *hi) {
 
 #define BW_BYTES ((size_t)1 << 30)
 
-static int measure_bandwidth(int threads, ceilings *out) {
-    size_t n = BW_BYTES / sizeof(float);
-    float *x = aligned_alloc(64, BW_BYTES);
-    if (!x) {
-        fprintf(stderr, "attn bench: cannot allocate 1 GiB to measure memory bandwidth\n");
-        return -1;
-    }
-    /* First touch by the threads that will read each part. */
-#pragma omp parallel num_threads(threads)
-    {
-        size_t lo, hi;
-        share(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        for (size_t i = lo; i < hi; i++) x[i] = 1.0f;
-    }
-
+/* Best GB/s of `passes` read streams over x (n floats) with `threads` threads. */
+static double read_stream_gbps(const float *x, size_t n, int threads, int passes) {
     sum_fn sum = pick_sum();
     double best = 0.0;
-    for (int pass = 0; pass < 5; pass++) {
+    for (int pass = 0; pass < passes; pass++) {
         float total = 0.0f;
         double t0 = now_seconds();
 #pragma omp parallel num_threads(threads) reduction(+ : total)
@@ -237,14 +225,46 @@ static int measure_bandwidth(int threads, ceilings *out) {
         }
         double t = now_seconds() - t0;
         g_sink = total;
-        double gbps = (double)BW_BYTES / t * 1e-9;
+        double gbps = (double)(n * sizeof(float)) / t * 1e-9;
         if (gbps > best) best = gbps;
     }
-    out->read_gbps = best;
+    return best;
+}
+
+/* A 1 GiB f32 array, first touched by the threads that will read each part. */
+static float *bandwidth_array(int threads) {
+    size_t n = BW_BYTES / sizeof(float);
+    float *x = aligned_alloc(64, BW_BYTES);
+    if (!x) {
+        fprintf(stderr, "attn bench: cannot allocate 1 GiB to measure memory bandwidth\n");
+        return NULL;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        size_t lo, hi;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        for (size_t i = lo; i < hi; i++) x[i] = 1.0f;
+    }
+    return x;
+}
+
+double ceilings_read_gbps(int threads) {
+    float *x = bandwidth_array(threads);
+    if (!x) return NAN;
+    double gbps = read_stream_gbps(x, BW_BYTES / sizeof(float), threads, 5);
+    free(x);
+    return gbps;
+}
+
+static int measure_bandwidth(int threads, ceilings *out) {
+    size_t n = BW_BYTES / sizeof(float);
+    float *x = bandwidth_array(threads);
+    if (!x) return -1;
+    out->read_gbps = read_stream_gbps(x, n, threads, 5);
 
     /* Copy: first half into second half; bytes = read + written. */
     size_t half = n / 2;
-    best = 0.0;
+    double best = 0.0;
     for (int pass = 0; pass < 3; pass++) {
         double t0 = now_seconds();
 #pragma omp parallel num_threads(threads)

@@ -100,6 +100,10 @@ typedef struct ceilings {
 
 /* Measure with `threads` threads (> 0). Returns 0, or -1 (message on stderr). */
 int ceilings_measure(int threads, ceilings *out);
+/* The read-stream bandwidth alone, measured now (NaN if 1 GiB is not there).
+ * Memory-bound ops are compared with it measured right beside them: on a
+ * shared machine the bandwidth drifts by 1.5x over seconds. */
+double ceilings_read_gbps(int threads);
 
 /* ------------------------------------------------------------- results */
 
@@ -108,6 +112,8 @@ typedef struct bench_result {
     int repeats;
     double gflops, gbps;
     double peak_rss_bytes; /* < 0: unknown */
+    double peak_gbps;      /* read bandwidth measured right before and after the op
+                              (the larger), for memory-bound ops; NaN: use the ceiling */
     double rel_err;        /* NaN: not checked */
 } bench_result;
 

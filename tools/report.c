@@ -73,7 +73,8 @@ static void num_or_dash(char *buf, size_t len, const char *fmt, double v) {
 
 void report_row(const report_ctx *r, const bench_case *c, const bench_result *res) {
     double peak = r->ceil ? r->ceil->fma_gflops : NAN;
-    double bw = r->ceil ? r->ceil->read_gbps : NAN;
+    double bw_start = r->ceil ? r->ceil->read_gbps : NAN;
+    double bw = isfinite(res->peak_gbps) ? res->peak_gbps : bw_start;
     double pct_peak = 100.0 * res->gflops / peak;
     double pct_bw = 100.0 * res->gbps / bw;
     if (r->json) {
@@ -101,6 +102,7 @@ void report_row(const report_ctx *r, const bench_case *c, const bench_result *re
         json_num("pct_peak", pct_peak, 0);
         json_num("gbps", res->gbps, 0);
         json_num("peak_gbps", bw, 0);
+        json_num("peak_gbps_start", bw_start, 0);
         json_num("pct_bandwidth", pct_bw, 0);
         if (res->peak_rss_bytes >= 0)
             printf("\"peak_rss_bytes\": %.0f, ", res->peak_rss_bytes);
