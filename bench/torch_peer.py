@@ -40,10 +40,10 @@ DEFAULT_SHAPES = [
     ("attention", 4096, 4096, 8, 128, False),
     ("attention", 4096, 4096, 8, 128, True),
     ("attention", 512, 512, 8, 64, False),
-    ("attention_bwd", 2048, 2048, 8, 64, False),
-    ("attention_bwd", 2048, 2048, 8, 64, True),
-    ("attention_bwd", 2048, 2048, 8, 128, False),
-    ("attention_bwd", 2048, 2048, 8, 128, True),
+    ("attention_bwd", 4096, 4096, 8, 64, False),
+    ("attention_bwd", 4096, 4096, 8, 64, True),
+    ("attention_bwd", 4096, 4096, 8, 128, False),
+    ("attention_bwd", 4096, 4096, 8, 128, True),
 ]
 
 
