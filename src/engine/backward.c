@@ -12,9 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define LOG2E 1.4426950408889634f
 
@@ -28,36 +25,23 @@ typedef struct bwd_bufs {
     float *row;              /* [max(d, dv)] */
 } bwd_bufs;
 
-static size_t bwd_floats(int64_t bq, int64_t bk, int64_t d, int64_t dv, int64_t g,
-                         int64_t n) {
-    size_t x = 0;
-    x += (size_t)(bk * d) * 2 + (size_t)(dv * bk);
-    x += (size_t)(bq * d) + (size_t)(bq * dv);
-    x += (size_t)(bq * bk) * 3;
-    x += (size_t)(bk * d) + (size_t)(bk * dv);
-    x += (size_t)(g * n * d) + (size_t)(g * n) * 2;
-    x += (size_t)(d > dv ? d : dv);
-    return x + 16 * 16;
-}
-
-static bwd_bufs bwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_t dv,
+static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
                           int64_t g, int64_t n) {
-    scratch s = {base, 0, 0};
     bwd_bufs b;
-    b.kbuf = scratch_take(&s, (size_t)(bk * d));
-    b.kt = scratch_take(&s, (size_t)(bk * d));
-    b.vt = scratch_take(&s, (size_t)(bk * dv));
-    b.qbuf = scratch_take(&s, (size_t)(bq * d));
-    b.dobuf = scratch_take(&s, (size_t)(bq * dv));
-    b.p = scratch_take(&s, (size_t)(bq * bk));
-    b.dp = scratch_take(&s, (size_t)(bq * bk));
-    b.th = scratch_take(&s, (size_t)(bq * bk));
-    b.dk = scratch_take(&s, (size_t)(bk * d));
-    b.dv = scratch_take(&s, (size_t)(bk * dv));
-    b.dq = scratch_take(&s, (size_t)(g * n * d));
-    b.lse2 = scratch_take(&s, (size_t)(g * n));
-    b.delta = scratch_take(&s, (size_t)(g * n));
-    b.row = scratch_take(&s, (size_t)(d > dv ? d : dv));
+    b.kbuf = scratch_take(s, (size_t)(bk * d));
+    b.kt = scratch_take(s, (size_t)(bk * d));
+    b.vt = scratch_take(s, (size_t)(bk * dv));
+    b.qbuf = scratch_take(s, (size_t)(bq * d));
+    b.dobuf = scratch_take(s, (size_t)(bq * dv));
+    b.p = scratch_take(s, (size_t)(bq * bk));
+    b.dp = scratch_take(s, (size_t)(bq * bk));
+    b.th = scratch_take(s, (size_t)(bq * bk));
+    b.dk = scratch_take(s, (size_t)(bk * d));
+    b.dv = scratch_take(s, (size_t)(bk * dv));
+    b.dq = scratch_take(s, (size_t)(g * n * d));
+    b.lse2 = scratch_take(s, (size_t)(g * n));
+    b.delta = scratch_take(s, (size_t)(g * n));
+    b.row = scratch_take(s, (size_t)(d > dv ? d : dv));
     return b;
 }
 
@@ -216,19 +200,16 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     }
     const int threads = ctx->threads;
     size_t stride;
-    float *scr = scratch_alloc(threads, bwd_floats(a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax),
-                               &stride);
+    scratch count = {NULL, 0};
+    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax);
+    float *scr = scratch_alloc(threads, count.used, &stride);
     if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for backward scratch");
     const int64_t n_tasks = p->batch * p->hk;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
-        bwd_bufs b = bwd_carve(scr + stride * (size_t)tid, a.bq, a.bk, p->d, p->dv,
-                               p->h / p->hk, nmax);
+        int tid = engine_thread_id();
+        scratch mine = {scr + stride * (size_t)tid, 0};
+        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++) run_task(&a, &b, ti / p->hk, ti % p->hk);
     }

@@ -12,9 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -28,23 +25,17 @@ typedef struct dec_bufs {
     float *m, *l, *alpha; /* [hk][rows] */
 } dec_bufs;
 
-static size_t dec_floats(int64_t hk, int64_t rows, int64_t blk, int64_t d, int64_t dv) {
-    return (size_t)(hk * rows * d + blk * hk * (d + dv) + hk * blk * rows + hk * rows * dv +
-                    3 * hk * rows) + 8 * 16;
-}
-
-static dec_bufs dec_carve(float *base, int64_t hk, int64_t rows, int64_t blk, int64_t d,
+static dec_bufs dec_carve(scratch *s, int64_t hk, int64_t rows, int64_t blk, int64_t d,
                           int64_t dv) {
-    scratch s = {base, 0, 0};
     dec_bufs b;
-    b.q = scratch_take(&s, (size_t)(hk * rows * d));
-    b.kbuf = scratch_take(&s, (size_t)(blk * hk * d));
-    b.vbuf = scratch_take(&s, (size_t)(blk * hk * dv));
-    b.s = scratch_take(&s, (size_t)(hk * blk * rows));
-    b.o = scratch_take(&s, (size_t)(hk * rows * dv));
-    b.m = scratch_take(&s, (size_t)(hk * rows));
-    b.l = scratch_take(&s, (size_t)(hk * rows));
-    b.alpha = scratch_take(&s, (size_t)(hk * rows));
+    b.q = scratch_take(s, (size_t)(hk * rows * d));
+    b.kbuf = scratch_take(s, (size_t)(blk * hk * d));
+    b.vbuf = scratch_take(s, (size_t)(blk * hk * dv));
+    b.s = scratch_take(s, (size_t)(hk * blk * rows));
+    b.o = scratch_take(s, (size_t)(hk * rows * dv));
+    b.m = scratch_take(s, (size_t)(hk * rows));
+    b.l = scratch_take(s, (size_t)(hk * rows));
+    b.alpha = scratch_take(s, (size_t)(hk * rows));
     return b;
 }
 
@@ -186,9 +177,11 @@ attn_status engine_decode(const attn_ctx *ctx, const attn_problem *p, const attn
 
     /* partial results [task][all][dv] and LSEs [task][all] */
     float *part = malloc((size_t)n_tasks * (size_t)all * (size_t)(dv + 1) * sizeof(float));
+    const int64_t blk = tiling_decode_block(p->hk, p->d, dv);
     size_t stride;
-    float *scr = scratch_alloc(threads, dec_floats(p->hk, rows, tiling_decode_block(p->hk, p->d, dv), p->d, dv),
-                               &stride);
+    scratch count = {NULL, 0};
+    dec_carve(&count, p->hk, rows, blk, p->d, dv);
+    float *scr = scratch_alloc(threads, count.used, &stride);
     if (!part || !scr) {
         free(part);
         free(scr);
@@ -198,13 +191,9 @@ attn_status engine_decode(const attn_ctx *ctx, const attn_problem *p, const attn
 
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
-        dec_bufs b = dec_carve(scr + stride * (size_t)tid, p->hk, rows, tiling_decode_block(p->hk, p->d, dv),
-                               p->d, dv);
+        int tid = engine_thread_id();
+        scratch mine = {scr + stride * (size_t)tid, 0};
+        dec_bufs b = dec_carve(&mine, p->hk, rows, blk, p->d, dv);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++) {
             int64_t bi = ti / nsplit, s = ti % nsplit;

@@ -12,9 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -62,30 +59,17 @@ typedef struct fwd_bufs {
     float *row;   /* [max(d, dv)] */
 } fwd_bufs;
 
-static size_t fwd_floats(int64_t bq, int64_t bk, int64_t d, int64_t dv) {
-    size_t x = 0;
-    x += (size_t)(d * bq) + 16;
-    x += (size_t)(bk * d) + 16;
-    x += (size_t)(bk * dv) + 16;
-    x += (size_t)(bk * bq) + 16;
-    x += (size_t)(bq * dv) + 16;
-    x += 3 * ((size_t)bq + 16);
-    x += (size_t)(d > dv ? d : dv) + 16;
-    return x;
-}
-
-static fwd_bufs fwd_carve(float *base, int64_t bq, int64_t bk, int64_t d, int64_t dv) {
-    scratch s = {base, 0, 0};
+static fwd_bufs fwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv) {
     fwd_bufs b;
-    b.qt = scratch_take(&s, (size_t)(d * bq));
-    b.kbuf = scratch_take(&s, (size_t)(bk * d));
-    b.vbuf = scratch_take(&s, (size_t)(bk * dv));
-    b.s = scratch_take(&s, (size_t)(bk * bq));
-    b.o = scratch_take(&s, (size_t)(bq * dv));
-    b.m = scratch_take(&s, (size_t)bq);
-    b.l = scratch_take(&s, (size_t)bq);
-    b.alpha = scratch_take(&s, (size_t)bq);
-    b.row = scratch_take(&s, (size_t)(d > dv ? d : dv));
+    b.qt = scratch_take(s, (size_t)(d * bq));
+    b.kbuf = scratch_take(s, (size_t)(bk * d));
+    b.vbuf = scratch_take(s, (size_t)(bk * dv));
+    b.s = scratch_take(s, (size_t)(bk * bq));
+    b.o = scratch_take(s, (size_t)(bq * dv));
+    b.m = scratch_take(s, (size_t)bq);
+    b.l = scratch_take(s, (size_t)bq);
+    b.alpha = scratch_take(s, (size_t)bq);
+    b.row = scratch_take(s, (size_t)(d > dv ? d : dv));
     return b;
 }
 
@@ -277,7 +261,9 @@ attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const att
 
     const int threads = ctx->threads;
     size_t stride;
-    float *scr = scratch_alloc(threads, fwd_floats(bq, bk, p->d, p->dv), &stride);
+    scratch count = {NULL, 0};
+    fwd_carve(&count, bq, bk, p->d, p->dv);
+    float *scr = scratch_alloc(threads, count.used, &stride);
     if (!scr) {
         free(task_seq);
         return attn_err(ATTN_ERR_NOMEM, "out of memory for forward scratch");
@@ -286,12 +272,9 @@ attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const att
 
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
-        fwd_bufs b = fwd_carve(scr + stride * (size_t)tid, bq, bk, p->d, p->dv);
+        int tid = engine_thread_id();
+        scratch mine = {scr + stride * (size_t)tid, 0};
+        fwd_bufs b = fwd_carve(&mine, bq, bk, p->d, p->dv);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++) {
             /* head-major: consecutive tasks share a head, and its K/V stay in cache */

@@ -8,9 +8,6 @@
 #include "lse_merge.h"
 #include "rows.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 void merge_rows(float *o1, float *l1, const float *o2, float l2, int64_t dv) {
     float a = *l1, b = l2;
@@ -39,11 +36,7 @@ attn_status engine_lse_merge(const attn_ctx *ctx, const attn_tensor *o1,
     const int64_t rows = B * N * H;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-#ifdef _OPENMP
-        float *a = scr + stride * (size_t)omp_get_thread_num();
-#else
-        float *a = scr;
-#endif
+        float *a = scr + stride * (size_t)engine_thread_id();
         float *bb = a + dv;
         int64_t b = r / (N * H), i = (r / H) % N, h = r % H;
         rows_load(ctx->kernels, o1, attn_off4(o1, b, i, h, 0), dv, a);

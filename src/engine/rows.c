@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 void rows_load(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t n,
                float *dst) {
     int64_t st = t->stride[3];
@@ -48,5 +52,13 @@ float *scratch_alloc(int threads, size_t floats, size_t *stride_out) {
 float *scratch_take(scratch *s, size_t n) {
     size_t start = s->used;
     s->used += (n + 15) & ~(size_t)15;
-    return s->base + start;
+    return s->base ? s->base + start : NULL;
+}
+
+int engine_thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }

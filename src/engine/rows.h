@@ -15,16 +15,22 @@ void rows_store(const attn_kernels *kr, attn_tensor *t, int64_t off, int64_t n,
 void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
                      int64_t row_stride, int64_t rows, int64_t n, float *dst, int64_t ldd);
 
-/* Scratch of one thread: a single allocation carved into named parts. */
+/* Scratch of one thread: a single allocation carved into named parts. A
+ * carve over a scratch with base NULL only counts, so that one function
+ * gives both the size and the layout. */
 typedef struct scratch {
     float *base;
-    size_t used, cap; /* in floats */
+    size_t used; /* in floats */
 } scratch;
 
 /* Allocate per-thread scratch of `floats` floats each for `threads` threads
  * (64-byte aligned parts); NULL on overflow or out of memory. */
 float *scratch_alloc(int threads, size_t floats, size_t *stride_out);
-/* Next part of n floats (64-byte aligned) from a thread's slice. */
+/* Next part of n floats (64-byte aligned) from a thread's slice (NULL when
+ * only counting). */
 float *scratch_take(scratch *s, size_t n);
+
+/* This thread's index in the OpenMP team (0 without OpenMP). */
+int engine_thread_id(void);
 
 #endif
