@@ -574,6 +574,69 @@ static void dsoftmax_case(const table *t, uint64_t idx, int64_t rows, int64_t co
     xfree(dp), xfree(dp0), xfree(p), xfree(delta);
 }
 
+/* softcap: s = out_mul * tanh(s * in_mul), t_out = the tanh. Tolerance:
+ * |t - tanh| <= 3e-7 absolute (the kernels compute tanh from exp2 without a
+ * small-argument series; logits only ever need absolute accuracy), s within
+ * 3e-7 * |out_mul| + 1 ulp; NaN stays NaN; +-inf give +-1. */
+static void softcap_case(const table *t, uint64_t idx, int64_t rows, int64_t cols) {
+    tu_rng rng = {tu_seed(SALT, idx)};
+    int64_t lds = cols + tu_int(&rng, 0, 3), ldt = cols + tu_int(&rng, 0, 2);
+    int64_t ns = (rows - 1) * lds + cols, nt = (rows - 1) * ldt + cols;
+    float *s = falloc(ns), *s0 = falloc(ns), *th = falloc(nt);
+    fsent(s, ns);
+    fsent(th, nt);
+    float in_mul = frand(&rng, 0.01, 0.2), out_mul = frand(&rng, 5, 50);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            int64_t k = r * cols + c;
+            float x = k % 11 == 3 ? frand(&rng, -1e-3, 1e-3) : frand(&rng, -400, 400);
+            if (k == 5) x = INFINITY;
+            if (k == 6) x = -INFINITY;
+            if (k == 7) x = NAN;
+            s[r * lds + c] = x;
+        }
+    memcpy(s0, s, sizeof(float) * (size_t)ns);
+    t->k->softcap(s, rows, cols, lds, in_mul, out_mul, th, ldt);
+    tu_case("%s softcap rows=%lld cols=%lld", t->name, (long long)rows, (long long)cols);
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++) {
+            double ref = tanh((double)s0[r * lds + c] * (double)in_mul);
+            float got_t = th[r * ldt + c], got_s = s[r * lds + c];
+            if (isnan(ref)) {
+                if (!isnan(got_t) || !isnan(got_s)) bad++;
+                continue;
+            }
+            if (!(fabs(got_t - ref) <= 3e-7)) bad++;
+            if (!(fabs(got_s - out_mul * ref) <= 3e-7 * out_mul + 1e-6 * fabs(out_mul * ref))) bad++;
+        }
+        for (int64_t c = cols; c < lds && r + 1 < rows; c++)
+            if (fbits(s[r * lds + c]) != SENTINEL) bad++;
+        for (int64_t c = cols; c < ldt && r + 1 < rows; c++)
+            if (fbits(th[r * ldt + c]) != SENTINEL) bad++;
+    }
+    CHECK(bad == 0, "%lld values outside tolerance or padding touched", (long long)bad);
+    /* without t_out */
+    memcpy(s, s0, sizeof(float) * (size_t)ns);
+    t->k->softcap(s, rows, cols, lds, in_mul, out_mul, NULL, 0);
+    int64_t bad2 = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            double ref = out_mul * tanh((double)s0[r * lds + c] * (double)in_mul);
+            float got = s[r * lds + c];
+            if (isnan(ref) ? !isnan(got) : !(fabs(got - ref) <= 3e-7 * out_mul + 1e-6 * fabs(ref)))
+                bad2++;
+        }
+    CHECK(bad2 == 0, "%lld values outside tolerance (no t_out)", (long long)bad2);
+    xfree(s), xfree(s0), xfree(th);
+}
+
+static void test_softcap(const table *t) {
+    static const int64_t shp[][2] = {{1, 1}, {1, 8}, {2, 7}, {3, 16}, {5, 17}, {4, 33}, {2, 100}};
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++)
+        softcap_case(t, 5500 + i, shp[i][0], shp[i][1]);
+}
+
 static void test_dsoftmax(const table *t) {
     static const int64_t shp[][2] = {{1, 1}, {1, 8}, {2, 7}, {3, 9}, {5, 16},
                                      {4, 17}, {6, 33}, {7, 64}, {3, 100}};
@@ -965,6 +1028,7 @@ int main(void) {
         test_gemm(t);
         test_softmax(t);
         test_exp2(t);
+        test_softcap(t);
         test_dsoftmax(t);
         test_dot(t);
         test_heads(t);

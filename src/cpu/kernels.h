@@ -35,6 +35,13 @@ typedef struct attn_kernels {
     void (*softmax_rows)(float *s, int64_t rows, int64_t cols, int64_t lds, float *m,
                          float *l, float *alpha);
 
+    /* Logit soft-cap on a row-major tile, in place:
+     *   t = tanh(s[r][c] * in_mul); s[r][c] = out_mul * t;
+     * and t is also stored at t_out[r * ldt + c] when t_out is not NULL (the
+     * backward needs 1 - t^2). Absolute error of t about 1e-7; NaN stays NaN. */
+    void (*softcap)(float *s, int64_t rows, int64_t cols, int64_t lds, float in_mul,
+                    float out_mul, float *t_out, int64_t ldt);
+
     /* Row-major tile: p[r][c] = 2^(s[r][c] * mul - sub[r]) in place. */
     void (*exp2_rows)(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub);

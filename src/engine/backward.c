@@ -81,14 +81,8 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
 
     /* S = Q K^T, then P = 2^(S * scale * log2 e - lse2) */
     kr->gemm(nq, nk, d, b->qbuf, d, 1, b->kt, bk, b->p, bk, 0, NULL);
-    if (p->softcap > 0.0f) {
-        for (int64_t r = 0; r < nq; r++)
-            for (int64_t c = 0; c < nk; c++) {
-                float t = tanhf(b->p[r * bk + c] * p->scale / p->softcap);
-                b->th[r * bk + c] = t;
-                b->p[r * bk + c] = p->softcap * t; /* capped logit, already scaled */
-            }
-    }
+    if (p->softcap > 0.0f) /* capped logit, scaled; t kept for the derivative */
+        kr->softcap(b->p, nq, nk, bk, p->scale / p->softcap, p->softcap, b->th, bk);
     if (masked)
         for (int64_t r = 0; r < nq; r++) {
             int64_t lo, hi;

@@ -143,8 +143,7 @@ static void run_split(const attn_kernels *kr, const attn_problem *p, const attn_
                 attn_visible_range(p, nq, sq.m, r / g, &a, &z);
                 float *sr = s + r * nk;
                 if (p->softcap > 0.0f)
-                    for (int64_t j = 0; j < nk; j++)
-                        sr[j] = p->softcap * tanhf(sr[j] / p->softcap) * LOG2E;
+                    kr->softcap(sr, 1, nk, nk, 1.0f / p->softcap, p->softcap * LOG2E, NULL, 0);
                 for (int64_t j = 0; j < nk && j0 + j < a; j++) sr[j] = -INFINITY;
                 for (int64_t j = z + 1 - j0 > 0 ? z + 1 - j0 : 0; j < nk; j++) sr[j] = -INFINITY;
             }

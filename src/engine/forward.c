@@ -43,11 +43,6 @@ static bool block_fully_visible(const attn_problem *p, const attn_seq *sq, int64
     return lo_last <= j0 && j1 - 1 <= hi_first;
 }
 
-static void softcap_tile(float *s, int64_t rows, int64_t cols, int64_t ld, float cap) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++)
-            s[r * ld + c] = cap * tanhf(s[r * ld + c] / cap) * LOG2E;
-}
 
 typedef struct fwd_bufs {
     float *qt;    /* [d][bq]   Q^T, pre-scaled */
@@ -169,7 +164,8 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
           *alpha = b->alpha + c0;
     /* S^T[nk][nc] = K[nk][d] * Q^T[d][nc] */
     kr->gemm(nk, nc, d, ka, lda, 1, b->qt + c0, bq, s, bq, 0, NULL);
-    if (p->softcap > 0.0f) softcap_tile(s, nk, nc, bq, p->softcap);
+    if (p->softcap > 0.0f) /* s = cap * tanh(s / cap), in log2 units */
+        kr->softcap(s, nk, nc, bq, 1.0f / p->softcap, p->softcap * LOG2E, NULL, 0);
     if (masked) mask_tile(p, sq, s, bq, i0 + c0, nc, j0, nk);
     kr->softmax_cols(s, nk, nc, bq, m, l, alpha);
     /* O[nc][dv] = diag(alpha) O + P[nc][nk] * V[nk][dv], P read from S^T */

@@ -209,6 +209,36 @@ static ALWAYS_INLINE void exp2_run(int masked, __m256i mk, float *p, __m256 vm, 
     st8(masked, p, mk, exp2v(_mm256_fmsub_ps(ld8(masked, p, mk), vm, vs)));
 }
 
+/* tanh(x) = sign(x) (1 - e) / (1 + e) with e = 2^(-2 |x| log2 e) in (0, 1]:
+ * no overflow at any x, tanh(+-inf) = +-1, absolute error about 1e-7. */
+static ALWAYS_INLINE __m256 tanhv(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_andnot_ps(sign, x);
+    __m256 e = exp2v(_mm256_mul_ps(a, _mm256_set1_ps(-2.8853900817779268f)));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_or_ps(t, _mm256_and_ps(sign, x));
+}
+
+static ALWAYS_INLINE void softcap_run(int masked, __m256i mk, float *p, float *t_out, __m256 vi,
+                                      __m256 vo) {
+    __m256 t = tanhv(_mm256_mul_ps(ld8(masked, p, mk), vi));
+    if (t_out) st8(masked, t_out, mk, t);
+    st8(masked, p, mk, _mm256_mul_ps(vo, t));
+}
+
+static void softcap(float *s, int64_t rows, int64_t cols, int64_t lds, float in_mul,
+                    float out_mul, float *t_out, int64_t ldt) {
+    const __m256 vi = _mm256_set1_ps(in_mul), vo = _mm256_set1_ps(out_mul);
+    const __m256i full = _mm256_set1_epi32(-1), mk = tail_mask(cols % 8);
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * lds, *tr = t_out ? t_out + r * ldt : NULL;
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) softcap_run(0, full, sr + c, tr ? tr + c : NULL, vi, vo);
+        if (c < cols) softcap_run(1, mk, sr + c, tr ? tr + c : NULL, vi, vo);
+    }
+}
+
 static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub) {
     const __m256 vm = _mm256_set1_ps(mul);
@@ -540,6 +570,7 @@ const attn_kernels attn_kernels_avx2 = {
     .gemm = gemm,
     .softmax_cols = softmax_cols,
     .softmax_rows = softmax_rows,
+    .softcap = softcap,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,

@@ -413,6 +413,31 @@ static void softmax_rows(float *s, int64_t rows, int64_t cols, int64_t lds, floa
     }
 }
 
+/* tanh(x) = sign(x) (1 - e) / (1 + e) with e = 2^(-2 |x| log2 e) in (0, 1]:
+ * no overflow at any x, tanh(+-inf) = +-1, absolute error about 1e-7. */
+static ALWAYS_INLINE __m512 tanhv(__m512 x) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    __m512 a = _mm512_andnot_ps(sign, x);
+    __m512 e = exp2v(_mm512_mul_ps(a, _mm512_set1_ps(-2.8853900817779268f)));
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_or_ps(t, _mm512_and_ps(sign, x));
+}
+
+static void softcap(float *s, int64_t rows, int64_t cols, int64_t lds, float in_mul,
+                    float out_mul, float *t_out, int64_t ldt) {
+    const __m512 vi = _mm512_set1_ps(in_mul), vo = _mm512_set1_ps(out_mul);
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * lds;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __mmask16 mk = tail_mask(cols - c);
+            __m512 t = tanhv(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + c), vi));
+            if (t_out) _mm512_mask_storeu_ps(t_out + r * ldt + c, mk, t);
+            _mm512_mask_storeu_ps(sr + c, mk, _mm512_mul_ps(vo, t));
+        }
+    }
+}
+
 static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub) {
     const __m512 vm = _mm512_set1_ps(mul);
@@ -528,6 +553,7 @@ const attn_kernels attn_kernels_avx512 = {
     .gemm = gemm,
     .softmax_cols = softmax_cols,
     .softmax_rows = softmax_rows,
+    .softcap = softcap,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,

@@ -51,6 +51,16 @@ static void softmax_rows(float *s, int64_t rows, int64_t cols, int64_t lds, floa
         softmax_cols(s + r * lds, cols, 1, 1, m + r, l + r, alpha + r);
 }
 
+static void softcap(float *s, int64_t rows, int64_t cols, int64_t lds, float in_mul,
+                    float out_mul, float *t_out, int64_t ldt) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            float t = tanhf(s[r * lds + c] * in_mul);
+            if (t_out) t_out[r * ldt + c] = t;
+            s[r * lds + c] = out_mul * t;
+        }
+}
+
 static void exp2_rows(float *s, int64_t rows, int64_t cols, int64_t lds, float mul,
                       const float *sub) {
     for (int64_t r = 0; r < rows; r++)
@@ -127,6 +137,7 @@ const attn_kernels attn_kernels_scalar = {
     .gemm = gemm,
     .softmax_cols = softmax_cols,
     .softmax_rows = softmax_rows,
+    .softcap = softcap,
     .exp2_rows = exp2_rows,
     .dsoftmax_rows = dsoftmax_rows,
     .dot_rows = dot_rows,
