@@ -78,7 +78,10 @@ typedef enum attn_dtype {
 #define ATTN_MAX_DIMS 4
 
 /* A strided view; nothing is owned. Strides are in elements, >= 0
- * (0 broadcasts an input; outputs need strides that never overlap). */
+ * (0 broadcasts an input; outputs need strides that never overlap).
+ * Any strides work; the fast paths read the last dim (head dim) contiguously,
+ * so a view with stride[3] != 1 is gathered element by element (slower, not
+ * an error). */
 typedef struct attn_tensor {
     void *data;
     attn_dtype dtype;
