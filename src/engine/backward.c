@@ -20,9 +20,10 @@ typedef struct bwd_bufs {
     float *qbuf, *dobuf;     /* [bq][d], [bq][dv] */
     float *p, *dp, *th;      /* [bq][bk] probabilities, dP then dS, tanh (softcap) */
     float *dk, *dv;          /* [bk][d], [bk][dv] */
-    float *dq;               /* [g][n][d] */
-    float *lse2, *delta;     /* [g][n] */
+    float *dq;               /* [gp][n][d]: the task's query heads */
+    float *lse2, *delta;     /* [gp][n] */
     float *row;              /* [max(d, dv)] */
+    float *dkv;              /* [d + dv]: one row of dK and dV summed over parts */
 } bwd_bufs;
 
 static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
@@ -42,6 +43,7 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.lse2 = scratch_take(s, (size_t)(g * n));
     b.delta = scratch_take(s, (size_t)(g * n));
     b.row = scratch_take(s, (size_t)(d > dv ? d : dv));
+    b.dkv = scratch_take(s, (size_t)(d + dv));
     return b;
 }
 
@@ -69,6 +71,9 @@ typedef struct bwd_args {
     const attn_tensor *q, *k, *v, *o, *lse, *dout;
     attn_tensor *dq, *dk, *dv;
     int64_t bq, bk;
+    int64_t parts, gp;  /* parts of each GQA group, query heads per part */
+    int64_t mmax;       /* longest key sequence */
+    float *part_dkv;    /* parts > 1: partial [seq][hk][part][mmax][d + dv] */
 } bwd_args;
 
 /* One (query block, key block) pair: the five products of FA-2's backward. */
@@ -111,28 +116,38 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
     kr->gemm(nq, d, nk, b->dp, bk, 1, b->kbuf, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
 }
 
-static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t hk) {
+/* Where task (bi, hk, part) keeps its partial dK/dV rows. */
+static float *part_rows(const bwd_args *a, int64_t bi, int64_t hk, int64_t part) {
+    size_t task = (size_t)((bi * a->p->hk + hk) * a->parts + part);
+    return a->part_dkv + task * (size_t)(a->mmax * (a->p->d + a->p->dv));
+}
+
+/* Query heads [g0, g1) of kv head hk of sequence bi: dQ of those heads, and
+ * their contribution to dK/dV (the whole of it when parts == 1). */
+static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t hk,
+                     int64_t part) {
     const attn_kernels *kr = a->ctx->kernels;
     const attn_problem *p = a->p;
     const attn_seq sq = attn_problem_seq(p, bi);
     const int64_t g = p->h / p->hk, d = p->d, dv = p->dv, bq = a->bq, bk = a->bk;
-    const int64_t n = sq.n;
+    const int64_t n = sq.n, g0 = part * a->gp, g1 = g0 + a->gp < g ? g0 + a->gp : g;
 
     /* per-row constants: LSE in log2 units (0 for empty rows, whose P is 0
      * anyway), and delta_i = dO_i . O_i */
-    for (int64_t gi = 0; gi < g; gi++) {
+    for (int64_t gi = g0; gi < g1; gi++) {
         int64_t h = hk * g + gi;
         for (int64_t i = 0; i < n; i++) {
             float l = (float)attn_load_f64(a->lse, attn_off3(a->lse, sq.tb, h, sq.q0 + i));
-            b->lse2[gi * n + i] = l == -INFINITY ? 0.0f : l * LOG2E;
+            b->lse2[(gi - g0) * n + i] = l == -INFINITY ? 0.0f : l * LOG2E;
             rows_load(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i, h, 0), dv, b->dobuf);
             rows_load(kr, a->o, attn_off4(a->o, sq.tb, sq.q0 + i, h, 0), dv, b->row);
             float acc = 0.0f;
             for (int64_t x = 0; x < dv; x++) acc += b->dobuf[x] * b->row[x];
-            b->delta[gi * n + i] = acc;
+            b->delta[(gi - g0) * n + i] = acc;
         }
     }
-    memset(b->dq, 0, (size_t)(g * n * d) * sizeof(float));
+    memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
+    float *part_dkv = a->parts > 1 ? part_rows(a, bi, hk, part) : NULL;
 
     for (int64_t j0 = 0; j0 < sq.m; j0 += bk) {
         const int64_t nk = j0 + bk <= sq.m ? bk : sq.m - j0, kb = j0 / bk;
@@ -147,7 +162,7 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
         memset(b->dk, 0, (size_t)(nk * d) * sizeof(float));
         memset(b->dv, 0, (size_t)(nk * dv) * sizeof(float));
 
-        for (int64_t gi = 0; gi < g; gi++) {
+        for (int64_t gi = g0; gi < g1; gi++) {
             const int64_t h = hk * g + gi;
             for (int64_t i0 = 0; i0 < n; i0 += bq) {
                 const int64_t nq = i0 + bq <= n ? bq : n - i0;
@@ -166,47 +181,86 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                                 a->q->stride[1], nq, d, b->qbuf, d);
                 rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
                                 a->dout->stride[1], nq, dv, b->dobuf, dv);
-                pair(a, b, &sq, gi, i0, nq, j0, nk, masked);
+                pair(a, b, &sq, gi - g0, i0, nq, j0, nk, masked);
             }
         }
         for (int64_t r = 0; r < nk; r++) {
+            if (part_dkv) { /* summed over the parts later, in order */
+                memcpy(part_dkv + (j0 + r) * (d + dv), b->dk + r * d, (size_t)d * sizeof(float));
+                memcpy(part_dkv + (j0 + r) * (d + dv) + d, b->dv + r * dv, (size_t)dv * sizeof(float));
+                continue;
+            }
             rows_store(kr, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j0 + r, hk, 0), d, b->dk + r * d);
             rows_store(kr, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j0 + r, hk, 0), dv, b->dv + r * dv);
         }
     }
-    for (int64_t gi = 0; gi < g; gi++)
+    for (int64_t gi = g0; gi < g1; gi++)
         for (int64_t i = 0; i < n; i++)
             rows_store(kr, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d,
-                       b->dq + (gi * n + i) * d);
+                       b->dq + ((gi - g0) * n + i) * d);
+}
+
+/* dK/dV row j of kv head hk of sequence bi: the parts' partial sums added in
+ * part order (the same order for any thread count). acc holds d + dv floats. */
+static void sum_parts(const bwd_args *a, int64_t bi, int64_t hk, int64_t j, float *acc) {
+    const int64_t d = a->p->d, dv = a->p->dv, w = d + dv;
+    const attn_seq sq = attn_problem_seq(a->p, bi);
+    memcpy(acc, part_rows(a, bi, hk, 0) + j * w, (size_t)w * sizeof(float));
+    for (int64_t part = 1; part < a->parts; part++) {
+        const float *x = part_rows(a, bi, hk, part) + j * w;
+        for (int64_t c = 0; c < w; c++) acc[c] += x[c];
+    }
+    rows_store(a->ctx->kernels, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j, hk, 0), d, acc);
+    rows_store(a->ctx->kernels, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j, hk, 0), dv, acc + d);
 }
 
 attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
                             const attn_tensor *k, const attn_tensor *v, const attn_tensor *o,
                             const attn_tensor *lse, const attn_tensor *dout, attn_tensor *dq,
                             attn_tensor *dk, attn_tensor *dv) {
+    const int64_t g = p->h / p->hk;
     bwd_args a = {ctx, p, q, k, v, o, lse, dout, dq, dk, dv,
                   p->plan ? p->plan->block_q : tiling_bwd_bq(p->d),
-                  p->plan ? p->plan->block_k : tiling_bwd_bk(p->d)};
+                  p->plan ? p->plan->block_k : tiling_bwd_bk(p->d),
+                  tiling_bwd_head_parts(p->batch, p->hk, g), 0, 0, NULL};
+    a.gp = (g + a.parts - 1) / a.parts;
     int64_t nmax = 0;
     for (int64_t bi = 0; bi < p->batch; bi++) {
-        int64_t n = attn_problem_seq(p, bi).n;
-        if (n > nmax) nmax = n;
+        attn_seq sq = attn_problem_seq(p, bi);
+        if (sq.n > nmax) nmax = sq.n;
+        if (sq.m > a.mmax) a.mmax = sq.m;
     }
     const int threads = ctx->threads;
     size_t stride;
     scratch count = {NULL, 0};
-    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax);
+    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
     float *scr = scratch_alloc(threads, count.used, &stride);
-    if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for backward scratch");
-    const int64_t n_tasks = p->batch * p->hk;
+    if (a.parts > 1)
+        a.part_dkv = malloc((size_t)(p->batch * p->hk * a.parts) * (size_t)a.mmax *
+                            (size_t)(p->d + p->dv) * sizeof(float));
+    if (!scr || (a.parts > 1 && !a.part_dkv)) {
+        free(scr);
+        free(a.part_dkv);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory for backward scratch");
+    }
+    const int64_t n_tasks = p->batch * p->hk * a.parts;
 #pragma omp parallel num_threads(threads)
     {
         int tid = engine_thread_id();
         scratch mine = {scr + stride * (size_t)tid, 0};
-        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, p->h / p->hk, nmax);
+        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t ti = 0; ti < n_tasks; ti++) run_task(&a, &b, ti / p->hk, ti % p->hk);
+        for (int64_t ti = 0; ti < n_tasks; ti++)
+            run_task(&a, &b, ti / (p->hk * a.parts), (ti / a.parts) % p->hk, ti % a.parts);
+        if (a.parts > 1) {
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < p->batch * p->hk * a.mmax; x++) {
+                int64_t bi = x / (p->hk * a.mmax), hk = (x / a.mmax) % p->hk, j = x % a.mmax;
+                if (j < attn_problem_seq(p, bi).m) sum_parts(&a, bi, hk, j, b.dkv);
+            }
+        }
     }
     free(scr);
+    free(a.part_dkv);
     return ATTN_OK;
 }
