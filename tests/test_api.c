@@ -544,12 +544,13 @@ static void misc_cases(void) {
     expect("ctx with a bad isa", attn_ctx_create(&c, &o), ATTN_ERR_ARG, "isa");
     expect("ctx_create NULL out", attn_ctx_create(NULL, NULL), ATTN_ERR_NULL, "out");
     /* every available ISA can be asked for by name */
-    const attn_isa isas[] = {ATTN_ISA_SCALAR, ATTN_ISA_AVX2, ATTN_ISA_AVX512};
+    const attn_isa isas[] = {ATTN_ISA_SCALAR, ATTN_ISA_AVX2, ATTN_ISA_AVX512, ATTN_ISA_NEON};
     for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
         attn_isa best = attn_isa_detected();
         int avail = isas[i] == ATTN_ISA_SCALAR ||
                     (isas[i] == ATTN_ISA_AVX2 && (best == ATTN_ISA_AVX2 || best == ATTN_ISA_AVX512)) ||
-                    (isas[i] == ATTN_ISA_AVX512 && best == ATTN_ISA_AVX512);
+                    (isas[i] == ATTN_ISA_AVX512 && best == ATTN_ISA_AVX512) ||
+                    (isas[i] == ATTN_ISA_NEON && best == ATTN_ISA_NEON);
         if (!avail) continue;
         o = attn_ctx_options_default();
         o.backend = ATTN_BACKEND_CPU;

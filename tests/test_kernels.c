@@ -1,6 +1,6 @@
 /* The micro-kernel tables (src/cpu/kernels.h) against double-precision naive
  * computations, for every table this build has and this CPU can run
- * (scalar, avx2, avx512).
+ * (scalar, avx2, avx512, neon).
  *
  * Buffers are allocated to their exact size (an access past the end is an
  * AddressSanitizer error in ATTN_SANITIZE builds); row paddings between the
@@ -999,16 +999,18 @@ static void test_conversions(const table *t) {
 /* ------------------------------------------------------------ main */
 
 int main(void) {
-    static const attn_isa isas[] = {ATTN_ISA_SCALAR, ATTN_ISA_AVX2, ATTN_ISA_AVX512};
+    static const attn_isa isas[] = {ATTN_ISA_SCALAR, ATTN_ISA_AVX2, ATTN_ISA_AVX512,
+                                    ATTN_ISA_NEON};
     attn_isa best = attn_isa_detected();
-    table tables[3];
+    table tables[4];
     int nt = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         const attn_kernels *k = attn_kernels_for(isas[i]);
         const char *name = attn_isa_name(isas[i]);
         int runs = isas[i] == ATTN_ISA_SCALAR ||
                    (isas[i] == ATTN_ISA_AVX2 && (best == ATTN_ISA_AVX2 || best == ATTN_ISA_AVX512)) ||
-                   (isas[i] == ATTN_ISA_AVX512 && best == ATTN_ISA_AVX512);
+                   (isas[i] == ATTN_ISA_AVX512 && best == ATTN_ISA_AVX512) ||
+                   (isas[i] == ATTN_ISA_NEON && best == ATTN_ISA_NEON);
         if (!k) {
             printf("  %-7s not in this build: skipped\n", name);
         } else if (!runs) {

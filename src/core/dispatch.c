@@ -9,6 +9,9 @@ const attn_kernels *attn_kernels_for(attn_isa isa) {
     case ATTN_ISA_AVX2: return &attn_kernels_avx2;
     case ATTN_ISA_AVX512: return &attn_kernels_avx512;
 #endif
+#if defined(__aarch64__)
+    case ATTN_ISA_NEON: return &attn_kernels_neon;
+#endif
     default: return NULL;
     }
 }

@@ -81,6 +81,9 @@ extern const attn_kernels attn_kernels_scalar;
 extern const attn_kernels attn_kernels_avx2;
 extern const attn_kernels attn_kernels_avx512;
 #endif
+#if defined(__aarch64__)
+extern const attn_kernels attn_kernels_neon;
+#endif
 
 /* The table for an ISA this build has, or NULL. */
 const attn_kernels *attn_kernels_for(attn_isa isa);
