@@ -4,6 +4,7 @@
 #                    then the same under AddressSanitizer + UBSan (make test-asan)
 #   make bench       build, then run the quick benchmark suite (build/attn bench)
 #   make bench-peer  libattn beside PyTorch's CPU attention (bench/torch_peer.py)
+#   make test-neon   aarch64 cross build (NEON kernels), C tests under qemu-user
 #
 # Variables: JOBS (parallel build/test jobs, default 2), BUILD, ASAN_BUILD.
 
@@ -65,6 +66,26 @@ bench-peer: build
 	@$(VENV)/bin/python -c "import torch, numpy" 2>/dev/null || \
 	  $(VENV)/bin/pip install torch numpy
 	$(VENV)/bin/python bench/torch_peer.py --attn $(BUILD)/attn
+
+# aarch64 cross build in $(NEON_BUILD) (Debian cross gcc), ctest under qemu-user.
+NEON_BUILD ?= build-neon
+.PHONY: test-neon
+test-neon: deps
+	@missing=""; \
+	command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$$missing gcc-aarch64-linux-gnu"; \
+	[ -e /usr/aarch64-linux-gnu/include/stdio.h ] || missing="$$missing libc6-dev-arm64-cross"; \
+	[ -e /usr/aarch64-linux-gnu/lib/libgomp.so.1 ] || missing="$$missing libgomp1-arm64-cross"; \
+	command -v qemu-aarch64 >/dev/null 2>&1 || missing="$$missing qemu-user"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	$(CMAKE) -S . -B $(NEON_BUILD) -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake \
+	  -DCMAKE_BUILD_TYPE=Release -DATTN_BUILD_TOOLS=OFF
+	$(CMAKE) --build $(NEON_BUILD) -j$(JOBS)
+	cd $(NEON_BUILD) && $(CTEST) --output-on-failure -j$(JOBS)
 
 install: build
 	$(CMAKE) --install $(BUILD)
