@@ -1,7 +1,8 @@
 # libattn: the two commands of the README, and a few more.
 #
 #   make test        install missing tools (Debian), build Release, run ctest,
-#                    then the same under AddressSanitizer + UBSan (make test-asan)
+#                    then the same under AddressSanitizer + UBSan (make test-asan),
+#                    then the NEON kernels on aarch64 under qemu-user (make test-neon)
 #   make bench       build, then run the quick benchmark suite (build/attn bench)
 #   make bench-peer  libattn beside PyTorch's CPU attention (bench/torch_peer.py)
 #   make test-neon   aarch64 cross build (NEON kernels), C tests under qemu-user
@@ -46,7 +47,7 @@ build: deps configure
 test-release: build
 	cd $(BUILD) && $(CTEST) --output-on-failure -j$(JOBS)
 
-test: test-release test-asan
+test: test-release test-asan test-neon
 
 $(ASAN_BUILD)/CMakeCache.txt: | deps
 	$(CMAKE) -S . -B $(ASAN_BUILD) -DATTN_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
