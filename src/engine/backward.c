@@ -12,9 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-
-#define LOG2E 1.4426950408889634f
-
 typedef struct bwd_bufs {
     float *kbuf, *kt, *vt;   /* [bk][d], [d][bk], [dv][bk] */
     float *qbuf, *dobuf;     /* [bq][d], [bq][dv] */

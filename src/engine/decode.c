@@ -12,10 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
 typedef struct dec_bufs {
     float *q;     /* [hk][rows][d] pre-scaled queries */
     float *kbuf;  /* [blk][hk][d] f32 staging, for caches without unit stride */

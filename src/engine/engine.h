@@ -5,6 +5,10 @@
 
 #include "context.h"
 
+/* The engines run the softmax in base 2: logits are pre-scaled by log2(e). */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
                            const attn_tensor *k, const attn_tensor *v, attn_tensor *o,
                            attn_tensor *lse);

@@ -12,11 +12,6 @@
 #include "rows.h"
 #include "tiling.h"
 
-
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
-
 /* Set logits of keys outside each query's visible range to -inf. Rows of the
  * tile are keys j0.., columns queries i0..; the queries that see a key form
  * one run, so each row masks a prefix and a suffix. */
@@ -42,7 +37,6 @@ static bool block_fully_visible(const attn_problem *p, const attn_seq *sq, int64
     attn_visible_range(p, sq->n, sq->m, i0, &lo_first, &hi_first);
     return lo_last <= j0 && j1 - 1 <= hi_first;
 }
-
 
 typedef struct fwd_bufs {
     float *qt;    /* [d][bq]   Q^T, pre-scaled */
@@ -206,12 +200,10 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
                         en->mask == ATTN_BLOCK_PARAMS);
         }
     } else if (sq.m > 0) {
-        int64_t lo, hi, lo2, hi2;
-        attn_visible_range(p, sq.n, sq.m, i0, &lo, &hi2);
-        attn_visible_range(p, sq.n, sq.m, i0 + nq - 1, &lo2, &hi);
-        (void)hi2;
-        (void)lo2;
-        if (lo < 0) lo = 0;
+        /* keys seen by the first query from the left, by the last from the right */
+        int64_t lo, hi, unused;
+        attn_visible_range(p, sq.n, sq.m, i0, &lo, &unused);
+        attn_visible_range(p, sq.n, sq.m, i0 + nq - 1, &unused, &hi);
         for (int64_t j0 = (lo / bk) * bk; j0 <= hi; j0 += bk) {
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool full = block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
