@@ -152,9 +152,14 @@ typedef enum attn_block_mask {
     ATTN_BLOCK_PARAMS = 1 /* causal/window rule of the params applied per element */
 } attn_block_mask;
 
+/* Level l > 0 visits the block pooled by 2^l: each group of 2^l consecutive
+ * keys (clipped to the block and the sequence) becomes one key whose K and V
+ * are the group means and whose logit gets + ln(group size), so that it
+ * weighs as the keys it stands for (Pyramid Sparse Attention). Pooled entries
+ * take mask ATTN_BLOCK_FULL; 2^level <= block_k. */
 typedef struct attn_plan_entry {
     int32_t key_block; /* index of the key block, ascending within a query block */
-    uint8_t level;     /* pyramid level: 0 = full resolution (only 0 for now) */
+    uint8_t level;     /* pyramid level: 0 = full resolution, l = pooled by 2^l */
     uint8_t mask;      /* attn_block_mask */
     uint16_t reserved; /* 0 */
 } attn_plan_entry;
@@ -171,7 +176,8 @@ ATTN_API attn_status attn_plan_create(attn_plan **out, int64_t n, int64_t m,
                                       const int64_t *row_offsets,
                                       const attn_plan_entry *entries);
 ATTN_API void attn_plan_free(attn_plan *plan); /* NULL is a no-op */
-/* Fraction of the N×M logits that the plan visits (0..1). */
+/* Fraction of the N×M logits that the plan computes (0..1); a pooled block
+ * counts 1/2^level of its logits. */
 ATTN_API double attn_plan_density(const attn_plan *plan);
 
 /* ---------------------------------------------------------------- params */

@@ -21,6 +21,9 @@ typedef struct bwd_bufs {
     float *lse2, *delta;     /* [gp][n] */
     float *row;              /* [max(d, dv)] */
     float *dkv;              /* [d + dv]: one row of dK and dV summed over parts */
+    /* a pooled (pyramid level > 0) block: its K rows, K^T, V^T, their
+     * gradients and the + log2(count) of each pooled key */
+    float *pk, *pkt, *pvt, *pdk, *pdv, *bonus;
 } bwd_bufs;
 
 static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
@@ -41,25 +44,28 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.delta = scratch_take(s, (size_t)(g * n));
     b.row = scratch_take(s, (size_t)(d > dv ? d : dv));
     b.dkv = scratch_take(s, (size_t)(d + dv));
+    b.pk = scratch_take(s, (size_t)(bk * d));
+    b.pkt = scratch_take(s, (size_t)(bk * d));
+    b.pvt = scratch_take(s, (size_t)(bk * dv));
+    b.pdk = scratch_take(s, (size_t)(bk * d));
+    b.pdv = scratch_take(s, (size_t)(bk * dv));
+    b.bonus = scratch_take(s, (size_t)bk);
     return b;
 }
 
-/* Whether query block [i0, i1) of plan head ph lists key block kb, and with
- * which mask. */
-static bool plan_lists(const attn_plan *pl, int64_t ph, int64_t qb, int64_t kb, bool *masked) {
+/* The entry of query block qb of plan head ph for key block kb, or NULL. */
+static const attn_plan_entry *plan_lists(const attn_plan *pl, int64_t ph, int64_t qb,
+                                         int64_t kb) {
     int64_t row = ph * pl->n_qblocks + qb;
     int64_t lo = pl->row_offsets[row], hi = pl->row_offsets[row + 1];
     while (lo < hi) { /* entries ascend by key block */
         int64_t mid = (lo + hi) / 2;
         int32_t kbm = pl->entries[mid].key_block;
-        if (kbm == kb) {
-            *masked = pl->entries[mid].mask == ATTN_BLOCK_PARAMS;
-            return true;
-        }
+        if (kbm == kb) return &pl->entries[mid];
         if (kbm < kb) lo = mid + 1;
         else hi = mid;
     }
-    return false;
+    return NULL;
 }
 
 typedef struct bwd_args {
@@ -74,17 +80,34 @@ typedef struct bwd_args {
 } bwd_args;
 
 /* One (query block, key block) pair: the five products of FA-2's backward. */
+static void kr_axpy(const bwd_args *a, int64_t n, float s, const float *x, float *y) {
+    a->ctx->kernels->axpy(n, s, x, y);
+}
+
+/* The keys of one block as the five products read them: K rows, K^T, V^T,
+ * the dK/dV accumulators, and for a pooled block the logit bonus of each key
+ * (in the units of S before the exp2 multiplier), else NULL. */
+typedef struct key_operands {
+    const float *k, *kt, *vt;
+    float *dk, *dv;
+    const float *bonus;
+    int64_t nk;
+} key_operands;
+
 static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
-                 int64_t i0, int64_t nq, int64_t j0, int64_t nk, bool masked) {
+                 int64_t i0, int64_t nq, int64_t j0, const key_operands *ko, bool masked) {
     const attn_kernels *kr = a->ctx->kernels;
     const attn_problem *p = a->p;
-    const int64_t d = p->d, dv = p->dv, bk = a->bk;
+    const int64_t d = p->d, dv = p->dv, bk = a->bk, nk = ko->nk;
     const float *lse2 = b->lse2 + gi * sq->n + i0, *delta = b->delta + gi * sq->n + i0;
 
     /* S = Q K^T, then P = 2^(S * scale * log2 e - lse2) */
-    kr->gemm(nq, nk, d, b->qbuf, d, 1, b->kt, bk, b->p, bk, 0, NULL);
+    kr->gemm(nq, nk, d, b->qbuf, d, 1, ko->kt, bk, b->p, bk, 0, NULL);
     if (p->softcap > 0.0f) /* capped logit, scaled; t kept for the derivative */
         kr->softcap(b->p, nq, nk, bk, p->scale / p->softcap, p->softcap, b->th, bk);
+    if (ko->bonus)
+        for (int64_t r = 0; r < nq; r++)
+            for (int64_t c = 0; c < nk; c++) b->p[r * bk + c] += ko->bonus[c];
     if (masked)
         for (int64_t r = 0; r < nq; r++) {
             int64_t lo, hi;
@@ -95,9 +118,9 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
     kr->exp2_rows(b->p, nq, nk, bk, p->softcap > 0.0f ? LOG2E : p->scale * LOG2E, lse2);
 
     /* dV += P^T dO */
-    kr->gemm(nk, dv, nq, b->p, 1, bk, b->dobuf, dv, b->dv, dv, 1, NULL);
+    kr->gemm(nk, dv, nq, b->p, 1, bk, b->dobuf, dv, ko->dv, dv, 1, NULL);
     /* dP = dO V^T; dS = P (dP - delta) scale */
-    kr->gemm(nq, nk, dv, b->dobuf, dv, 1, b->vt, bk, b->dp, bk, 0, NULL);
+    kr->gemm(nq, nk, dv, b->dobuf, dv, 1, ko->vt, bk, b->dp, bk, 0, NULL);
     if (p->softcap > 0.0f) {
         kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, 1.0f);
         for (int64_t r = 0; r < nq; r++)
@@ -109,8 +132,49 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
         kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, p->scale);
     }
     /* dK += dS^T Q; dQ += dS K */
-    kr->gemm(nk, d, nq, b->dp, 1, bk, b->qbuf, d, b->dk, d, 1, NULL);
-    kr->gemm(nq, d, nk, b->dp, bk, 1, b->kbuf, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
+    kr->gemm(nk, d, nq, b->dp, 1, bk, b->qbuf, d, ko->dk, d, 1, NULL);
+    kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
+}
+
+/* The key operands of block [j0, j0 + nk) at pyramid level `level` > 0: group
+ * means of the full-resolution rows already in b (kbuf, vt), zeroed gradient
+ * accumulators, and the + log2(count) bonus divided by the exp2 multiplier. */
+static key_operands pooled_operands(const bwd_args *a, const bwd_bufs *b, int64_t nk,
+                                    int level) {
+    const int64_t d = a->p->d, dv = a->p->dv, bk = a->bk, f = (int64_t)1 << level;
+    const int64_t ng = (nk + f - 1) / f;
+    const float mul = a->p->softcap > 0.0f ? LOG2E : a->p->scale * LOG2E;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t cnt = pool_count(nk, level, g);
+        const float inv = 1.0f / (float)cnt;
+        for (int64_t x = 0; x < d; x++) {
+            float s = 0.0f;
+            for (int64_t r = g * f; r < g * f + cnt; r++) s += b->kbuf[r * d + x];
+            b->pk[g * d + x] = s * inv;
+            b->pkt[x * bk + g] = s * inv;
+        }
+        for (int64_t x = 0; x < dv; x++) {
+            float s = 0.0f;
+            for (int64_t r = g * f; r < g * f + cnt; r++) s += b->vt[x * bk + r];
+            b->pvt[x * bk + g] = s * inv;
+        }
+        b->bonus[g] = log2f((float)cnt) / mul;
+    }
+    memset(b->pdk, 0, (size_t)(ng * d) * sizeof(float));
+    memset(b->pdv, 0, (size_t)(ng * dv) * sizeof(float));
+    key_operands ko = {b->pk, b->pkt, b->pvt, b->pdk, b->pdv, b->bonus, ng};
+    return ko;
+}
+
+/* A mean passes 1/count of its gradient to each member key. */
+static void unpool_gradients(const bwd_args *a, const bwd_bufs *b, int64_t nk, int level) {
+    const int64_t d = a->p->d, dv = a->p->dv, f = (int64_t)1 << level;
+    for (int64_t r = 0; r < nk; r++) {
+        const int64_t g = r / f;
+        const float inv = 1.0f / (float)pool_count(nk, level, g);
+        kr_axpy(a, d, inv, b->pdk + g * d, b->dk + r * d);
+        kr_axpy(a, dv, inv, b->pdv + g * dv, b->dv + r * dv);
+    }
 }
 
 /* Where task (bi, hk, part) keeps its partial dK/dV rows. */
@@ -164,9 +228,13 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             for (int64_t i0 = 0; i0 < n; i0 += bq) {
                 const int64_t nq = i0 + bq <= n ? bq : n - i0;
                 bool masked;
+                int level = 0;
                 if (p->plan) {
                     int64_t ph = attn_plan_head(p->plan, h, p->h, p->hk);
-                    if (!plan_lists(p->plan, ph, i0 / bq, kb, &masked)) continue;
+                    const attn_plan_entry *en = plan_lists(p->plan, ph, i0 / bq, kb);
+                    if (!en) continue;
+                    masked = en->mask == ATTN_BLOCK_PARAMS;
+                    level = en->level;
                 } else {
                     int64_t lo0, hi0, lo1, hi1;
                     attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
@@ -178,7 +246,14 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                                 a->q->stride[1], nq, d, b->qbuf, d);
                 rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
                                 a->dout->stride[1], nq, dv, b->dobuf, dv);
-                pair(a, b, &sq, gi - g0, i0, nq, j0, nk, masked);
+                if (level > 0) {
+                    key_operands ko = pooled_operands(a, b, nk, level);
+                    pair(a, b, &sq, gi - g0, i0, nq, j0, &ko, false);
+                    unpool_gradients(a, b, nk, level);
+                } else {
+                    key_operands ko = {b->kbuf, b->kt, b->vt, b->dk, b->dv, NULL, nk};
+                    pair(a, b, &sq, gi - g0, i0, nq, j0, &ko, masked);
+                }
             }
         }
         for (int64_t r = 0; r < nk; r++) {

@@ -115,8 +115,9 @@ static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t 
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
                         const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
-                        int64_t j1, bool masked) {
-    const int64_t d = p->d, dv = p->dv, nk = j1 - j0;
+                        int64_t j1, bool masked, int level) {
+    const int64_t d = p->d, dv = p->dv;
+    int64_t nk = j1 - j0;
     if (j1 < sq->m) { /* the next block, most likely visited next */
         int64_t n2 = j1 + nk <= sq->m ? nk : sq->m - j1;
         prefetch_rows(k, sq->tb, sq->k0 + j1, n2, hk, 0);
@@ -126,7 +127,13 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     int64_t lda, ldv;
     int64_t koff = attn_off4(k, sq->tb, sq->k0 + j0, hk, 0);
     int64_t voff = attn_off4(v, sq->tb, sq->k0 + j0, hk, 0);
-    if (k->dtype == ATTN_F32 && k->stride[3] == 1) {
+    const int64_t keys = nk; /* before pooling */
+    if (level > 0) { /* the block's pyramid level: group means, fewer keys */
+        rows_pool(kr, k, koff, k->stride[1], nk, level, d, b->kbuf, b->row);
+        rows_pool(kr, v, voff, v->stride[1], nk, level, dv, b->vbuf, b->row);
+        nk = (nk + ((int64_t)1 << level) - 1) >> level;
+        ka = b->kbuf, lda = d, vb = b->vbuf, ldv = dv;
+    } else if (k->dtype == ATTN_F32 && k->stride[3] == 1) {
         ka = (const float *)k->data + koff;
         lda = k->stride[1];
     } else {
@@ -134,7 +141,9 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
         ka = b->kbuf;
         lda = d;
     }
-    if (v->dtype == ATTN_F32 && v->stride[3] == 1) {
+    if (level > 0) {
+        /* pooled V is in place already */
+    } else if (v->dtype == ATTN_F32 && v->stride[3] == 1) {
         vb = (const float *)v->data + voff;
         ldv = v->stride[1];
     } else {
@@ -160,6 +169,11 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     kr->gemm(nk, nc, d, ka, lda, 1, b->qt + c0, bq, s, bq, 0, NULL);
     if (p->softcap > 0.0f) /* s = cap * tanh(s / cap), in log2 units */
         kr->softcap(s, nk, nc, bq, 1.0f / p->softcap, p->softcap * LOG2E, NULL, 0);
+    if (level > 0) /* a pooled key weighs as the keys it stands for: + log2(count) */
+        for (int64_t r = 0; r < nk; r++) {
+            float bonus = log2f((float)pool_count(keys, level, r));
+            for (int64_t c = 0; c < nc; c++) s[r * bq + c] += bonus;
+        }
     if (masked) mask_tile(p, sq, s, bq, i0 + c0, nc, j0, nk);
     kr->softmax_cols(s, nk, nc, bq, m, l, alpha);
     /* O[nc][dv] = diag(alpha) O + P[nc][nk] * V[nk][dv], P read from S^T */
@@ -197,7 +211,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
             int64_t j0 = (int64_t)en->key_block * bk;
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1,
-                        en->mask == ATTN_BLOCK_PARAMS);
+                        en->mask == ATTN_BLOCK_PARAMS, en->level);
         }
     } else if (sq.m > 0) {
         /* keys seen by the first query from the left, by the last from the right */
@@ -207,7 +221,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
         for (int64_t j0 = (lo / bk) * bk; j0 <= hi; j0 += bk) {
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool full = block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full, 0);
         }
     }
 

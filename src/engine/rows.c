@@ -41,6 +41,21 @@ void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
     for (int64_t r = 0; r < rows; r++) rows_load(kr, t, off + r * row_stride, n, dst + r * ldd);
 }
 
+void rows_pool(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t row_stride,
+               int64_t nk, int level, int64_t n, float *dst, float *tmp) {
+    const int64_t f = (int64_t)1 << level;
+    for (int64_t g = 0; g * f < nk; g++) {
+        float *out = dst + g * n;
+        const int64_t cnt = pool_count(nk, level, g);
+        for (int64_t x = 0; x < n; x++) out[x] = 0.0f;
+        for (int64_t r = g * f; r < g * f + cnt; r++) {
+            rows_load(kr, t, off + r * row_stride, n, tmp);
+            kr->axpy(n, 1.0f, tmp, out);
+        }
+        for (int64_t x = 0; x < n; x++) out[x] /= (float)cnt;
+    }
+}
+
 float *scratch_alloc(int threads, size_t floats, size_t *stride_out) {
     size_t stride = (floats + 15) & ~(size_t)15;
     if (stride == 0) stride = 16;

@@ -15,6 +15,17 @@ void rows_store(const attn_kernels *kr, attn_tensor *t, int64_t off, int64_t n,
 void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
                      int64_t row_stride, int64_t rows, int64_t n, float *dst, int64_t ldd);
 
+/* Pyramid pooling of a block of nk rows (row r at off + r * row_stride, n
+ * elements each): groups of 2^level consecutive rows (the last one may be
+ * shorter) become their means, written to dst [groups][n]; tmp holds n floats. */
+void rows_pool(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t row_stride,
+               int64_t nk, int level, int64_t n, float *dst, float *tmp);
+/* Rows in pooled group g of a block of nk rows. */
+static inline int64_t pool_count(int64_t nk, int level, int64_t g) {
+    int64_t f = (int64_t)1 << level, left = nk - g * f;
+    return left < f ? left : f;
+}
+
 /* Scratch of one thread: a single allocation carved into named parts. A
  * carve over a scratch with base NULL only counts, so that one function
  * gives both the size and the layout. */

@@ -40,15 +40,20 @@ attn_status attn_plan_create(attn_plan **out, int64_t n, int64_t m, int64_t bloc
                 return attn_err(ATTN_ERR_ARG,
                                 "entries[%lld].key_block must be strictly ascending within a query block",
                                 (long long)e);
-            if (en->level != 0)
-                return attn_err(ATTN_ERR_UNSUPPORTED,
-                                "entries[%lld].level is %d; only level 0 is supported yet",
-                                (long long)e, en->level);
             if (en->mask > ATTN_BLOCK_PARAMS)
                 return attn_err(ATTN_ERR_ARG, "entries[%lld].mask (%d) is not an attn_block_mask",
                                 (long long)e, en->mask);
+            if (en->level > 15 || ((int64_t)1 << en->level) > block_k)
+                return attn_err(ATTN_ERR_ARG,
+                                "entries[%lld].level is %d; 2^level must not exceed block_k (%lld)",
+                                (long long)e, en->level, (long long)block_k);
+            if (en->level > 0 && en->mask != ATTN_BLOCK_FULL)
+                return attn_err(ATTN_ERR_ARG,
+                                "entries[%lld]: a pooled entry (level > 0) takes mask ATTN_BLOCK_FULL",
+                                (long long)e);
             int64_t kcols = (en->key_block + 1) * block_k > m ? m - en->key_block * block_k : block_k;
-            visited += (double)qrows * (double)kcols;
+            int64_t f = (int64_t)1 << en->level; /* pooled keys do 1/f of the work */
+            visited += (double)qrows * (double)((kcols + f - 1) / f);
         }
     }
     attn_plan *p = calloc(1, sizeof *p);

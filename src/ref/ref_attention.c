@@ -11,7 +11,14 @@
  * passed in is not used, so the oracle does not inherit its f32 rounding);
  * Delta_i = sum_d dO_i[d] * O_i[d] is taken from the O passed in, as
  * FlashAttention does, so the result is the backward of the forward that
- * produced that O. */
+ * produced that O.
+ *
+ * Pyramid levels: a plan entry of level l stands for its key block pooled by
+ * 2^l: each group of up to 2^l consecutive keys (clipped to the block and the
+ * sequence) becomes one virtual key whose K and V are the group means and
+ * whose logit gets + ln(count), so that it weighs as the keys it replaces.
+ * A level-0 key is a group of one. Gradients reach each member key as the
+ * group's gradient / count. */
 #include "internal.h"
 
 #include <stdint.h>
@@ -54,34 +61,37 @@ static int64_t max_keys(const attn_problem *p) {
 
 /* ------------------------------------------------------------ visibility */
 
-/* Writes to idx the ascending keys (0-based within the sequence) that query
- * row i of query head hq sees; returns how many. idx holds >= s->m entries. */
+/* Writes the virtual keys (see the top of this file) that query row i of
+ * query head hq sees: group g covers keys idx[g] .. idx[g] + cnt[g] - 1 (0-based
+ * within the sequence). Returns the number of groups; idx and cnt hold >= s->m
+ * entries. */
 static int64_t visible_keys(const attn_problem *p, const attn_seq *s, int64_t hq,
-                            int64_t i, int64_t *idx) {
+                            int64_t i, int64_t *idx, int64_t *cnt) {
     int64_t lo, hi, c = 0;
     attn_visible_range(p, s->n, s->m, i, &lo, &hi);
     if (!p->plan) {
-        for (int64_t j = lo; j <= hi; j++) idx[c++] = j;
+        for (int64_t j = lo; j <= hi; j++) idx[c] = j, cnt[c++] = 1;
         return c;
     }
     const attn_plan *pl = p->plan;
     int64_t qb = i / pl->block_q;
     if (qb >= pl->n_qblocks) return 0;
     int64_t row = attn_plan_head(pl, hq, p->h, p->hk) * pl->n_qblocks + qb;
-    int64_t next = 0; /* keys below next are already listed (guards duplicates) */
     for (int64_t e = pl->row_offsets[row]; e < pl->row_offsets[row + 1]; e++) {
         const attn_plan_entry *en = &pl->entries[e];
-        if (en->level != 0) continue; /* only level 0 exists */
         int64_t a = (int64_t)en->key_block * pl->block_k;
         int64_t z = a + pl->block_k - 1;
         if (z > s->m - 1) z = s->m - 1;
+        if (en->level > 0) { /* pooled: mask is always FULL (attn_plan_create) */
+            int64_t f = (int64_t)1 << en->level;
+            for (int64_t j = a; j <= z; j += f) idx[c] = j, cnt[c++] = j + f - 1 <= z ? f : z - j + 1;
+            continue;
+        }
         if (en->mask == ATTN_BLOCK_PARAMS) {
             if (a < lo) a = lo;
             if (z > hi) z = hi;
         }
-        if (a < next) a = next;
-        for (int64_t j = a; j <= z; j++) idx[c++] = j;
-        if (z + 1 > next) next = z + 1;
+        for (int64_t j = a; j <= z; j++) idx[c] = j, cnt[c++] = 1;
     }
     return c;
 }
@@ -94,7 +104,8 @@ typedef struct ref_scratch {
     double *kd, *vd;   /* [mmax, d], [mmax, dv] */
     double *qd, *dod;  /* [d], [dv] */
     double *s, *t;     /* [mmax]: logits, tanh(raw / softcap) */
-    int64_t *idx;      /* [mmax] */
+    double *km, *vm;   /* [d], [dv]: the current group's mean K and V */
+    int64_t *idx, *cnt; /* [mmax]: first key and size of each visible group */
 } ref_scratch;
 
 static void scratch_free(ref_scratch *w) {
@@ -104,7 +115,10 @@ static void scratch_free(ref_scratch *w) {
     free(w->dod);
     free(w->s);
     free(w->t);
+    free(w->km);
+    free(w->vm);
     free(w->idx);
+    free(w->cnt);
 }
 
 static attn_status scratch_alloc(ref_scratch *w, const attn_problem *p, const char *op) {
@@ -120,8 +134,12 @@ static attn_status scratch_alloc(ref_scratch *w, const attn_problem *p, const ch
     w->dod = dalloc(ndv);
     w->s = dalloc(nm);
     w->t = dalloc(nm);
+    w->km = dalloc(nd);
+    w->vm = dalloc(ndv);
     w->idx = calloc(nm ? nm : 1, sizeof(int64_t));
-    if (!w->kd || !w->vd || !w->qd || !w->dod || !w->s || !w->t || !w->idx) {
+    w->cnt = calloc(nm ? nm : 1, sizeof(int64_t));
+    if (!w->kd || !w->vd || !w->qd || !w->dod || !w->s || !w->t || !w->km || !w->vm ||
+        !w->idx || !w->cnt) {
         scratch_free(w);
         return attn_err(ATTN_ERR_NOMEM, "%s (reference): out of memory for scratch", op);
     }
@@ -139,21 +157,31 @@ static void load_kv(const attn_problem *p, const attn_seq *s, int64_t g,
     }
 }
 
-/* Logits of query w->qd against the n keys listed in w->idx, into w->s (and
- * tanh values into w->t under softcap); returns the row maximum. NaN logits
- * are skipped by the max and propagate through exp() later. */
+/* The mean of rows first .. first + count - 1 of x ([*, n]) into out. */
+static void group_mean(const double *x, int64_t n, int64_t first, int64_t count, double *out) {
+    for (int64_t c = 0; c < n; c++) out[c] = 0.0;
+    for (int64_t j = first; j < first + count; j++)
+        for (int64_t c = 0; c < n; c++) out[c] += x[j * n + c];
+    for (int64_t c = 0; c < n; c++) out[c] /= (double)count;
+}
+
+/* Logits of query w->qd against the n groups listed in w->idx/w->cnt, into
+ * w->s (and tanh values into w->t under softcap); a group of c keys adds ln c
+ * after the cap. Returns the row maximum. NaN logits are skipped by the max
+ * and propagate through exp() later. */
 static double logits(const attn_problem *p, int64_t n, ref_scratch *w) {
     double mx = -INFINITY;
     for (int64_t c = 0; c < n; c++) {
-        const double *kr = w->kd + w->idx[c] * p->d;
+        group_mean(w->kd, p->d, w->idx[c], w->cnt[c], w->km);
         double dot = 0.0;
-        for (int64_t x = 0; x < p->d; x++) dot += w->qd[x] * kr[x];
+        for (int64_t x = 0; x < p->d; x++) dot += w->qd[x] * w->km[x];
         double sc = (double)p->scale * dot;
         if (p->softcap > 0.0f) {
             double th = tanh(sc / (double)p->softcap);
             w->t[c] = th;
             sc = (double)p->softcap * th;
         }
+        sc += log((double)w->cnt[c]);
         w->s[c] = sc;
         if (sc > mx) mx = sc;
     }
@@ -219,7 +247,7 @@ attn_status ref_forward(const attn_problem *p, const attn_tensor *q, const attn_
             load_kv(p, &s, g, k, v, &w);
             for (int64_t hq = g * group; hq < (g + 1) * group; hq++) {
                 for (int64_t i = 0; i < s.n; i++) {
-                    int64_t nvis = visible_keys(p, &s, hq, i, w.idx);
+                    int64_t nvis = visible_keys(p, &s, hq, i, w.idx, w.cnt);
                     if (nvis == 0) continue; /* O = 0, LSE = -inf */
                     load_row(q, &s, i, hq, p->d, w.qd);
                     double mx = logits(p, nvis, &w);
@@ -228,8 +256,8 @@ attn_status ref_forward(const attn_problem *p, const attn_tensor *q, const attn_
                     for (int64_t c = 0; c < nvis; c++) {
                         double e = exp(w.s[c] - mx);
                         sum += e;
-                        const double *vr = w.vd + w.idx[c] * p->dv;
-                        for (int64_t x = 0; x < p->dv; x++) orow[x] += e * vr[x];
+                        group_mean(w.vd, p->dv, w.idx[c], w.cnt[c], w.vm);
+                        for (int64_t x = 0; x < p->dv; x++) orow[x] += e * w.vm[x];
                     }
                     for (int64_t x = 0; x < p->dv; x++) orow[x] /= sum;
                     if (lb) lb[idx3(lse, s.tb, hq, s.q0 + i)] = mx + log(sum);
@@ -282,7 +310,7 @@ attn_status ref_backward(const attn_problem *p, const attn_tensor *q, const attn
             load_kv(p, &s, g, k, v, &w);
             for (int64_t hq = g * group; hq < (g + 1) * group; hq++) {
                 for (int64_t i = 0; i < s.n; i++) {
-                    int64_t nvis = visible_keys(p, &s, hq, i, w.idx);
+                    int64_t nvis = visible_keys(p, &s, hq, i, w.idx, w.cnt);
                     if (nvis == 0) continue; /* P = 0: no gradient flows */
                     load_row(q, &s, i, hq, p->d, w.qd);
                     load_row(dout, &s, i, hq, p->dv, w.dod);
@@ -297,24 +325,25 @@ attn_status ref_backward(const attn_problem *p, const attn_tensor *q, const attn
                     for (int64_t x = 0; x < p->dv; x++) delta += w.dod[x] * od[x];
                     for (int64_t c = 0; c < nvis; c++) {
                         pr[c] /= sum;
-                        const double *vr = w.vd + w.idx[c] * p->dv;
+                        group_mean(w.vd, p->dv, w.idx[c], w.cnt[c], w.vm);
                         double dp = 0.0;
-                        for (int64_t x = 0; x < p->dv; x++) dp += w.dod[x] * vr[x];
+                        for (int64_t x = 0; x < p->dv; x++) dp += w.dod[x] * w.vm[x];
                         double d = pr[c] * (dp - delta);
                         if (p->softcap > 0.0f) d *= 1.0 - w.t[c] * w.t[c];
                         ds[c] = d * scale; /* d loss / d (q . k) */
                     }
                     double *dqrow = dqb + idx4(dq, s.tb, s.q0 + i, hq, 0);
                     for (int64_t c = 0; c < nvis; c++) {
-                        int64_t j = w.idx[c];
-                        const double *kr = w.kd + j * p->d;
-                        double *dkrow = dkb + idx4(dk, s.tb, s.k0 + j, g, 0);
-                        double *dvrow = dvb + idx4(dv, s.tb, s.k0 + j, g, 0);
-                        for (int64_t x = 0; x < p->d; x++) {
-                            dqrow[x] += ds[c] * kr[x];
-                            dkrow[x] += ds[c] * w.qd[x];
+                        group_mean(w.kd, p->d, w.idx[c], w.cnt[c], w.km);
+                        for (int64_t x = 0; x < p->d; x++) dqrow[x] += ds[c] * w.km[x];
+                        /* a mean passes 1/count of its gradient to each member */
+                        double share = 1.0 / (double)w.cnt[c];
+                        for (int64_t j = w.idx[c]; j < w.idx[c] + w.cnt[c]; j++) {
+                            double *dkrow = dkb + idx4(dk, s.tb, s.k0 + j, g, 0);
+                            double *dvrow = dvb + idx4(dv, s.tb, s.k0 + j, g, 0);
+                            for (int64_t x = 0; x < p->d; x++) dkrow[x] += share * ds[c] * w.qd[x];
+                            for (int64_t x = 0; x < p->dv; x++) dvrow[x] += share * pr[c] * w.dod[x];
                         }
-                        for (int64_t x = 0; x < p->dv; x++) dvrow[x] += pr[c] * w.dod[x];
                     }
                 }
             }
