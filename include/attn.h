@@ -180,6 +180,55 @@ ATTN_API void attn_plan_free(attn_plan *plan); /* NULL is a no-op */
  * counts 1/2^level of its logits. */
 ATTN_API double attn_plan_density(const attn_plan *plan);
 
+/* ---------------------------------------------------------------- planners
+ * Planners turn a rule or the inputs into a plan; they never compute
+ * attention. Every listed block takes mask ATTN_BLOCK_PARAMS at level 0, so
+ * the call's causal/window rule still applies inside it. */
+
+/* From a block mask: mask uint8 [heads][ceil(n/block_q)][ceil(m/block_k)],
+ * nonzero = visit the block. */
+ATTN_API attn_status attn_plan_from_block_mask(attn_plan **out, int64_t n, int64_t m,
+                                               int64_t block_q, int64_t block_k,
+                                               int64_t heads, const uint8_t *mask);
+
+/* Static patterns at block granularity (heads = 1): a band of `local` key
+ * blocks ending at the query block's diagonal (bottom-right aligned), plus
+ * every `stride`-th key block before it (dilated/strided; stride 0: none),
+ * plus the key blocks of the first `global` tokens, which the query blocks
+ * holding those tokens see in full (global tokens; 0: none). */
+ATTN_API attn_status attn_plan_static(attn_plan **out, int64_t n, int64_t m, int64_t block_q,
+                                      int64_t block_k, int64_t local, int64_t stride,
+                                      int64_t global);
+
+/* Dynamic block selection from mean-pooled Q and K blocks (Video-BLADE,
+ * AdaSpa): per query head and query block, the block scores
+ * s = scale * mean(q_blk) . mean(k_blk) + ln(keys in block) give an estimated
+ * probability mass per key block; keep the `top_k` best key blocks (top_k > 0)
+ * or the fewest whose mass reaches `mass` (0 < mass <= 1, top_k = 0). The
+ * diagonal block and the first block are always kept when keep_diagonal /
+ * keep_first. q [B, N, H, D], k [B, M, Hk, D] (batch 0 is used: plans are per
+ * head, shared across the batch); the plan has H heads. */
+typedef struct attn_select_opts {
+    int64_t block_q, block_k;
+    int64_t top_k;
+    float mass;
+    int32_t keep_diagonal, keep_first;
+    int32_t causal;      /* only blocks with some visible key (bottom-right) */
+} attn_select_opts;
+
+ATTN_API attn_status attn_plan_select(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
+                                      const attn_tensor *k, const attn_select_opts *opt);
+
+/* Pyramid Sparse Attention level assignment: key blocks ranked by the same
+ * pooled scores; the best fraction quota[0] of each query block's key blocks
+ * at level 0, the next quota[1] at level 1, ..., up to `levels` quotas;
+ * the rest skipped. The diagonal block stays at level 0 when keep_diagonal.
+ * A level-l block costs 1/2^l of a full one: attn_plan_density tells the
+ * budget spent. */
+ATTN_API attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
+                                   const attn_tensor *k, const attn_select_opts *opt,
+                                   int32_t levels, const float *quota);
+
 /* ---------------------------------------------------------------- params */
 
 typedef struct attn_params {

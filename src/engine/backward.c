@@ -233,8 +233,14 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                     int64_t ph = attn_plan_head(p->plan, h, p->h, p->hk);
                     const attn_plan_entry *en = plan_lists(p->plan, ph, i0 / bq, kb);
                     if (!en) continue;
-                    masked = en->mask == ATTN_BLOCK_PARAMS;
                     level = en->level;
+                    masked = false;
+                    if (en->mask == ATTN_BLOCK_PARAMS) { /* a rule cuts through the block? */
+                        int64_t lo0, hi0, lo1, hi1;
+                        attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
+                        attn_visible_range(p, n, sq.m, i0 + nq - 1, &lo1, &hi1);
+                        masked = !(lo1 <= j0 && j0 + nk - 1 <= hi0);
+                    }
                 } else {
                     int64_t lo0, hi0, lo1, hi1;
                     attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);

@@ -210,8 +210,9 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
             const attn_plan_entry *en = &pl->entries[e];
             int64_t j0 = (int64_t)en->key_block * bk;
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1,
-                        en->mask == ATTN_BLOCK_PARAMS, en->level);
+            bool masked = en->mask == ATTN_BLOCK_PARAMS &&
+                          !block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, masked, en->level);
         }
     } else if (sq.m > 0) {
         /* keys seen by the first query from the left, by the last from the right */
