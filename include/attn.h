@@ -298,6 +298,77 @@ ATTN_API attn_status attn_lse_merge(attn_ctx *ctx, const attn_tensor *o1,
                                     const attn_tensor *lse2, attn_tensor *o,
                                     attn_tensor *lse);
 
+/* ---------------------------------------------------------------- linear-time attention */
+
+/* The chunked-recurrence engine. Per sequence and query head h, a state
+ * S (D x Dv, f32) runs through the tokens t = 0 .. T-1:
+ *     S_t = G_t ⊙ S_{t-1} + k_tᵀ v_t,        o_t = scale · q_t S_t   (causal)
+ * with S_{-1} = state_in (zeros when NULL); state_out = S_{T-1}.
+ * Non-causal: every o_t = scale · q_t S_{T-1} (gates must be NONE).
+ * G_t multiplies the rows of S; it is given in log space, g = log G (<= 0
+ * in normal use, -inf cuts the history; g > 0 grows the state and may overflow):
+ *   NONE        G = 1                                   g: NULL
+ *   HEAD        one decay per head (Lightning-2)        g: [H]
+ *   HEAD_TOKEN  scalar per head and token (Mamba-2/SSD) g: [B, T, H]
+ *   KEY         per key dim and token (GLA)             g: [B, T, H, D]
+ * Chunked: inside a chunk a masked tile product whose decay weights are
+ * products of gates (never differences of cumulated logs, so no
+ * cancellation), between chunks the state. K/V heads Hk divide H (GQA:
+ * query head h reads kv head h / (H / Hk)); the state and the gates are per
+ * query head. Results are bitwise identical for any thread count.
+ * Shapes: q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv]
+ * (f32 | f16 | bf16); state [B, H, D, Dv] f32. Varlen (cu_seqlens set):
+ * q/k/v/o/g are [1, total, ...] and state [batch, H, D, Dv]. */
+
+typedef enum attn_gate {
+    ATTN_GATE_NONE = 0,
+    ATTN_GATE_HEAD = 1,
+    ATTN_GATE_HEAD_TOKEN = 2,
+    ATTN_GATE_KEY = 3
+} attn_gate;
+
+typedef struct attn_linear_params {
+    float scale;        /* multiplies q; 0 means 1/sqrt(D) */
+    int32_t causal;     /* 1 (default) or 0 */
+    attn_gate gate;
+    int32_t chunk;      /* tokens per chunk; 0: the engine's choice (1..1024) */
+    int64_t batch;              /* number of sequences (varlen only) */
+    const int32_t *cu_seqlens;  /* int32 [batch + 1], non-decreasing, from 0, or NULL */
+} attn_linear_params;
+
+/* scale 0 (1/sqrt(D)), causal, no gate, chunk 0, no varlen. */
+ATTN_API attn_linear_params attn_linear_params_default(void);
+
+/* Forward. g: the log gate (shape by p->gate, f32 | f16 | bf16), NULL for
+ * NONE; state_in, state_out: [B, H, D, Dv] f32, each may be NULL. */
+ATTN_API attn_status attn_linear_forward(attn_ctx *ctx, const attn_linear_params *p,
+                                         const attn_tensor *q, const attn_tensor *k,
+                                         const attn_tensor *v, const attn_tensor *g,
+                                         const attn_tensor *state_in, attn_tensor *o,
+                                         attn_tensor *state_out);
+
+/* Backward of attn_linear_forward with the same params and inputs.
+ *   dout [B, T, H, Dv]; dstate_out [B, H, D, Dv] f32 or NULL (zero): the
+ *     gradient reaching state_out;
+ *   dq, dk, dv: like q, k, v (dk, dv summed over the heads of a GQA group);
+ *   dg: like g (NULL allowed; HEAD: summed over batch and tokens);
+ *   dstate_in: like state_in, or NULL. */
+ATTN_API attn_status attn_linear_backward(attn_ctx *ctx, const attn_linear_params *p,
+                                          const attn_tensor *q, const attn_tensor *k,
+                                          const attn_tensor *v, const attn_tensor *g,
+                                          const attn_tensor *state_in, const attn_tensor *dout,
+                                          const attn_tensor *dstate_out, attn_tensor *dq,
+                                          attn_tensor *dk, attn_tensor *dv, attn_tensor *dg,
+                                          attn_tensor *dstate_in);
+
+/* Decode: the recurrence itself, token by token, on T >= 1 new tokens per
+ * sequence (causal; no varlen; p->chunk unused). state [B, H, D, Dv] f32 is
+ * read and updated in place (the one argument that is input and output). */
+ATTN_API attn_status attn_linear_decode(attn_ctx *ctx, const attn_linear_params *p,
+                                        const attn_tensor *q, const attn_tensor *k,
+                                        const attn_tensor *v, const attn_tensor *g,
+                                        attn_tensor *state, attn_tensor *o);
+
 /* ---------------------------------------------------------------- capability */
 
 typedef enum attn_op {

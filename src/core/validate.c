@@ -112,8 +112,8 @@ attn_status attn_check_output(const char *name, const attn_tensor *out,
     return ATTN_OK;
 }
 
-static attn_status check_cu(const char *name, const int32_t *cu, int64_t batch,
-                            int64_t total) {
+attn_status attn_check_cu(const char *name, const int32_t *cu, int64_t batch,
+                          int64_t total) {
     if (cu[0] != 0) return attn_err(ATTN_ERR_ARG, "%s[0] is %d; it must be 0", name, cu[0]);
     for (int64_t b = 0; b < batch; b++)
         if (cu[b + 1] < cu[b])
@@ -180,8 +180,8 @@ attn_status attn_check_params(const attn_params *p, const attn_tensor *q,
             return attn_err(ATTN_ERR_ARG, "params->batch must be >= 1 with cu_seqlens");
         if (q->shape[0] != 1)
             return attn_err(ATTN_ERR_SHAPE, "with cu_seqlens, q->shape[0] must be 1 (packed rows)");
-        attn_status st = check_cu("params->cu_seqlens_q", p->cu_seqlens_q, p->batch, q->shape[1]);
-        if (st == ATTN_OK) st = check_cu("params->cu_seqlens_k", p->cu_seqlens_k, p->batch, k->shape[1]);
+        attn_status st = attn_check_cu("params->cu_seqlens_q", p->cu_seqlens_q, p->batch, q->shape[1]);
+        if (st == ATTN_OK) st = attn_check_cu("params->cu_seqlens_k", p->cu_seqlens_k, p->batch, k->shape[1]);
         if (st != ATTN_OK) return st;
         out->batch = p->batch;
         out->cu_q = p->cu_seqlens_q;

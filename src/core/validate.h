@@ -21,6 +21,9 @@ attn_status attn_check_output(const char *name, const attn_tensor *out,
                               const attn_tensor *const *others, const char *const *names,
                               int n_others);
 
+/* cu (int32 [batch + 1]) starts at 0, never decreases and ends at total. */
+attn_status attn_check_cu(const char *name, const int32_t *cu, int64_t batch, int64_t total);
+
 /* Resolve params against q/k shapes into a problem (dense or varlen). */
 attn_status attn_check_params(const attn_params *p, const attn_tensor *q,
                               const attn_tensor *k, const attn_tensor *v,

@@ -1,0 +1,172 @@
+/* One chunk of the chunked-recurrence engine (see chunk.h). */
+#include "chunk.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p) {
+    lin_chunk c;
+    const int64_t C = p->chunk, d = p->d, dv = p->dv;
+    const int64_t dg = p->gate == ATTN_GATE_KEY ? d : 1;
+    c.c = C;
+    c.d = d;
+    c.dv = dv;
+    c.dg = dg;
+    c.q = scratch_take(s, (size_t)(C * d));
+    c.k = scratch_take(s, (size_t)(C * d));
+    c.kt = scratch_take(s, (size_t)(d * C));
+    c.v = scratch_take(s, (size_t)(C * dv));
+    c.a = scratch_take(s, (size_t)(C * dg));
+    c.b = (double *)scratch_take(s, (size_t)(2 * C * dg)); /* parts are 64-byte aligned */
+    c.pp = scratch_take(s, (size_t)(C * dg));
+    c.rr = scratch_take(s, (size_t)(C * dg));
+    c.plast = scratch_take(s, (size_t)d);
+    c.wt = scratch_take(s, (size_t)(C * C));
+    c.zero = scratch_take(s, (size_t)C);
+    c.sc = scratch_take(s, (size_t)(C * C));
+    c.qp = scratch_take(s, (size_t)(C * d));
+    c.kr = scratch_take(s, (size_t)(C * d));
+    c.w = scratch_take(s, (size_t)d);
+    return c;
+}
+
+/* Products that decay below the smallest normal float are flushed to 0: no
+ * denormal arithmetic, and the value they stand for is 0 in f32 anyway. */
+static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
+
+/* Log gates below this are e^g = 0 in f32 and in the products; clamping
+ * keeps differences of cumulated logs finite when g = -inf. */
+#define GATE_FLOOR (-1e4)
+#define LOG2E 1.4426950408889634f
+
+void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
+                    int64_t h, int64_t r0, int64_t n, const attn_tensor *q,
+                    const attn_tensor *k, const attn_tensor *v, const attn_tensor *g,
+                    lin_chunk *c) {
+    const int64_t d = p->d, dv = p->dv, dg = c->dg, C = c->c;
+    const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r0;
+    rows_load_block(kr, q, attn_off4(q, sq->tb, row, h, 0), q->stride[1], n, d, c->q, d);
+    rows_load_block(kr, k, attn_off4(k, sq->tb, row, hk, 0), k->stride[1], n, d, c->k, d);
+    rows_load_block(kr, v, attn_off4(v, sq->tb, row, hk, 0), v->stride[1], n, dv, c->v, dv);
+    for (int64_t x = 0; x < n * d; x++) c->q[x] *= p->scale;
+    if (dg == 1)
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->k[i * d + x];
+
+    /* log gates into b (double), clamped at GATE_FLOOR */
+    double *b = c->b;
+    switch (p->gate) {
+    case ATTN_GATE_NONE:
+        for (int64_t i = 0; i < n; i++) b[i] = 0.0;
+        break;
+    case ATTN_GATE_HEAD: {
+        double gh = attn_load_f64(g, h * g->stride[0]);
+        for (int64_t i = 0; i < n; i++) b[i] = gh;
+        break;
+    }
+    case ATTN_GATE_HEAD_TOKEN:
+        for (int64_t i = 0; i < n; i++) b[i] = attn_load_f64(g, attn_off3(g, sq->tb, row + i, h));
+        break;
+    case ATTN_GATE_KEY:
+        rows_load_block(kr, g, attn_off4(g, sq->tb, row, h, 0), g->stride[1], n, d, c->a, d);
+        for (int64_t x = 0; x < n * d; x++) b[x] = c->a[x];
+        break;
+    }
+    for (int64_t i = 0; i < n; i++) c->zero[i] = 0.0f;
+    for (int64_t x = 0; x < n * dg; x++) {
+        if (!(b[x] >= GATE_FLOOR)) b[x] = b[x] != b[x] ? b[x] : GATE_FLOOR; /* NaN stays */
+        c->a[x] = (float)b[x];
+    }
+    if (dg > 1) kr->exp2_rows(c->a, n, dg, dg, LOG2E, c->zero); /* a = e^g */
+    for (int64_t i = 1; i < n; i++) /* cumulate */
+        for (int64_t x = 0; x < dg; x++) b[i * dg + x] += b[(i - 1) * dg + x];
+    const double *blast = b + (n - 1) * dg;
+    for (int64_t x = 0; x < n * dg; x++) {
+        c->pp[x] = (float)b[x];
+        c->rr[x] = (float)(blast[x % dg] - b[x]);
+    }
+    kr->exp2_rows(c->pp, n, dg, dg, LOG2E, c->zero);
+    kr->exp2_rows(c->rr, n, dg, dg, LOG2E, c->zero);
+    if (dg == 1 && p->gate != ATTN_GATE_NONE) { /* W_ij = e^{b_i - b_j}, 0 above the diagonal */
+        for (int64_t i = 0; i < n; i++) {
+            float *wi = c->wt + i * C;
+            for (int64_t j = 0; j <= i; j++) wi[j] = (float)(b[i] - b[j]);
+            for (int64_t j = i + 1; j < n; j++) wi[j] = -INFINITY;
+        }
+        kr->exp2_rows(c->wt, n, n, C, LOG2E, c->zero);
+    }
+    for (int64_t x = 0; x < d; x++) c->plast[x] = c->pp[(n - 1) * dg + (dg == 1 ? 0 : x)];
+
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t x = 0; x < d; x++) {
+            int64_t gx = i * dg + (dg == 1 ? 0 : x);
+            c->qp[i * d + x] = c->q[i * d + x] * c->pp[gx];
+            c->kr[i * d + x] = c->k[i * d + x] * c->rr[gx];
+        }
+}
+
+void lin_chunk_decay_tile(const lin_problem *p, int64_t n, const lin_chunk *c, float *m,
+                          int64_t ldm) {
+    for (int64_t i = 0; i < n; i++) {
+        float *mi = m + i * ldm;
+        for (int64_t j = i + 1; j < n; j++) mi[j] = 0.0f;
+        if (p->gate == ATTN_GATE_NONE) continue;
+        const float *wi = c->wt + i * c->c;
+        for (int64_t j = 0; j < i; j++) mi[j] *= wi[j];
+    }
+}
+
+void lin_chunk_scores(const attn_kernels *kr, const lin_problem *p, int64_t n, lin_chunk *c) {
+    const int64_t d = p->d, C = c->c;
+    if (c->dg == 1) { /* A = (Q Kᵀ) ⊙ W */
+        kr->gemm(n, n, d, c->q, d, 1, c->kt, C, c->sc, C, 0, NULL);
+        lin_chunk_decay_tile(p, n, c, c->sc, C);
+        return;
+    }
+    /* per key dim: for each j, w = k_j ⊙ W_ij walks i up from j */
+    float *w = c->w;
+    for (int64_t j = 0; j < n; j++) {
+        memcpy(w, c->k + j * d, (size_t)d * sizeof(float));
+        for (int64_t i = 0; i < j; i++) c->sc[i * C + j] = 0.0f;
+        for (int64_t i = j; i < n; i++) {
+            const float *qi = c->q + i * d, *ai = c->a + i * d;
+            if (i > j)
+                for (int64_t x = 0; x < d; x++) w[x] = flush(w[x] * ai[x]);
+            float acc = 0.0f;
+            for (int64_t x = 0; x < d; x++) acc += qi[x] * w[x];
+            c->sc[i * C + j] = acc;
+        }
+    }
+}
+
+void lin_chunk_key_score_grads(const lin_problem *p, int64_t n, lin_chunk *c,
+                               const float *dA, int64_t ldm, float *dq, float *dk) {
+    const int64_t d = p->d;
+    float *w = c->w;
+    /* dq_i += sum_{j<=i} dA_ij (k_j ⊙ W_ij): w walks i up from j */
+    for (int64_t j = 0; j < n; j++) {
+        memcpy(w, c->k + j * d, (size_t)d * sizeof(float));
+        for (int64_t i = j; i < n; i++) {
+            const float *ai = c->a + i * d;
+            if (i > j)
+                for (int64_t x = 0; x < d; x++) w[x] = flush(w[x] * ai[x]);
+            const float s = dA[i * ldm + j];
+            float *dqi = dq + i * d;
+            for (int64_t x = 0; x < d; x++) dqi[x] += s * w[x];
+        }
+    }
+    /* dk_j += sum_{i>=j} dA_ij (q_i ⊙ W_ij): w walks j down from i */
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(w, c->q + i * d, (size_t)d * sizeof(float));
+        for (int64_t j = i; j >= 0; j--) {
+            if (j < i) {
+                const float *aj = c->a + (j + 1) * d;
+                for (int64_t x = 0; x < d; x++) w[x] = flush(w[x] * aj[x]);
+            }
+            const float s = dA[i * ldm + j];
+            float *dkj = dk + j * d;
+            for (int64_t x = 0; x < d; x++) dkj[x] += s * w[x];
+        }
+    }
+}

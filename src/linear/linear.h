@@ -1,0 +1,95 @@
+/* The chunked-recurrence engine (linear-time attention): the validated
+ * problem shared by the API edge, the reference and the engine, and the
+ * engine's entry points. See attn.h, "linear-time attention". */
+#ifndef ATTN_LINEAR_H
+#define ATTN_LINEAR_H
+
+#include "context.h"
+
+/* A validated linear-attention problem. Kernels trust it. */
+typedef struct lin_problem {
+    int64_t batch;          /* sequences */
+    int64_t t;              /* tokens per sequence (dense) or tensor rows (varlen) */
+    int64_t h, hk, d, dv;
+    float scale;            /* resolved: never 0 */
+    int causal;
+    attn_gate gate;
+    int64_t chunk;          /* resolved: >= 1 */
+    const int32_t *cu;      /* varlen offsets, or NULL */
+} lin_problem;
+
+/* Tokens per chunk when the caller leaves it to the engine. The intra-chunk
+ * work per token grows with the chunk (C*D for the scores), the state work
+ * (4*D*Dv per chunk over C tokens) shrinks with it. Chosen by measurement
+ * (docs/BENCHMARKS.md, "linear-time attention"). */
+static inline int64_t lin_default_chunk(int64_t d, int64_t dv, attn_gate gate) {
+    (void)d;
+    (void)dv;
+    return gate == ATTN_GATE_KEY ? 32 : 64;
+}
+
+/* Where sequence b lives: index along dim 0 of q/k/v/o/g, first row along
+ * dim 1, token count; its state is state[b]. */
+typedef struct lin_seq {
+    int64_t tb, t0, n;
+} lin_seq;
+
+static inline lin_seq lin_problem_seq(const lin_problem *p, int64_t b) {
+    lin_seq s;
+    if (p->cu) {
+        s.tb = 0;
+        s.t0 = p->cu[b];
+        s.n = p->cu[b + 1] - p->cu[b];
+    } else {
+        s.tb = b;
+        s.t0 = 0;
+        s.n = p->t;
+    }
+    return s;
+}
+
+/* The log gate of (row t of tensor index tb, query head h, key dim x), any
+ * dtype (slow path: reference, tests, small loads). */
+static inline double lin_gate_at(const lin_problem *p, const attn_tensor *g, int64_t tb,
+                                 int64_t t, int64_t h, int64_t x) {
+    switch (p->gate) {
+    case ATTN_GATE_HEAD: return attn_load_f64(g, h * g->stride[0]);
+    case ATTN_GATE_HEAD_TOKEN: return attn_load_f64(g, attn_off3(g, tb, t, h));
+    case ATTN_GATE_KEY: return attn_load_f64(g, attn_off4(g, tb, t, h, x));
+    default: return 0.0;
+    }
+}
+
+/* Reference (src/ref/ref_linear*.c): double precision, the recurrence token
+ * by token. Computes into its own buffers, writes outputs only on success;
+ * so state_in may be the same tensor as state_out (decode). */
+attn_status ref_linear_forward(const lin_problem *p, const attn_tensor *q,
+                               const attn_tensor *k, const attn_tensor *v,
+                               const attn_tensor *g, const attn_tensor *state_in,
+                               attn_tensor *o, attn_tensor *state_out);
+attn_status ref_linear_backward(const lin_problem *p, const attn_tensor *q,
+                                const attn_tensor *k, const attn_tensor *v,
+                                const attn_tensor *g, const attn_tensor *state_in,
+                                const attn_tensor *dout, const attn_tensor *dstate_out,
+                                attn_tensor *dq, attn_tensor *dk, attn_tensor *dv,
+                                attn_tensor *dg, attn_tensor *dstate_in);
+
+/* The CPU engine (src/linear/). */
+attn_status linear_engine_forward(const attn_ctx *ctx, const lin_problem *p,
+                                  const attn_tensor *q, const attn_tensor *k,
+                                  const attn_tensor *v, const attn_tensor *g,
+                                  const attn_tensor *state_in, attn_tensor *o,
+                                  attn_tensor *state_out);
+attn_status linear_engine_backward(const attn_ctx *ctx, const lin_problem *p,
+                                   const attn_tensor *q, const attn_tensor *k,
+                                   const attn_tensor *v, const attn_tensor *g,
+                                   const attn_tensor *state_in, const attn_tensor *dout,
+                                   const attn_tensor *dstate_out, attn_tensor *dq,
+                                   attn_tensor *dk, attn_tensor *dv, attn_tensor *dg,
+                                   attn_tensor *dstate_in);
+attn_status linear_engine_decode(const attn_ctx *ctx, const lin_problem *p,
+                                 const attn_tensor *q, const attn_tensor *k,
+                                 const attn_tensor *v, const attn_tensor *g,
+                                 attn_tensor *state, attn_tensor *o);
+
+#endif
