@@ -1,0 +1,34 @@
+"""libattn: efficient attention on the CPU, from numpy and PyTorch.
+
+    import numpy as np, libattn
+    q = np.random.randn(1, 128, 8, 64).astype(np.float32)   # [B, N, H, D]
+    o = libattn.attention(q, q, q, causal=True)             # [B, N, H, D]
+
+Ops (numpy arrays or PyTorch CPU tensors in, the same kind out, no copies,
+the GIL released during compute): attention, attention_backward, decode,
+lse_merge; Plan for block-sparse plans; Context for threads/backend/ISA.
+PyTorch autograd and torch.compile: libattn.torch.attention (imported on
+demand, so numpy users never import torch). Errors raise AttnError with the C
+library's message.
+"""
+
+from ._lib import AttnError, AttnMemoryError, Context, default_context, isa_detected, version
+from ._lib import library_path
+from ._ops import attention, attention_backward, decode, lse_merge
+from .plan import BLOCK_FULL, BLOCK_PARAMS, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnError", "AttnMemoryError", "Context", "Plan", "BLOCK_FULL", "BLOCK_PARAMS",
+    "attention", "attention_backward", "decode", "lse_merge", "default_context",
+    "isa_detected", "version", "library_path",
+]
+
+
+def __getattr__(name):
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'libattn' has no attribute {name!r}")

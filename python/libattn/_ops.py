@@ -1,0 +1,356 @@
+"""The ops on numpy arrays and PyTorch CPU tensors (no autograd here).
+
+Inputs are passed to C as strided views of their own memory: no copy, unless
+the layout cannot be expressed in element strides (a numpy array with a
+negative stride or a stride that is not a multiple of its item size); such an
+input is copied to a contiguous array first. Outputs are new contiguous
+arrays/tensors of the same kind as q. ctypes releases the GIL for the whole C
+call. f64 inputs run on the reference backend (the tiled engine takes f32,
+f16 and bf16).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numpy as np
+
+from . import _lib
+from ._lib import F16, F32, F64, BF16, PARAMS, TENSOR, AttnError
+
+_NP_DTYPES = {np.dtype(np.float32): F32, np.dtype(np.float16): F16, np.dtype(np.float64): F64}
+try:  # bfloat16 numpy arrays, where ml_dtypes is installed
+    import ml_dtypes  # type: ignore
+
+    _NP_DTYPES[np.dtype(ml_dtypes.bfloat16)] = BF16
+except ImportError:  # pragma: no cover
+    pass
+
+_torch = None
+_TORCH_DTYPES: dict = {}
+_TORCH_OF: dict = {}
+_addressof = ctypes.addressof
+_ndarray = np.ndarray
+_np_empty = np.empty
+_attn_forward = _lib.attn_forward
+_c_char = ctypes.c_char
+
+
+def _torch_mod():
+    """torch, if it has been imported by anyone (never imported here)."""
+    global _torch, _TORCH_DTYPES
+    if _torch is None:
+        t = sys.modules.get("torch")
+        if t is not None and hasattr(t, "Tensor"):
+            _torch = t
+            _TORCH_DTYPES = {t.float32: F32, t.float16: F16, t.bfloat16: BF16, t.float64: F64}
+            _TORCH_OF.update({v: k for k, v in _TORCH_DTYPES.items()})
+    return _torch
+
+
+def _np_ptr(x) -> int:
+    """Address of a numpy array's first element (from_buffer is ~3x cheaper
+    than __array_interface__, but needs a writable buffer)."""
+    try:
+        return _addressof(_c_char.from_buffer(x))
+    except (TypeError, ValueError, BufferError):
+        return x.__array_interface__["data"][0]
+
+
+def _view(x, name: str, ndims=(4,)):
+    """(packed attn_tensor bytes, owner object, shape, dtype code, is_torch)."""
+    if type(x) is np.ndarray:
+        dt = _NP_DTYPES.get(x.dtype)
+        shape = x.shape
+        if dt is not None and len(shape) == 4 and 4 in ndims:
+            it = x.itemsize
+            s0, s1, s2, s3 = x.strides
+            if s0 >= 0 and s1 >= 0 and s2 >= 0 and s3 >= 0 and not (s0 % it or s1 % it or
+                                                                     s2 % it or s3 % it):
+                return (TENSOR.pack(_np_ptr(x), dt, 4, *shape, s0 // it, s1 // it, s2 // it,
+                                    s3 // it), x, shape, dt, False)
+        return _view_slow(x, name, ndims)
+    t = _torch_mod()
+    if t is not None and isinstance(x, t.Tensor):
+        dt = _TORCH_DTYPES.get(x.dtype)
+        if dt is None:
+            raise TypeError(f"{name}: dtype {x.dtype} is not supported "
+                            "(float32, float16, bfloat16, float64)")
+        if not x.is_cpu:
+            raise ValueError(f"{name}: tensor is on {x.device}; libattn runs on the CPU")
+        shape = tuple(x.shape)
+        nd = len(shape)
+        if nd not in ndims:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, ndims))} dims, got shape {shape}")
+        if nd == 4:
+            return TENSOR.pack(x.data_ptr(), dt, 4, *shape, *x.stride()), x, shape, dt, True
+        pad = (0,) * (4 - nd)
+        return TENSOR.pack(x.data_ptr(), dt, nd, *shape, *pad, *x.stride(), *pad), x, shape, dt, True
+    return _view_slow(x, name, ndims)
+
+
+def _view_slow(x, name, ndims):
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+    dt = _NP_DTYPES.get(x.dtype)
+    if dt is None:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (float32, float16, float64)")
+    shape = x.shape
+    nd = len(shape)
+    if nd not in ndims:
+        raise ValueError(f"{name}: expected {' or '.join(map(str, ndims))} dims, got shape {shape}")
+    item = x.itemsize
+    bstrides = x.strides
+    if any(s < 0 or s % item for s in bstrides):
+        x = np.ascontiguousarray(x)  # layout not expressible in element strides
+        bstrides = x.strides
+    pad = (0,) * (4 - nd)
+    return (TENSOR.pack(_np_ptr(x), dt, nd, *shape, *pad, *(s // item for s in bstrides), *pad),
+            x, shape, dt, False)
+
+
+_NP_OF = {F32: np.float32, F16: np.float16, F64: np.float64}
+
+
+def _empty(like_torch: bool, shape, dt: int):
+    """A new contiguous output and its packed attn_tensor."""
+    if like_torch:
+        y = _torch.empty(shape, dtype=_TORCH_OF[dt])
+        ptr = y.data_ptr()
+    else:
+        y = np.empty(shape, dtype=_NP_OF[dt] if dt != BF16 else ml_dtypes.bfloat16)  # noqa: F821
+        ptr = _addressof(_c_char.from_buffer(y))
+    if len(shape) == 4:
+        d1, d2, d3 = shape[1], shape[2], shape[3]
+        return y, TENSOR.pack(ptr, dt, 4, *shape, d1 * d2 * d3, d2 * d3, d3, 1)
+    d1, d2 = shape[1], shape[2]
+    return y, TENSOR.pack(ptr, dt, 3, *shape, 0, d1 * d2, d2, 1, 0)
+
+
+def _int32_array(x, name):
+    if x is None:
+        return None
+    t = _torch_mod()
+    if t is not None and isinstance(x, t.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.ascontiguousarray(x, dtype=np.int32)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-d array of int32, got shape {a.shape}")
+    return a
+
+
+_params_cache: dict = {}
+
+
+def _params(scale, softcap, causal, window, cu_q=None, cu_k=None, plan=None):
+    if window is None:
+        wl, wr = -1, -1
+    else:
+        try:
+            wl, wr = window
+        except (TypeError, ValueError):
+            raise ValueError(f"window must be a pair (left, right), -1 = unbounded; got {window!r}")
+    sc = 0.0 if scale is None else float(scale)
+    if cu_q is None and cu_k is None and plan is None:
+        key = (sc, softcap, causal, wl, wr)
+        p = _params_cache.get(key)
+        if p is None:
+            if len(_params_cache) > 256:
+                _params_cache.clear()
+            p = PARAMS.pack(sc, float(softcap), 1 if causal else 0, int(wl), int(wr), 0, 0, 0, 0)
+            _params_cache[key] = p
+        return p
+    batch = 0
+    pq = pk = 0
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        if len(cu_q) != len(cu_k) or len(cu_q) < 1:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length batch + 1 >= 1")
+        batch = len(cu_q) - 1
+        pq = cu_q.ctypes.data
+        pk = cu_k.ctypes.data
+    pp = plan.ptr if plan is not None else 0
+    return PARAMS.pack(sc, float(softcap), 1 if causal else 0, int(wl), int(wr), batch, pq, pk, pp)
+
+
+def _ctx_for(ctx, dt):
+    if ctx is not None:
+        return ctx.ptr
+    return _lib.default_context(dt == F64).ptr
+
+
+def _squeeze_result(y, was3):
+    return y[0] if was3 else y
+
+
+def _np_fast3(q, k, v):
+    """Packed views of three 4-d numpy arrays of one supported dtype with
+    expressible strides (the common case, kept to a few hundred ns), or None."""
+    if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
+        return None
+    dq = q.dtype
+    dt = _NP_DTYPES.get(dq)
+    if dt is None or k.dtype is not v.dtype:
+        return None
+    out = []
+    for x in (q, k, v):
+        sh = x.shape
+        if len(sh) != 4:
+            return None
+        it = x.itemsize
+        s0, s1, s2, s3 = x.strides
+        if s0 < 0 or s1 < 0 or s2 < 0 or s3 < 0 or s0 % it or s1 % it or s2 % it or s3 % it:
+            return None
+        try:
+            ptr = _addressof(_c_char.from_buffer(x))
+        except (TypeError, ValueError, BufferError):
+            ptr = x.__array_interface__["data"][0]
+        out.append(TENSOR.pack(ptr, dt if x is q else _NP_DTYPES.get(x.dtype, -1), 4, *sh,
+                               s0 // it, s1 // it, s2 // it, s3 // it))
+    return out, dt
+
+
+def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
+              cu_seqlens_q=None, cu_seqlens_k=None, plan=None, return_lse=False, ctx=None):
+    """Exact softmax attention, forward.
+
+    q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv] (Hk divides H; k, v
+    share a dtype) -> o [B, N, H, Dv] in q's dtype, and with return_lse=True
+    also lse [B, H, N] float32 (natural-log row log-sum-exp).
+    3-d inputs [N, H, D] mean B = 1 and give 3-d outputs ([N, H, Dv], [H, N]).
+    numpy arrays or PyTorch CPU tensors (the result has q's kind); any
+    strides, no copy. causal: key j visible to query i iff j <= i + M - N;
+    window (left, right): i + M - N - left <= j <= i + M - N + right, -1 =
+    unbounded; scale: logit scale (default 1/sqrt(D)); softcap > 0: logits s
+    become softcap * tanh(s / softcap). Varlen: cu_seqlens_q/k int32 [batch+1]
+    with q [1, total_q, H, D] packed (lse [1, H, total_q]). plan: a Plan.
+    Raises AttnError with the C library's message on bad input.
+    """
+    if cu_seqlens_q is None and cu_seqlens_k is None and plan is None:
+        fast = _np_fast3(q, k, v)
+        if fast is not None:  # numpy fast path
+            (pq, pk, pv), dt = fast
+            sq = q.shape
+            n1, n2, dv = sq[1], sq[2], v.shape[3]
+            o = _np_empty((sq[0], n1, n2, dv), _NP_OF[dt] if dt != BF16 else q.dtype)
+            po = TENSOR.pack(_addressof(_c_char.from_buffer(o)), dt, 4, sq[0], n1, n2, dv,
+                             n1 * n2 * dv, n2 * dv, dv, 1)
+            key = (scale, softcap, causal, window)
+            params = _params_cache.get(key)
+            if params is None:
+                params = _params(scale, softcap, causal, window)
+                _params_cache[key] = params
+            if return_lse:
+                lse, pl = _empty(False, (sq[0], n2, n1), F32)
+            else:
+                lse = pl = None
+            st = _attn_forward(_lib.default_context(dt == F64).ptr if ctx is None else ctx.ptr,
+                               params, pq, pk, pv, po, pl)
+            if st:
+                _lib.raise_status(st)
+            return (o, lse) if return_lse else o
+    was3 = getattr(q, "ndim", 4) == 3
+    if was3:
+        q, k, v = q[None], k[None], v[None]
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k, "k")
+    pv, ov, sv, dv, _ = _view(v, "v")
+    o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    cu_q = _int32_array(cu_seqlens_q, "cu_seqlens_q")
+    cu_k = _int32_array(cu_seqlens_k, "cu_seqlens_k")
+    params = _params(scale, softcap, causal, window, cu_q, cu_k, plan)
+    if return_lse:
+        lse, pl = _empty(tq, (sq[0], sq[2], sq[1]), F32)
+    else:
+        lse, pl = None, None
+    st = _lib.attn_forward(_ctx_for(ctx, dq), params, pq, pk, pv, po, pl)
+    if st:
+        _lib.raise_status(st)
+    if return_lse:
+        return _squeeze_result(o, was3), _squeeze_result(lse, was3)
+    return _squeeze_result(o, was3)
+
+
+def attention_backward(q, k, v, o, lse, dout, *, causal=False, scale=None, softcap=0.0,
+                       window=None, cu_seqlens_q=None, cu_seqlens_k=None, plan=None, ctx=None):
+    """Backward of attention() with the same arguments.
+
+    q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv], o and dout
+    [B, N, H, Dv], lse [B, H, N] float32 from attention(return_lse=True)
+    -> (dq [B, N, H, D], dk [B, M, Hk, D], dv [B, M, Hk, Dv]) in the dtypes
+    of q, k and v. 3-d inputs as in attention().
+    """
+    was3 = getattr(q, "ndim", 4) == 3
+    if was3:
+        q, k, v, o, dout, lse = q[None], k[None], v[None], o[None], dout[None], lse[None]
+    pq, oq, sq, dq_, tq = _view(q, "q")
+    pk, ok, sk, dk_, _ = _view(k, "k")
+    pv, ov, sv, dv_, _ = _view(v, "v")
+    po, oo, _, _, _ = _view(o, "o")
+    pl, ol, _, _, _ = _view(lse, "lse", (3,))
+    pd, od, _, _, _ = _view(dout, "dout")
+    gq, pgq = _empty(tq, sq, dq_)
+    gk, pgk = _empty(tq, sk, dk_)
+    gv, pgv = _empty(tq, sv, dv_)
+    cu_q = _int32_array(cu_seqlens_q, "cu_seqlens_q")
+    cu_k = _int32_array(cu_seqlens_k, "cu_seqlens_k")
+    params = _params(scale, softcap, causal, window, cu_q, cu_k, plan)
+    st = _lib.attn_backward(_ctx_for(ctx, dq_), params, pq, pk, pv, po, pl, pd, pgq, pgk, pgv)
+    if st:
+        _lib.raise_status(st)
+    return (_squeeze_result(gq, was3), _squeeze_result(gk, was3), _squeeze_result(gv, was3))
+
+
+def decode(q, k_cache, v_cache, cache_lens=None, *, causal=False, scale=None, softcap=0.0,
+           window=None, return_lse=False, ctx=None):
+    """KV-cache decode: 1..16 new queries per sequence against a long cache.
+
+    q [B, Nq, H, D] (Nq <= 16), k_cache [B, Mcap, Hk, D], v_cache
+    [B, Mcap, Hk, Dv]; cache_lens int32 [B] (keys 0..cache_lens[b]-1 are live;
+    None = all Mcap). The new queries are the last Nq positions of the live
+    cache. -> o [B, Nq, H, Dv] (and lse [B, H, Nq] float32).
+    """
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k_cache, "k_cache")
+    pv, ov, sv, dv, _ = _view(v_cache, "v_cache")
+    o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    lens = _int32_array(cache_lens, "cache_lens")
+    if lens is not None and len(lens) != sq[0]:
+        raise ValueError(f"cache_lens: expected {sq[0]} entries (one per sequence), got {len(lens)}")
+    params = _params(scale, softcap, causal, window)
+    if return_lse:
+        lse, pl = _empty(tq, (sq[0], sq[2], sq[1]), F32)
+    else:
+        lse, pl = None, None
+    st = _lib.attn_decode(_ctx_for(ctx, dq), params, pq, pk, pv,
+                          None if lens is None else lens.ctypes.data, po, pl)
+    if st:
+        _lib.raise_status(st)
+    return (o, lse) if return_lse else o
+
+
+def lse_merge(o1, lse1, o2, lse2, *, ctx=None):
+    """Merge two partial attentions over disjoint key sets.
+
+    o1, o2 [B, N, H, Dv]; lse1, lse2 [B, H, N] float32 -> (o [B, N, H, Dv],
+    lse [B, H, N]): the attention over the union of the two key sets. A side
+    with lse = -inf contributes nothing.
+    """
+    p1, a1, s1, d1, t1 = _view(o1, "o1")
+    pl1, b1, _, _, _ = _view(lse1, "lse1", (3,))
+    p2, a2, _, _, _ = _view(o2, "o2")
+    pl2, b2, sl, _, _ = _view(lse2, "lse2", (3,))
+    o, po = _empty(t1, s1, d1)
+    lse, pl = _empty(t1, tuple(sl), F32)
+    st = _lib.attn_lse_merge(_ctx_for(ctx, d1), p1, pl1, p2, pl2, po, pl)
+    if st:
+        _lib.raise_status(st)
+    return o, lse
+
+
+__all__ = ["attention", "attention_backward", "decode", "lse_merge", "AttnError"]

@@ -1,0 +1,134 @@
+"""PyTorch integration: autograd and torch.compile.
+
+    import torch, libattn.torch as lat
+    q = torch.randn(1, 128, 8, 64, requires_grad=True)     # [B, N, H, D]
+    o = lat.attention(q, q, q, causal=True)                 # [B, N, H, D]
+    o.sum().backward()                                      # C backward
+
+Two custom ops are registered with torch.library: libattn::attention_fwd
+(q, k, v, ...) -> (o [B, N, H, Dv], lse [B, H, N] f32) and
+libattn::attention_bwd (q, k, v, o, lse, dout, ...) -> (dq, dk, dv), each
+with a fake (meta) implementation, so they trace under torch.compile; the
+forward op has its autograd registered (register_autograd) to the backward
+op. `attention` applies a torch.autograd.Function over the two ops (in
+eager mode) or the forward op itself (under torch.compile). Tensors must
+be on the CPU; float64 runs on the reference backend (for gradcheck). LSE
+is not differentiable (its gradient is ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops
+
+Tensor = torch.Tensor
+
+_LIB = "libattn"
+
+
+@torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float,
+                  causal: bool, window_left: int, window_right: int) -> Tuple[Tensor, Tensor]:
+    """q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv] -> (o [B, N, H, Dv], lse [B, H, N])."""
+    return _ops.attention(q, k, v, causal=causal, scale=scale or None, softcap=softcap,
+                          window=(window_left, window_right), return_lse=True)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scale, softcap, causal, window_left, window_right):
+    B, N, H, _ = q.shape
+    o = q.new_empty((B, N, H, v.shape[3]))
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
+    return o, lse
+
+
+@torch.library.custom_op(f"{_LIB}::attention_bwd", mutates_args=())
+def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dout: Tensor,
+                  scale: float, softcap: float, causal: bool, window_left: int,
+                  window_right: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attention_fwd, shaped like q, k, v."""
+    return _ops.attention_backward(q, k, v, o, lse, dout, causal=causal, scale=scale or None,
+                                   softcap=softcap, window=(window_left, window_right))
+
+
+@attention_bwd.register_fake
+def _(q, k, v, o, lse, dout, scale, softcap, causal, window_left, window_right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, softcap, causal, wl, wr = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.args = (scale, softcap, causal, wl, wr)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(q, k, v, o, lse, do.contiguous(), *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """torch.autograd.Function: forward libattn::attention_fwd, backward
+    libattn::attention_bwd (the C backward, which recomputes P from LSE)."""
+
+    @staticmethod
+    def forward(q, k, v, scale, softcap, causal, window_left, window_right):
+        return attention_fwd(q, k, v, scale, softcap, causal, window_left, window_right)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _backward(ctx, do, dlse)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+              scale: Optional[float] = None, softcap: float = 0.0,
+              window: Optional[Tuple[int, int]] = None, return_lse: bool = False):
+    """Differentiable exact attention (autograd through the C backward).
+
+    q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv] (3-d [N, H, D] means
+    B = 1) -> o [B, N, H, Dv] (and lse [B, H, N] float32, not
+    differentiable). Arguments as libattn.attention. Works under
+    torch.compile (the ops are torch.library custom ops).
+    """
+    was3 = q.dim() == 3
+    if was3:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    wl, wr = (-1, -1) if window is None else window
+    args = (q, k, v, float(scale or 0.0), float(softcap), bool(causal), int(wl), int(wr))
+    if torch.compiler.is_compiling():
+        # Dynamo traces the custom op (autograd registered) rather than the
+        # Function, which it refuses when one tensor is passed twice.
+        o, lse = attention_fwd(*args)
+    else:
+        o, lse = AttentionFunction.apply(*args)
+    if was3:
+        o, lse = o.squeeze(0), lse.squeeze(0)
+    return (o, lse) if return_lse else o
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention on the
+    CPU, layout [B, H, N, D] (a transposed view is passed to libattn, no
+    copy). attn_mask and dropout are not supported (ValueError)."""
+    if attn_mask is not None or dropout_p:
+        raise ValueError("libattn.torch.sdpa: attn_mask and dropout are not supported")
+    o = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                  causal=is_causal, scale=scale)
+    return o.transpose(1, 2)
+
+
+__all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction", "sdpa"]
