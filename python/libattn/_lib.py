@@ -198,3 +198,17 @@ def version() -> str:
 
 def isa_detected() -> str:
     return attn_isa_name(attn_isa_detected()).decode()
+
+# ---------------------------------------------------------------- linear-time attention
+# (present when the library has the chunked-recurrence engine)
+
+# attn_linear_params: float scale; int32 causal; attn_gate gate; int32 chunk;
+# int64 batch; const int32 *cu_seqlens
+LINEAR_PARAMS = struct.Struct("@fiiiqP")
+GATES = {"none": 0, "head": 1, "head_token": 2, "key": 3}
+HAS_LINEAR = hasattr(lib, "attn_linear_forward")
+if HAS_LINEAR:
+    attn_linear_forward = _sig("attn_linear_forward", _I, _P, _P, _P, _P, _P, _P, _P, _P, _P)
+    attn_linear_backward = _sig("attn_linear_backward", _I, _P, _P, _P, _P, _P, _P, _P, _P,
+                                _P, _P, _P, _P, _P, _P)
+    attn_linear_decode = _sig("attn_linear_decode", _I, _P, _P, _P, _P, _P, _P, _P, _P)

@@ -354,3 +354,51 @@ def lse_merge(o1, lse1, o2, lse2, *, ctx=None):
 
 
 __all__ = ["attention", "attention_backward", "decode", "lse_merge", "AttnError"]
+
+
+def linear_attention(q, k, v, g=None, *, gate="none", causal=True, scale=None, chunk=0,
+                     state_in=None, return_state=False, cu_seqlens=None, ctx=None):
+    """Linear-time attention (the chunked-recurrence engine), forward.
+
+    Per sequence and query head a state S [D, Dv] runs through the tokens:
+    S_t = G_t * S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t (causal); non-causal:
+    o_t = scale * q_t S_{T-1} (gate must be "none"). No feature map and no
+    normalisation are applied (see libattn.mechanisms for a softmax-free
+    mechanism built on it).
+    q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv] -> o [B, T, H, Dv]
+    (and with return_state=True the final state [B, H, D, Dv] float32).
+    g: the log gate, by gate: "none" (g None), "head" [H], "head_token"
+    [B, T, H], "key" [B, T, H, D]. state_in [B, H, D, Dv] float32 or None.
+    Varlen: cu_seqlens int32 [batch + 1], q/k/v [1, total, ...].
+    """
+    if not _lib.HAS_LINEAR:
+        raise NotImplementedError("this libattn build has no linear-time attention")
+    if gate not in _lib.GATES:
+        raise ValueError(f"gate must be one of {sorted(_lib.GATES)}, got {gate!r}")
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k, "k")
+    pv, ov, sv, dv, _ = _view(v, "v")
+    pg = og = None
+    if g is not None:
+        pg, og, _, _, _ = _view(g, "g", (1, 3, 4))
+    psi = osi = None
+    if state_in is not None:
+        psi, osi, _, _, _ = _view(state_in, "state_in")
+    o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    cu = _int32_array(cu_seqlens, "cu_seqlens")
+    nseq = sq[0] if cu is None else len(cu) - 1
+    if return_state:
+        state, pso = _empty(tq, (nseq, sq[2], sq[3], sv[3]), F32)
+    else:
+        state, pso = None, None
+    params = _lib.LINEAR_PARAMS.pack(0.0 if scale is None else float(scale), 1 if causal else 0,
+                                     _lib.GATES[gate], int(chunk),
+                                     0 if cu is None else len(cu) - 1,
+                                     0 if cu is None else cu.ctypes.data)
+    st = _lib.attn_linear_forward(_ctx_for(ctx, dq), params, pq, pk, pv, pg, psi, po, pso)
+    if st:
+        _lib.raise_status(st)
+    return (o, state) if return_state else o
+
+
+__all__.append("linear_attention")

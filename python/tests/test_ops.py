@@ -301,3 +301,43 @@ def test_sdpa_dropin():
     q = torch.randn(2, 4, 33, 16, generator=g)  # [B, H, N, D]
     assert rel_rms(lat.sdpa(q, q, q, is_causal=True),
                    F.scaled_dot_product_attention(q, q, q, is_causal=True)) < 1e-5
+
+
+def naive_linear(q, k, v, logg=None, causal=True, scale=None):
+    """S_t = exp(g_t) * S_{t-1} + k_t^T v_t, o_t = scale q_t S_t (per head; GQA)."""
+    B, T, H, D = q.shape
+    hk = k.shape[2]
+    k = k.repeat_interleave(H // hk, 2)
+    v = v.repeat_interleave(H // hk, 2)
+    scale = D ** -0.5 if scale is None else scale
+    S = torch.zeros(B, H, D, v.shape[3], dtype=torch.float64)
+    out = []
+    for t in range(T):
+        if logg is not None:
+            S = S * torch.exp(logg[:, t])[..., None, None].double()
+        S = S + torch.einsum("bhd,bhe->bhde", k[:, t].double(), v[:, t].double())
+        out.append(torch.einsum("bhd,bhde->bhe", q[:, t].double(), S) * scale)
+    o = torch.stack(out, 1)
+    if not causal:
+        o = torch.einsum("bthd,bhde->bthe", q.double(), S) * scale
+    return o
+
+
+@pytest.mark.skipif(not libattn._lib.HAS_LINEAR, reason="no linear engine in this build")
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_vs_naive(causal):
+    g = torch.Generator().manual_seed(14)
+    B, T, H, Hk, D, Dv = 2, 70, 4, 2, 16, 8
+    q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, Hk, D, generator=g)
+    v = torch.randn(B, T, Hk, Dv, generator=g)
+    o, state = libattn.linear_attention(q, k, v, causal=causal, return_state=True)
+    assert rel_rms(o, naive_linear(q, k, v, causal=causal)) < 1e-5
+    assert state.shape == (B, H, D, Dv)
+    if causal:
+        logg = -torch.rand(B, T, H, generator=g)
+        o = libattn.linear_attention(q, k, v, logg, gate="head_token")
+        assert rel_rms(o, naive_linear(q, k, v, logg)) < 1e-5
+        on = libattn.linear_attention(q.numpy(), k.numpy(), v.numpy())
+        assert isinstance(on, np.ndarray)
+    with pytest.raises(libattn.AttnError, match="gate"):
+        libattn.linear_attention(q, k, v, -torch.rand(B, T, H), gate="head_token", causal=False)
