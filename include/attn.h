@@ -369,6 +369,25 @@ ATTN_API attn_status attn_linear_decode(attn_ctx *ctx, const attn_linear_params 
                                         const attn_tensor *v, const attn_tensor *g,
                                         attn_tensor *state, attn_tensor *o);
 
+/* The state algebra. A span of tokens maps the state entering it to the
+ * state leaving it by an affine map, state_out = diag(decay) state_in + u,
+ * with decay the product of the span's gates per key dim. Maps compose
+ * (what makes a scan over sequence slices, ZeCO's All-Scan, possible).
+ *   attn_linear_span_map: the map of k, v, g (causal; shapes as in
+ *     attn_linear_forward, varlen allowed): decay [B, H, D] f32, u [B, H, D, Dv] f32.
+ *   attn_linear_state_compose: first (decay1, u1), then (decay2, u2):
+ *     decay = decay2 ⊙ decay1, u = diag(decay2) u1 + u2. decay1 NULL treats
+ *     u1 as a state (decay_out must then be NULL): u = diag(decay2) u1 + u2
+ *     is the state after the second span. decay_out may be NULL. */
+ATTN_API attn_status attn_linear_span_map(attn_ctx *ctx, const attn_linear_params *p,
+                                          const attn_tensor *k, const attn_tensor *v,
+                                          const attn_tensor *g, attn_tensor *decay,
+                                          attn_tensor *u);
+ATTN_API attn_status attn_linear_state_compose(attn_ctx *ctx, const attn_tensor *decay1,
+                                               const attn_tensor *u1, const attn_tensor *decay2,
+                                               const attn_tensor *u2, attn_tensor *decay_out,
+                                               attn_tensor *u_out);
+
 /* ---------------------------------------------------------------- capability */
 
 typedef enum attn_op {

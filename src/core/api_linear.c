@@ -20,11 +20,9 @@ attn_linear_params attn_linear_params_default(void) {
 
 static bool is_ref(const attn_ctx *ctx) { return ctx->backend == ATTN_BACKEND_REF; }
 
-/* params, q, k, v into a problem. */
-static attn_status check_problem(const attn_ctx *ctx, const attn_linear_params *p,
-                                 const attn_tensor *q, const attn_tensor *k,
-                                 const attn_tensor *v, lin_problem *out) {
-    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+/* params and the sizes into a problem (B, T: dims 0 and 1 of the tensors). */
+static attn_status resolve(const attn_linear_params *p, int64_t B, int64_t T, int64_t H,
+                           int64_t Hk, int64_t D, int64_t Dv, lin_problem *out) {
     if (!(p->scale >= 0.0f) || !isfinite(p->scale))
         return attn_err(ATTN_ERR_ARG, "params->scale must be finite and >= 0 (0 = 1/sqrt(D))");
     if (p->causal != 0 && p->causal != 1)
@@ -37,47 +35,64 @@ static attn_status check_problem(const attn_ctx *ctx, const attn_linear_params *
     if (p->chunk < 0 || p->chunk > 1024)
         return attn_err(ATTN_ERR_ARG, "params->chunk is %d; it must be 0 (auto) or 1..1024",
                         (int)p->chunk);
-    bool ref = is_ref(ctx), varlen = p->cu_seqlens != NULL;
-    CHECK(attn_check_tensor("q", q, 4, ref, varlen));
-    CHECK(attn_check_tensor("k", k, 4, ref, varlen));
-    CHECK(attn_check_tensor("v", v, 4, ref, varlen));
-    if (k->shape[0] != q->shape[0] || v->shape[0] != q->shape[0])
-        return attn_err(ATTN_ERR_SHAPE, "q, k and v must have the same batch size (dim 0)");
-    if (k->shape[1] != q->shape[1] || v->shape[1] != q->shape[1])
+    if (H % Hk != 0)
         return attn_err(ATTN_ERR_SHAPE,
-                        "q, k and v must have the same length (dim 1): %lld, %lld, %lld",
-                        (long long)q->shape[1], (long long)k->shape[1], (long long)v->shape[1]);
-    if (v->shape[2] != k->shape[2])
-        return attn_err(ATTN_ERR_SHAPE, "v->shape[2] (%lld) must equal k->shape[2] (%lld)",
-                        (long long)v->shape[2], (long long)k->shape[2]);
-    if (q->shape[3] != k->shape[3])
-        return attn_err(ATTN_ERR_SHAPE, "q->shape[3] (%lld) must equal k->shape[3] (%lld)",
-                        (long long)q->shape[3], (long long)k->shape[3]);
-    if (q->shape[2] % k->shape[2] != 0)
-        return attn_err(ATTN_ERR_SHAPE,
-                        "kv heads (k->shape[2] = %lld) must divide query heads (q->shape[2] = %lld)",
-                        (long long)k->shape[2], (long long)q->shape[2]);
+                        "kv heads (k->shape[2] = %lld) must divide query heads (%lld)",
+                        (long long)Hk, (long long)H);
     memset(out, 0, sizeof *out);
-    out->batch = q->shape[0];
-    out->t = q->shape[1];
-    out->h = q->shape[2];
-    out->hk = k->shape[2];
-    out->d = q->shape[3];
-    out->dv = v->shape[3];
-    out->scale = p->scale > 0.0f ? p->scale : 1.0f / sqrtf((float)out->d);
+    out->batch = B;
+    out->t = T;
+    out->h = H;
+    out->hk = Hk;
+    out->d = D;
+    out->dv = Dv;
+    out->scale = p->scale > 0.0f ? p->scale : 1.0f / sqrtf((float)D);
     out->causal = p->causal;
     out->gate = p->gate;
-    out->chunk = p->chunk > 0 ? p->chunk : lin_default_chunk(out->d, out->dv, p->gate);
-    if (varlen) {
+    out->chunk = p->chunk > 0 ? p->chunk : lin_default_chunk(D, Dv, p->gate);
+    if (p->cu_seqlens) {
         if (p->batch < 1)
             return attn_err(ATTN_ERR_ARG, "params->batch must be >= 1 with cu_seqlens");
-        if (q->shape[0] != 1)
-            return attn_err(ATTN_ERR_SHAPE, "with cu_seqlens, q->shape[0] must be 1 (packed rows)");
-        CHECK(attn_check_cu("params->cu_seqlens", p->cu_seqlens, p->batch, q->shape[1]));
+        if (B != 1)
+            return attn_err(ATTN_ERR_SHAPE, "with cu_seqlens, dim 0 of q, k, v must be 1 (packed rows)");
+        CHECK(attn_check_cu("params->cu_seqlens", p->cu_seqlens, p->batch, T));
         out->batch = p->batch;
         out->cu = p->cu_seqlens;
     }
     return ATTN_OK;
+}
+
+/* k and v agree with each other. */
+static attn_status check_kv(const attn_ctx *ctx, const attn_linear_params *p,
+                            const attn_tensor *k, const attn_tensor *v) {
+    bool ref = is_ref(ctx), varlen = p->cu_seqlens != NULL;
+    CHECK(attn_check_tensor("k", k, 4, ref, varlen));
+    CHECK(attn_check_tensor("v", v, 4, ref, varlen));
+    if (v->shape[0] != k->shape[0] || v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2])
+        return attn_err(ATTN_ERR_SHAPE,
+                        "v->shape[0..2] (%lld, %lld, %lld) must equal k's (%lld, %lld, %lld)",
+                        (long long)v->shape[0], (long long)v->shape[1], (long long)v->shape[2],
+                        (long long)k->shape[0], (long long)k->shape[1], (long long)k->shape[2]);
+    return ATTN_OK;
+}
+
+/* params, q, k, v into a problem. */
+static attn_status check_problem(const attn_ctx *ctx, const attn_linear_params *p,
+                                 const attn_tensor *q, const attn_tensor *k,
+                                 const attn_tensor *v, lin_problem *out) {
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    CHECK(attn_check_tensor("q", q, 4, is_ref(ctx), p->cu_seqlens != NULL));
+    CHECK(check_kv(ctx, p, k, v));
+    if (k->shape[0] != q->shape[0] || k->shape[1] != q->shape[1])
+        return attn_err(ATTN_ERR_SHAPE,
+                        "k->shape[0..1] (%lld, %lld) must equal q's (%lld, %lld)",
+                        (long long)k->shape[0], (long long)k->shape[1], (long long)q->shape[0],
+                        (long long)q->shape[1]);
+    if (q->shape[3] != k->shape[3])
+        return attn_err(ATTN_ERR_SHAPE, "q->shape[3] (%lld) must equal k->shape[3] (%lld)",
+                        (long long)q->shape[3], (long long)k->shape[3]);
+    return resolve(p, q->shape[0], q->shape[1], q->shape[2], k->shape[2], q->shape[3],
+                   v->shape[3], out);
 }
 
 /* The gate tensor (or its gradient) has the shape p->gate asks for. */
@@ -204,4 +219,59 @@ attn_status attn_linear_decode(attn_ctx *ctx, const attn_linear_params *p,
     CHECK(attn_check_output("state", state, ins, names, 4));
     if (ref) return ref_linear_forward(&pr, q, k, v, g, state, o, state);
     return linear_engine_decode(ctx, &pr, q, k, v, g, state, o);
+}
+
+attn_status attn_linear_span_map(attn_ctx *ctx, const attn_linear_params *p,
+                                 const attn_tensor *k, const attn_tensor *v,
+                                 const attn_tensor *g, attn_tensor *decay, attn_tensor *u) {
+    CHECK(begin(ctx));
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    CHECK(check_kv(ctx, p, k, v));
+    bool ref = is_ref(ctx);
+    CHECK(attn_check_tensor("u", u, 4, ref, false));
+    lin_problem pr;
+    CHECK(resolve(p, k->shape[0], k->shape[1], u->shape[1], k->shape[2], k->shape[3],
+                  v->shape[3], &pr));
+    CHECK(check_gate("g", g, ref, &pr, k));
+    CHECK(check_state("u", u, ref, &pr));
+    CHECK(attn_check_tensor("decay", decay, 3, ref, false));
+    if (decay->dtype != ATTN_F32 && decay->dtype != ATTN_F64)
+        return attn_err(ATTN_ERR_DTYPE, "decay must be f32");
+    CHECK(attn_check_shape("decay", decay, pr.batch, pr.h, pr.d, -1));
+    const attn_tensor *ins[] = {k, v, g, u};
+    const char *names[] = {"k", "v", "g", "u"};
+    CHECK(attn_check_output("decay", decay, ins, names, 4));
+    CHECK(attn_check_output("u", u, ins, names, 3));
+    if (ref) return ref_linear_span_map(&pr, k, v, g, decay, u);
+    return linear_engine_span_map(ctx, &pr, k, v, g, decay, u);
+}
+
+attn_status attn_linear_state_compose(attn_ctx *ctx, const attn_tensor *decay1,
+                                      const attn_tensor *u1, const attn_tensor *decay2,
+                                      const attn_tensor *u2, attn_tensor *decay_out,
+                                      attn_tensor *u_out) {
+    CHECK(begin(ctx));
+    bool ref = is_ref(ctx);
+    CHECK(attn_check_tensor("u1", u1, 4, ref, false));
+    const int64_t *s = u1->shape;
+    const attn_tensor *all[] = {decay1, u1, decay2, u2, decay_out, u_out};
+    const char *names[] = {"decay1", "u1", "decay2", "u2", "decay_out", "u_out"};
+    for (int i = 0; i < 6; i++) {
+        if (!all[i]) {
+            if (i == 1 || i == 2 || i == 3 || i == 5)
+                return attn_err(ATTN_ERR_NULL, "%s must not be NULL", names[i]);
+            continue;
+        }
+        bool is_decay = i % 2 == 0; /* decay1, decay2, decay_out */
+        CHECK(attn_check_tensor(names[i], all[i], is_decay ? 3 : 4, ref, false));
+        if (all[i]->dtype != ATTN_F32 && all[i]->dtype != ATTN_F64)
+            return attn_err(ATTN_ERR_DTYPE, "%s must be f32", names[i]);
+        CHECK(attn_check_shape(names[i], all[i], s[0], s[1], s[2], is_decay ? -1 : s[3]));
+    }
+    if (!decay1 && decay_out)
+        return attn_err(ATTN_ERR_ARG, "decay_out must be NULL when decay1 is NULL (u1 is a state)");
+    CHECK(attn_check_output("u_out", u_out, all, names, 5));
+    if (decay_out) CHECK(attn_check_output("decay_out", decay_out, all, names, 4));
+    if (ref) return ref_linear_state_compose(decay1, u1, decay2, u2, decay_out, u_out);
+    return linear_engine_state_compose(decay1, u1, decay2, u2, decay_out, u_out);
 }

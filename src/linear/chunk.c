@@ -46,10 +46,11 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
                     lin_chunk *c) {
     const int64_t d = p->d, dv = p->dv, dg = c->dg, C = c->c;
     const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r0;
-    rows_load_block(kr, q, attn_off4(q, sq->tb, row, h, 0), q->stride[1], n, d, c->q, d);
+    if (q) rows_load_block(kr, q, attn_off4(q, sq->tb, row, h, 0), q->stride[1], n, d, c->q, d);
     rows_load_block(kr, k, attn_off4(k, sq->tb, row, hk, 0), k->stride[1], n, d, c->k, d);
     rows_load_block(kr, v, attn_off4(v, sq->tb, row, hk, 0), v->stride[1], n, dv, c->v, dv);
-    for (int64_t x = 0; x < n * d; x++) c->q[x] *= p->scale;
+    if (q)
+        for (int64_t x = 0; x < n * d; x++) c->q[x] *= p->scale;
     if (dg == 1)
         for (int64_t i = 0; i < n; i++)
             for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->k[i * d + x];
@@ -101,7 +102,7 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
     for (int64_t i = 0; i < n; i++)
         for (int64_t x = 0; x < d; x++) {
             int64_t gx = i * dg + (dg == 1 ? 0 : x);
-            c->qp[i * d + x] = c->q[i * d + x] * c->pp[gx];
+            if (q) c->qp[i * d + x] = c->q[i * d + x] * c->pp[gx];
             c->kr[i * d + x] = c->k[i * d + x] * c->rr[gx];
         }
 }

@@ -46,7 +46,8 @@ typedef struct lin_chunk {
 lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p);
 
 /* Load rows [r0, r0 + n) of sequence sq, query head h: q (scaled), k, v and
- * the gates; then the products P, R, plast and Q ⊙ P, K ⊙ R. */
+ * the gates; then the products P, R, plast and Q ⊙ P, K ⊙ R. q may be NULL
+ * (state-only sweeps: c->q and c->qp are then left as they were). */
 void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
                     int64_t h, int64_t r0, int64_t n, const attn_tensor *q,
                     const attn_tensor *k, const attn_tensor *v, const attn_tensor *g,

@@ -74,6 +74,13 @@ attn_status ref_linear_backward(const lin_problem *p, const attn_tensor *q,
                                 attn_tensor *dq, attn_tensor *dk, attn_tensor *dv,
                                 attn_tensor *dg, attn_tensor *dstate_in);
 
+attn_status ref_linear_span_map(const lin_problem *p, const attn_tensor *k,
+                                const attn_tensor *v, const attn_tensor *g, attn_tensor *decay,
+                                attn_tensor *u);
+attn_status ref_linear_state_compose(const attn_tensor *decay1, const attn_tensor *u1,
+                                     const attn_tensor *decay2, const attn_tensor *u2,
+                                     attn_tensor *decay_out, attn_tensor *u_out);
+
 /* The CPU engine (src/linear/). */
 attn_status linear_engine_forward(const attn_ctx *ctx, const lin_problem *p,
                                   const attn_tensor *q, const attn_tensor *k,
@@ -91,5 +98,12 @@ attn_status linear_engine_decode(const attn_ctx *ctx, const lin_problem *p,
                                  const attn_tensor *q, const attn_tensor *k,
                                  const attn_tensor *v, const attn_tensor *g,
                                  attn_tensor *state, attn_tensor *o);
+
+attn_status linear_engine_span_map(const attn_ctx *ctx, const lin_problem *p,
+                                   const attn_tensor *k, const attn_tensor *v,
+                                   const attn_tensor *g, attn_tensor *decay, attn_tensor *u);
+attn_status linear_engine_state_compose(const attn_tensor *decay1, const attn_tensor *u1,
+                                        const attn_tensor *decay2, const attn_tensor *u2,
+                                        attn_tensor *decay_out, attn_tensor *u_out);
 
 #endif

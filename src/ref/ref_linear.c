@@ -205,3 +205,66 @@ attn_status ref_linear_backward(const lin_problem *p, const attn_tensor *q,
     free(dov);
     return ATTN_OK;
 }
+
+attn_status ref_linear_span_map(const lin_problem *p, const attn_tensor *k,
+                                const attn_tensor *v, const attn_tensor *g, attn_tensor *decay,
+                                attn_tensor *u) {
+    const int64_t ss = p->d * p->dv;
+    double *ub = zeros(p->batch, p->h, p->d, p->dv), *db = zeros(p->batch, p->h, p->d, 1);
+    if (!ub || !db) {
+        free(ub);
+        free(db);
+        return attn_err(ATTN_ERR_NOMEM, "linear span map (reference): out of memory");
+    }
+    for (int64_t b = 0; b < p->batch; b++) {
+        lin_seq sq = lin_problem_seq(p, b);
+        for (int64_t h = 0; h < p->h; h++) {
+            double *dl = db + (b * p->h + h) * p->d; /* sum of log gates, then its exp */
+            for (int64_t t = 0; t < sq.n; t++) {
+                step(p, k, v, g, sq.tb, sq.t0 + t, h, ub + (b * p->h + h) * ss);
+                for (int64_t x = 0; x < p->d; x++) dl[x] += lin_gate_at(p, g, sq.tb, sq.t0 + t, h, x);
+            }
+            for (int64_t x = 0; x < p->d; x++) dl[x] = exp(dl[x]);
+        }
+    }
+    for (int64_t b = 0; b < p->batch; b++)
+        for (int64_t h = 0; h < p->h; h++)
+            for (int64_t x = 0; x < p->d; x++)
+                attn_store_f64(decay, attn_off3(decay, b, h, x), db[(b * p->h + h) * p->d + x]);
+    write4(u, ub);
+    free(ub);
+    free(db);
+    return ATTN_OK;
+}
+
+attn_status ref_linear_state_compose(const attn_tensor *decay1, const attn_tensor *u1,
+                                     const attn_tensor *decay2, const attn_tensor *u2,
+                                     attn_tensor *decay_out, attn_tensor *u_out) {
+    const int64_t *s = u1->shape;
+    double *ub = zeros(s[0], s[1], s[2], s[3]), *db = zeros(s[0], s[1], s[2], 1);
+    if (!ub || !db) {
+        free(ub);
+        free(db);
+        return attn_err(ATTN_ERR_NOMEM, "linear state compose (reference): out of memory");
+    }
+    for (int64_t b = 0; b < s[0]; b++)
+        for (int64_t h = 0; h < s[1]; h++)
+            for (int64_t x = 0; x < s[2]; x++) {
+                double d2 = attn_load_f64(decay2, attn_off3(decay2, b, h, x));
+                int64_t row = (b * s[1] + h) * s[2] + x;
+                db[row] = d2 * (decay1 ? attn_load_f64(decay1, attn_off3(decay1, b, h, x)) : 1.0);
+                for (int64_t e = 0; e < s[3]; e++)
+                    ub[row * s[3] + e] = d2 * attn_load_f64(u1, attn_off4(u1, b, h, x, e)) +
+                                         attn_load_f64(u2, attn_off4(u2, b, h, x, e));
+            }
+    if (decay_out)
+        for (int64_t b = 0; b < s[0]; b++)
+            for (int64_t h = 0; h < s[1]; h++)
+                for (int64_t x = 0; x < s[2]; x++)
+                    attn_store_f64(decay_out, attn_off3(decay_out, b, h, x),
+                                   db[(b * s[1] + h) * s[2] + x]);
+    write4(u_out, ub);
+    free(ub);
+    free(db);
+    return ATTN_OK;
+}
