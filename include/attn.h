@@ -388,6 +388,52 @@ ATTN_API attn_status attn_linear_state_compose(attn_ctx *ctx, const attn_tensor 
                                                const attn_tensor *u2, attn_tensor *decay_out,
                                                attn_tensor *u_out);
 
+/* Mechanisms over the chunked-recurrence engine (thin: they shape inputs
+ * and call attn_linear_forward; the reference backend runs its reference).
+ * Lightning Attention-2 is attn_linear_forward with ATTN_GATE_HEAD (g = log
+ * of the per-head decay λ); Gated Linear Attention (GLA) is ATTN_GATE_KEY
+ * with g = log α (e.g. logsigmoid of the gate logits). */
+
+typedef enum attn_feature_map {
+    ATTN_PHI_IDENTITY = 0, /* φ(x) = x */
+    ATTN_PHI_ELU1 = 1,     /* φ(x) = elu(x) + 1 = x + 1 (x > 0), e^x (x <= 0) */
+    ATTN_PHI_RELU = 2      /* φ(x) = max(x, 0) */
+} attn_feature_map;
+
+/* Linear attention with a feature map (Katharopoulos et al.; CAB):
+ *   o_t = φ(q_t) S_t / (φ(q_t) · z_t + eps)  when normalize, else φ(q_t) S_t,
+ *   S_t = sum_{j <= t} φ(k_j)ᵀ v_j, z_t = sum_{j <= t} φ(k_j) (all j when
+ *   p->causal = 0). p->scale multiplies φ(q) (normalized: it cancels but for
+ *   eps). p->gate must be NONE; varlen allowed; eps >= 0.
+ * Shapes as attn_linear_forward; no state in or out. */
+ATTN_API attn_status attn_linear_attention(attn_ctx *ctx, const attn_linear_params *p,
+                                           attn_feature_map phi, int32_t normalize, float eps,
+                                           const attn_tensor *q, const attn_tensor *k,
+                                           const attn_tensor *v, attn_tensor *o);
+
+/* Mamba-2 SSD (state-space duality): per head h with G groups of B and C,
+ *   S_t = e^{dt_t A_h} S_{t-1} + B_tᵀ (dt_t x_t),  y_t = C_t S_t + Dskip_h x_t.
+ *   x [B, T, H, P], dt [B, T, H] (> 0, after softplus), a [H] (A, < 0),
+ *   bm, cm [B, T, G, N] (G divides H; head h reads group h / (H / G)),
+ *   dskip [H] or NULL, state_in/state_out [B, H, N, P] f32 or NULL,
+ *   y [B, T, H, P]. Inputs f32 | f16 | bf16 (dt, a, dskip: f32). */
+ATTN_API attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x,
+                                      const attn_tensor *dt, const attn_tensor *a,
+                                      const attn_tensor *bm, const attn_tensor *cm,
+                                      const attn_tensor *dskip, const attn_tensor *state_in,
+                                      attn_tensor *y, attn_tensor *state_out);
+
+/* Mamba selective scan (Mamba-1, diagonal A): per channel c of E,
+ *   h_t = e^{Δ_tc A_c} ⊙ h_{t-1} + Δ_tc B_t x_tc,  y_tc = C_t · h_t + Dskip_c x_tc,
+ * h_t in R^N. x, delta [B, T, E]; a [E, N]; bm, cm [B, T, N]; dskip [E] or
+ * NULL; state_in/state_out [B, E, N, 1] f32 or NULL; y [B, T, E]. Runs on
+ * the engine with per-key gates, one head per channel, Dv = 1. */
+ATTN_API attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x,
+                                     const attn_tensor *delta, const attn_tensor *a,
+                                     const attn_tensor *bm, const attn_tensor *cm,
+                                     const attn_tensor *dskip, const attn_tensor *state_in,
+                                     attn_tensor *y, attn_tensor *state_out);
+
 /* ---------------------------------------------------------------- capability */
 
 typedef enum attn_op {

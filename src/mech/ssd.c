@@ -1,0 +1,159 @@
+/* Mamba-2 SSD and the Mamba selective scan over the chunked-recurrence
+ * engine. Both are the engine with q = C, k = B, v = Δ x and a gate
+ * g = Δ A in log space:
+ *   SSD: one scalar gate per head and token (ATTN_GATE_HEAD_TOKEN), B and C
+ *     shared by the heads of a group (copied out per head), state N x P;
+ *   selective scan: one head per channel, a gate per state dim
+ *     (ATTN_GATE_KEY), B and C shared by every channel (views with head
+ *     stride 0, no copy), state N x 1.
+ * Then y = o + Dskip x. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mech.h"
+
+#define CHECK(expr)                     \
+    do {                                \
+        attn_status st_ = (expr);       \
+        if (st_ != ATTN_OK) return st_; \
+    } while (0)
+
+static attn_status check_1d(const char *name, const attn_tensor *t, bool ref, int64_t n) {
+    CHECK(attn_check_tensor(name, t, 1, ref, false));
+    return attn_check_shape(name, t, n, -1, -1, -1);
+}
+
+/* y (any dtype, shape of o's first dims) = o + dskip[ch] * x, with ch the
+ * channel (head) index of each row of width w. */
+static void finish_y(const float *fo, const attn_tensor *x, const attn_tensor *dskip,
+                     int64_t rows, int64_t heads, int64_t w, attn_tensor *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const double ds = dskip ? mech_at(dskip, r % heads) : 0.0;
+        for (int64_t e = 0; e < w; e++) {
+            const int64_t i = r * w + e;
+            mech_set(y, i, fo[i] + (dskip ? ds * mech_at(x, i) : 0.0));
+        }
+    }
+}
+
+attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_tensor *dt,
+                             const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
+                             const attn_tensor *dskip, const attn_tensor *state_in,
+                             attn_tensor *y, attn_tensor *state_out) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    const bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("x", x, 4, ref, false));
+    const int64_t B = x->shape[0], T = x->shape[1], H = x->shape[2], P = x->shape[3];
+    CHECK(attn_check_tensor("dt", dt, 3, ref, false));
+    CHECK(attn_check_shape("dt", dt, B, T, H, -1));
+    CHECK(check_1d("a", a, ref, H));
+    CHECK(attn_check_tensor("bm", bm, 4, ref, false));
+    const int64_t G = bm->shape[2], N = bm->shape[3];
+    CHECK(attn_check_shape("bm", bm, B, T, -1, -1));
+    if (H % G != 0)
+        return attn_err(ATTN_ERR_SHAPE, "groups (bm->shape[2] = %lld) must divide heads (%lld)",
+                        (long long)G, (long long)H);
+    CHECK(attn_check_tensor("cm", cm, 4, ref, false));
+    CHECK(attn_check_shape("cm", cm, B, T, G, N));
+    if (dskip) CHECK(check_1d("dskip", dskip, ref, H));
+    CHECK(attn_check_tensor("y", y, 4, ref, false));
+    CHECK(attn_check_shape("y", y, B, T, H, P));
+    const attn_tensor *ins[] = {x, dt, a, bm, cm, dskip, state_in, state_out};
+    const char *names[] = {"x", "dt", "a", "bm", "cm", "dskip", "state_in", "state_out"};
+    CHECK(attn_check_output("y", y, ins, names, 8));
+
+    float *fq = mech_alloc(B, T, H, N), *fk = mech_alloc(B, T, H, N);
+    float *fv = mech_alloc(B, T, H, P), *fg = mech_alloc(B, T, H, 1), *fo = mech_alloc(B, T, H, P);
+    attn_status st = ATTN_OK;
+    if (!fq || !fk || !fv || !fg || !fo) {
+        st = attn_err(ATTN_ERR_NOMEM, "attn_ssd_forward: out of memory for its copies");
+        goto done;
+    }
+    const int64_t rows = B * T * H;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t h = r % H, bt = r / H, grp = h / (H / G);
+        const double d = mech_at(dt, r);
+        fg[r] = (float)(d * mech_at(a, h));
+        for (int64_t n = 0; n < N; n++) {
+            fq[r * N + n] = (float)mech_at(cm, (bt * G + grp) * N + n);
+            fk[r * N + n] = (float)mech_at(bm, (bt * G + grp) * N + n);
+        }
+        for (int64_t e = 0; e < P; e++) fv[r * P + e] = (float)(d * mech_at(x, r * P + e));
+    }
+    attn_tensor tq = attn_tensor_4d(fq, ATTN_F32, B, T, H, N);
+    attn_tensor tk = attn_tensor_4d(fk, ATTN_F32, B, T, H, N);
+    attn_tensor tv = attn_tensor_4d(fv, ATTN_F32, B, T, H, P);
+    attn_tensor tg = attn_tensor_3d(fg, ATTN_F32, B, T, H);
+    attn_tensor to = attn_tensor_4d(fo, ATTN_F32, B, T, H, P);
+    attn_linear_params p = attn_linear_params_default();
+    p.scale = 1.0f;
+    p.gate = ATTN_GATE_HEAD_TOKEN;
+    st = attn_linear_forward(ctx, &p, &tq, &tk, &tv, &tg, state_in, &to, state_out);
+    if (st == ATTN_OK) finish_y(fo, x, dskip, rows, H, P, y);
+done:
+    free(fq), free(fk), free(fv), free(fg), free(fo);
+    return st;
+}
+
+attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x, const attn_tensor *delta,
+                            const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
+                            const attn_tensor *dskip, const attn_tensor *state_in,
+                            attn_tensor *y, attn_tensor *state_out) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    const bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("x", x, 3, ref, false));
+    const int64_t B = x->shape[0], T = x->shape[1], E = x->shape[2];
+    CHECK(attn_check_tensor("delta", delta, 3, ref, false));
+    CHECK(attn_check_shape("delta", delta, B, T, E, -1));
+    CHECK(attn_check_tensor("a", a, 2, ref, false));
+    const int64_t N = a->shape[1];
+    CHECK(attn_check_shape("a", a, E, N, -1, -1));
+    CHECK(attn_check_tensor("bm", bm, 3, ref, false));
+    CHECK(attn_check_shape("bm", bm, B, T, N, -1));
+    CHECK(attn_check_tensor("cm", cm, 3, ref, false));
+    CHECK(attn_check_shape("cm", cm, B, T, N, -1));
+    if (dskip) CHECK(check_1d("dskip", dskip, ref, E));
+    CHECK(attn_check_tensor("y", y, 3, ref, false));
+    CHECK(attn_check_shape("y", y, B, T, E, -1));
+    const attn_tensor *ins[] = {x, delta, a, bm, cm, dskip, state_in, state_out};
+    const char *names[] = {"x", "delta", "a", "bm", "cm", "dskip", "state_in", "state_out"};
+    CHECK(attn_check_output("y", y, ins, names, 8));
+
+    float *fv = mech_alloc(B, T, E, 1), *fg = mech_alloc(B, T, E, N), *fo = mech_alloc(B, T, E, 1);
+    attn_status st = ATTN_OK;
+    if (!fv || !fg || !fo) {
+        st = attn_err(ATTN_ERR_NOMEM, "attn_mamba_scan: out of memory for its copies");
+        goto done;
+    }
+    const int64_t rows = B * T * E;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t ch = r % E;
+        const double d = mech_at(delta, r);
+        fv[r] = (float)(d * mech_at(x, r));
+        for (int64_t n = 0; n < N; n++) fg[r * N + n] = (float)(d * mech_at(a, ch * N + n));
+    }
+    /* B and C as [B, T, E, N] with head stride 0: every channel reads them */
+    attn_tensor tq = *cm, tk = *bm;
+    attn_tensor *views[2] = {&tq, &tk};
+    for (int i = 0; i < 2; i++) {
+        const attn_tensor src = *views[i];
+        views[i]->ndim = 4;
+        views[i]->shape[2] = E;
+        views[i]->shape[3] = N;
+        views[i]->stride[2] = 0;
+        views[i]->stride[3] = src.stride[2];
+    }
+    attn_tensor tv = attn_tensor_4d(fv, ATTN_F32, B, T, E, 1);
+    attn_tensor tg = attn_tensor_4d(fg, ATTN_F32, B, T, E, N);
+    attn_tensor to = attn_tensor_4d(fo, ATTN_F32, B, T, E, 1);
+    attn_linear_params p = attn_linear_params_default();
+    p.scale = 1.0f;
+    p.gate = ATTN_GATE_KEY;
+    st = attn_linear_forward(ctx, &p, &tq, &tk, &tv, &tg, state_in, &to, state_out);
+    if (st == ATTN_OK) finish_y(fo, x, dskip, rows, E, 1, y);
+done:
+    free(fv), free(fg), free(fo);
+    return st;
+}

@@ -1,0 +1,163 @@
+/* Mechanisms over the chunked-recurrence engine against naive double
+ * implementations written here from their papers' formulas: linear
+ * attention with feature maps and normaliser (quadratic form), Mamba-2 SSD
+ * and the Mamba selective scan (recurrences), on the CPU and the reference
+ * backend. Tolerances (f32): rel RMS 2e-5, max abs 2e-4 * (max|ref| + 1). */
+#include "test_util.h"
+
+static attn_ctx *g_ctx[3]; /* cpu 2 threads, cpu 1 thread, ref */
+
+#define SALT 0x3EC4u
+
+static double phi_of(attn_feature_map phi, double x) {
+    return phi == ATTN_PHI_ELU1 ? (x > 0 ? x + 1 : exp(x)) : phi == ATTN_PHI_RELU ? (x > 0 ? x : 0) : x;
+}
+
+static void test_linear_attention(attn_feature_map phi, int normalize, int causal) {
+    tu_case("linear attention phi=%d normalize=%d causal=%d", (int)phi, normalize, causal);
+    tu_rng r = {tu_seed(SALT, (uint64_t)(phi * 4 + normalize * 2 + causal))};
+    const int64_t B = 2, T = 75, H = 4, Hk = 2, D = 16, Dv = 12;
+    const float eps = 1e-3f;
+    tu_buf q = tu_alloc(ATTN_F32, B, T, H, D), k = tu_alloc(ATTN_F32, B, T, Hk, D),
+           v = tu_alloc(ATTN_F32, B, T, Hk, Dv), want = tu_alloc(ATTN_F64, B, T, H, Dv);
+    tu_fill(&q.t, &r, -1, 1);
+    tu_fill(&k.t, &r, -1, 1);
+    tu_fill(&v.t, &r, -1, 1);
+    const double scale = 1.0 / sqrt((double)D);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t i = 0; i < T; i++) {
+                double num[16] = {0}, den = 0;
+                for (int64_t j = 0; j < (causal ? i + 1 : T); j++) {
+                    double s = 0;
+                    for (int64_t x = 0; x < D; x++)
+                        s += phi_of(phi, tu_load(&q.t, tu_off4(&q.t, b, i, h, x))) *
+                             phi_of(phi, tu_load(&k.t, tu_off4(&k.t, b, j, h / 2, x)));
+                    s *= scale;
+                    den += s;
+                    for (int64_t e = 0; e < Dv; e++) num[e] += s * tu_load(&v.t, tu_off4(&v.t, b, j, h / 2, e));
+                }
+                for (int64_t e = 0; e < Dv; e++)
+                    tu_store(&want.t, tu_off4(&want.t, b, i, h, e), normalize ? num[e] / (den + eps) : num[e]);
+            }
+    attn_linear_params p = attn_linear_params_default();
+    p.causal = causal;
+    for (int c = 0; c < 3; c++) {
+        tu_buf o = tu_alloc(ATTN_F32, B, T, H, Dv);
+        CHECK_OK(attn_linear_attention(g_ctx[c], &p, phi, normalize, eps, &q.t, &k.t, &v.t, &o.t));
+        /* normalised rows divide by a sum that can come near eps: relative
+         * error grows as 1/den, so compare with a looser bound there */
+        CHECK_CLOSE("o", &o.t, &want.t, normalize && phi == ATTN_PHI_IDENTITY ? 1e-3 : 2e-5,
+                    normalize && phi == ATTN_PHI_IDENTITY ? 1e-2 : 2e-4);
+        tu_free(&o);
+    }
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want);
+}
+
+static void test_ssd(void) {
+    tu_case("ssd");
+    tu_rng r = {tu_seed(SALT, 100)};
+    const int64_t B = 2, T = 90, H = 4, G = 2, P = 8, N = 6;
+    tu_buf x = tu_alloc(ATTN_F32, B, T, H, P), dt = tu_alloc(ATTN_F32, B, T, H, -1),
+           a = tu_alloc(ATTN_F32, H, 1, 1, -1), bm = tu_alloc(ATTN_F32, B, T, G, N),
+           cm = tu_alloc(ATTN_F32, B, T, G, N), ds = tu_alloc(ATTN_F32, H, 1, 1, -1),
+           s0 = tu_alloc(ATTN_F32, B, H, N, P), want = tu_alloc(ATTN_F64, B, T, H, P),
+           wants = tu_alloc(ATTN_F64, B, H, N, P);
+    a.t.ndim = ds.t.ndim = 1;
+    a.t.stride[0] = ds.t.stride[0] = 1;
+    tu_fill(&x.t, &r, -1, 1);
+    tu_fill(&dt.t, &r, 0.01, 0.5);
+    tu_fill(&a.t, &r, -2, -0.1);
+    tu_fill(&bm.t, &r, -1, 1);
+    tu_fill(&cm.t, &r, -1, 1);
+    tu_fill(&ds.t, &r, -1, 1);
+    tu_fill(&s0.t, &r, -1, 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            double S[6][8];
+            const int64_t g = h / (H / G);
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t e = 0; e < P; e++) S[n][e] = tu_load(&s0.t, tu_off4(&s0.t, b, h, n, e));
+            for (int64_t t = 0; t < T; t++) {
+                double d = tu_load(&dt.t, tu_off3(&dt.t, b, t, h)), dec = exp(d * tu_load(&a.t, h));
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t e = 0; e < P; e++)
+                        S[n][e] = dec * S[n][e] + tu_load(&bm.t, tu_off4(&bm.t, b, t, g, n)) * d *
+                                                      tu_load(&x.t, tu_off4(&x.t, b, t, h, e));
+                for (int64_t e = 0; e < P; e++) {
+                    double yv = tu_load(&ds.t, h) * tu_load(&x.t, tu_off4(&x.t, b, t, h, e));
+                    for (int64_t n = 0; n < N; n++) yv += tu_load(&cm.t, tu_off4(&cm.t, b, t, g, n)) * S[n][e];
+                    tu_store(&want.t, tu_off4(&want.t, b, t, h, e), yv);
+                }
+            }
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t e = 0; e < P; e++) tu_store(&wants.t, tu_off4(&wants.t, b, h, n, e), S[n][e]);
+        }
+    for (int c = 0; c < 3; c++) {
+        tu_buf y = tu_alloc(ATTN_F32, B, T, H, P), s = tu_alloc(ATTN_F32, B, H, N, P);
+        CHECK_OK(attn_ssd_forward(g_ctx[c], &x.t, &dt.t, &a.t, &bm.t, &cm.t, &ds.t, &s0.t, &y.t, &s.t));
+        CHECK_CLOSE("y", &y.t, &want.t, 2e-5, 2e-4);
+        CHECK_CLOSE("state", &s.t, &wants.t, 2e-5, 2e-4);
+        tu_free(&y), tu_free(&s);
+    }
+    tu_free(&x), tu_free(&dt), tu_free(&a), tu_free(&bm), tu_free(&cm), tu_free(&ds);
+    tu_free(&s0), tu_free(&want), tu_free(&wants);
+}
+
+static void test_mamba(void) {
+    tu_case("mamba selective scan");
+    tu_rng r = {tu_seed(SALT, 200)};
+    const int64_t B = 2, T = 70, E = 5, N = 4;
+    tu_buf x = tu_alloc(ATTN_F32, B, T, E, -1), dl = tu_alloc(ATTN_F32, B, T, E, -1),
+           a = tu_alloc(ATTN_F32, E, N, 1, -1), bm = tu_alloc(ATTN_F32, B, T, N, -1),
+           cm = tu_alloc(ATTN_F32, B, T, N, -1), ds = tu_alloc(ATTN_F32, E, 1, 1, -1),
+           want = tu_alloc(ATTN_F64, B, T, E, -1), wants = tu_alloc(ATTN_F64, B, E, N, 1);
+    a.t.ndim = 2;
+    a.t.stride[0] = N;
+    a.t.stride[1] = 1;
+    ds.t.ndim = 1;
+    ds.t.stride[0] = 1;
+    tu_fill(&x.t, &r, -1, 1);
+    tu_fill(&dl.t, &r, 0.01, 0.5);
+    tu_fill(&a.t, &r, -3, -0.1);
+    tu_fill(&bm.t, &r, -1, 1);
+    tu_fill(&cm.t, &r, -1, 1);
+    tu_fill(&ds.t, &r, -1, 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < E; c++) {
+            double hs[4] = {0};
+            for (int64_t t = 0; t < T; t++) {
+                double d = tu_load(&dl.t, tu_off3(&dl.t, b, t, c)), xv = tu_load(&x.t, tu_off3(&x.t, b, t, c));
+                double yv = tu_load(&ds.t, c) * xv;
+                for (int64_t n = 0; n < N; n++) {
+                    hs[n] = exp(d * tu_load(&a.t, c * N + n)) * hs[n] + d * tu_load(&bm.t, tu_off3(&bm.t, b, t, n)) * xv;
+                    yv += tu_load(&cm.t, tu_off3(&cm.t, b, t, n)) * hs[n];
+                }
+                tu_store(&want.t, tu_off3(&want.t, b, t, c), yv);
+            }
+            for (int64_t n = 0; n < N; n++) tu_store(&wants.t, tu_off4(&wants.t, b, c, n, 0), hs[n]);
+        }
+    for (int c = 0; c < 3; c++) {
+        tu_buf y = tu_alloc(ATTN_F32, B, T, E, -1), s = tu_alloc(ATTN_F32, B, E, N, 1);
+        CHECK_OK(attn_mamba_scan(g_ctx[c], &x.t, &dl.t, &a.t, &bm.t, &cm.t, &ds.t, NULL, &y.t, &s.t));
+        CHECK_CLOSE("y", &y.t, &want.t, 2e-5, 2e-4);
+        CHECK_CLOSE("state", &s.t, &wants.t, 2e-5, 2e-4);
+        tu_free(&y), tu_free(&s);
+    }
+    tu_free(&x), tu_free(&dl), tu_free(&a), tu_free(&bm), tu_free(&cm), tu_free(&ds);
+    tu_free(&want), tu_free(&wants);
+}
+
+int main(void) {
+    g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
+    g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
+    g_ctx[2] = tu_ctx("test_linear_mech", ATTN_BACKEND_REF, 1);
+    for (int phi = 0; phi < 3; phi++)
+        for (int norm = 0; norm < 2; norm++)
+            for (int causal = 0; causal < 2; causal++)
+                test_linear_attention((attn_feature_map)phi, norm, causal);
+    test_ssd();
+    test_mamba();
+    for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
+    return tu_finish("test_linear_mech");
+}
