@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 import numpy as np
 
@@ -34,6 +35,8 @@ _addressof = ctypes.addressof
 _ndarray = np.ndarray
 _np_empty = np.empty
 _attn_forward = _lib.attn_forward
+_tpack = TENSOR.pack
+_tls = threading.local()
 _c_char = ctypes.c_char
 
 
@@ -188,31 +191,55 @@ def _squeeze_result(y, was3):
     return y[0] if was3 else y
 
 
-def _np_fast3(q, k, v):
-    """Packed views of three 4-d numpy arrays of one supported dtype with
-    expressible strides (the common case, kept to a few hundred ns), or None."""
-    if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
+def _pk_np(x, dt):
+    """Packed view of a 4-d numpy array with expressible strides, or None."""
+    sh = x.shape
+    if len(sh) != 4:
         return None
-    dq = q.dtype
-    dt = _NP_DTYPES.get(dq)
-    if dt is None or k.dtype is not v.dtype:
+    it = x.itemsize
+    s0, s1, s2, s3 = x.strides
+    if s0 < 0 or s1 < 0 or s2 < 0 or s3 < 0 or s0 % it or s1 % it or s2 % it or s3 % it:
         return None
-    out = []
-    for x in (q, k, v):
-        sh = x.shape
-        if len(sh) != 4:
-            return None
-        it = x.itemsize
-        s0, s1, s2, s3 = x.strides
-        if s0 < 0 or s1 < 0 or s2 < 0 or s3 < 0 or s0 % it or s1 % it or s2 % it or s3 % it:
-            return None
-        try:
-            ptr = _addressof(_c_char.from_buffer(x))
-        except (TypeError, ValueError, BufferError):
-            ptr = x.__array_interface__["data"][0]
-        out.append(TENSOR.pack(ptr, dt if x is q else _NP_DTYPES.get(x.dtype, -1), 4, *sh,
-                               s0 // it, s1 // it, s2 // it, s3 // it))
-    return out, dt
+    try:
+        ptr = _addressof(_c_char.from_buffer(x))
+    except (TypeError, ValueError, BufferError):  # read-only
+        ptr = x.__array_interface__["data"][0]
+    return _tpack(ptr, dt, 4, sh[0], sh[1], sh[2], sh[3], s0 // it, s1 // it, s2 // it, s3 // it)
+
+
+def _pk_torch(x, dt):
+    """Packed view of a 4-d CPU tensor, or None."""
+    if dt is None or not x.is_cpu or x.dim() != 4:
+        return None
+    return _tpack(x.data_ptr(), dt, 4, *x.shape, *x.stride())
+
+
+def _default_ctx_ptr(dt):
+    try:
+        return _tls.ref if dt == F64 else _tls.auto
+    except AttributeError:
+        _tls.auto = _lib.default_context(False).ptr
+        _tls.ref = _lib.default_context(True).ptr
+        return _tls.ref if dt == F64 else _tls.auto
+
+
+def _forward_fast(q, o, po, pq, pk, pv, dt, is_torch, scale, softcap, causal, window,
+                  return_lse, ctx):
+    key = (scale, softcap, causal, window)
+    params = _params_cache.get(key)
+    if params is None:
+        params = _params(scale, softcap, causal, window)
+        _params_cache[key] = params
+    if return_lse:
+        sq = q.shape
+        lse, pl = _empty(is_torch, (sq[0], sq[2], sq[1]), F32)
+    else:
+        lse = pl = None
+    st = _attn_forward(_default_ctx_ptr(dt) if ctx is None else ctx.ptr, params, pq, pk, pv,
+                       po, pl)
+    if st:
+        _lib.raise_status(st)
+    return (o, lse) if return_lse else o
 
 
 def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
@@ -232,28 +259,34 @@ def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
     Raises AttnError with the C library's message on bad input.
     """
     if cu_seqlens_q is None and cu_seqlens_k is None and plan is None:
-        fast = _np_fast3(q, k, v)
-        if fast is not None:  # numpy fast path
-            (pq, pk, pv), dt = fast
-            sq = q.shape
-            n1, n2, dv = sq[1], sq[2], v.shape[3]
-            o = _np_empty((sq[0], n1, n2, dv), _NP_OF[dt] if dt != BF16 else q.dtype)
-            po = TENSOR.pack(_addressof(_c_char.from_buffer(o)), dt, 4, sq[0], n1, n2, dv,
-                             n1 * n2 * dv, n2 * dv, dv, 1)
-            key = (scale, softcap, causal, window)
-            params = _params_cache.get(key)
-            if params is None:
-                params = _params(scale, softcap, causal, window)
-                _params_cache[key] = params
-            if return_lse:
-                lse, pl = _empty(False, (sq[0], n2, n1), F32)
-            else:
-                lse = pl = None
-            st = _attn_forward(_lib.default_context(dt == F64).ptr if ctx is None else ctx.ptr,
-                               params, pq, pk, pv, po, pl)
-            if st:
-                _lib.raise_status(st)
-            return (o, lse) if return_lse else o
+        tq = type(q)
+        if tq is _ndarray and type(k) is _ndarray and type(v) is _ndarray:  # numpy fast path
+            dt = _NP_DTYPES.get(q.dtype)
+            dkv = _NP_DTYPES.get(k.dtype)
+            if dt is not None and dkv is not None:
+                pq = _pk_np(q, dt)
+                pk = _pk_np(k, dkv)
+                pv = _pk_np(v, _NP_DTYPES.get(v.dtype, -1))
+                if pq is not None and pk is not None and pv is not None:
+                    sq = q.shape
+                    n1, n2, dv = sq[1], sq[2], v.shape[3]
+                    o = _np_empty((sq[0], n1, n2, dv), q.dtype)
+                    po = _tpack(_addressof(_c_char.from_buffer(o)), dt, 4, sq[0], n1, n2, dv,
+                                n1 * n2 * dv, n2 * dv, dv, 1)
+                    return _forward_fast(q, o, po, pq, pk, pv, dt, False, scale, softcap,
+                                         causal, window, return_lse, ctx)
+        elif _torch is not None and tq is _torch.Tensor and type(k) is tq and type(v) is tq:
+            dt = _TORCH_DTYPES.get(q.dtype)
+            pq = _pk_torch(q, dt)
+            pk = _pk_torch(k, _TORCH_DTYPES.get(k.dtype))
+            pv = _pk_torch(v, _TORCH_DTYPES.get(v.dtype))
+            if pq is not None and pk is not None and pv is not None:
+                sq = q.shape
+                n1, n2, dv = sq[1], sq[2], v.shape[3]
+                o = _torch.empty((sq[0], n1, n2, dv), dtype=q.dtype)
+                po = _tpack(o.data_ptr(), dt, 4, sq[0], n1, n2, dv, n1 * n2 * dv, n2 * dv, dv, 1)
+                return _forward_fast(q, o, po, pq, pk, pv, dt, True, scale, softcap, causal,
+                                     window, return_lse, ctx)
     was3 = getattr(q, "ndim", 4) == 3
     if was3:
         q, k, v = q[None], k[None], v[None]
