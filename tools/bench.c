@@ -33,6 +33,9 @@ static const char bench_usage[] =
     "  --causal        causal mask, diagonal aligned bottom-right\n"
     "  --window L,R    sliding window, -1 for unbounded (e.g. 256,0)\n"
     "  --dtype T       dtype of K and V: f32 (default), f16, bf16; Q and O are f32\n"
+    "  --density R     blocksparse: fraction of key blocks per query block (0..1]\n"
+    "  --budget R      psa, topk: fraction of the dense work (0..1]\n"
+    "  --block BQ,BK   sparse ops: plan block sizes (default 192,96)\n"
     "options:\n"
     "  --threads T     threads (default: ATTN_NUM_THREADS, else all cores)\n"
     "  --repeats R     timed calls (default: adapt, >= 3 and ~1 s, at most 50)\n"
@@ -102,8 +105,17 @@ static int parse_op(const char *s, bench_op *op) {
         *op = BENCH_ATTENTION_BWD;
     else if (!strcmp(s, "decode"))
         *op = BENCH_DECODE;
+    else if (!strcmp(s, "blocksparse"))
+        *op = BENCH_BLOCKSPARSE;
+    else if (!strcmp(s, "window"))
+        *op = BENCH_WINDOW;
+    else if (!strcmp(s, "psa"))
+        *op = BENCH_PSA;
+    else if (!strcmp(s, "topk"))
+        *op = BENCH_TOPK;
     else
-        return usage_error("unknown op '%s': use attention, attention_bwd or decode", s);
+        return usage_error("unknown op '%s': use attention, attention_bwd, decode, "
+                           "blocksparse, window, psa or topk", s);
     return 0;
 }
 
@@ -131,6 +143,9 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     a->c.dim = 64;
     a->c.window_left = a->c.window_right = -1;
     a->c.dtype = ATTN_F32;
+    a->c.budget = 0.1;
+    a->c.block_q = 192;
+    a->c.block_k = 96;
     a->n = a->m = a->kv_heads = a->dim_v = -1;
 
     const int64_t big = (int64_t)1 << 40;
@@ -178,7 +193,8 @@ static int parse_args(int argc, char **argv, bench_args *a) {
         static const char *const valued[] = {
             "--op",    "--n",      "--m",       "--batch",  "--heads",
             "--kv-heads", "--dim", "--dim-v",   "--window", "--dtype",
-            "--threads", "--repeats", "--seed", "--max-rel-err"};
+            "--threads", "--repeats", "--seed", "--max-rel-err", "--density",
+            "--budget", "--block"};
         int known = 0;
         for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++)
             if (!strcmp(name, valued[k])) known = 1;
@@ -229,6 +245,20 @@ static int parse_args(int argc, char **argv, bench_args *a) {
         } else if (!strcmp(name, "--seed")) {
             rc = parse_i64(name, val, 0, INT64_MAX, &v);
             a->opts.seed = (uint64_t)v;
+        } else if (!strcmp(name, "--density") || !strcmp(name, "--budget")) {
+            char *end = NULL;
+            errno = 0;
+            double x = strtod(val, &end);
+            if (errno || end == val || *end || !(x > 0.0 && x <= 1.0))
+                return usage_error("%s expects a fraction in (0, 1], got '%s'", name, val);
+            a->c.budget = x;
+            a->shape_given = 1;
+        } else if (!strcmp(name, "--block")) {
+            rc = parse_window(val, &a->c.block_q, &a->c.block_k);
+            if (!rc && (a->c.block_q < 1 || a->c.block_q > 512 || a->c.block_k < 1 ||
+                        a->c.block_k > 512))
+                return usage_error("--block expects BQ,BK in 1..512, got '%s'", val);
+            a->shape_given = 1;
         } else if (!strcmp(name, "--max-rel-err")) {
             char *end = NULL;
             errno = 0;
@@ -241,7 +271,7 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     }
 
     if (a->shape_given && !a->have_op)
-        return usage_error("shape options need --op (attention, attention_bwd or decode)");
+        return usage_error("shape options need --op (see attn bench --help)");
     if (!a->have_op) return 0;
 
     bench_case *c = &a->c;
@@ -282,7 +312,7 @@ static int parse_args(int argc, char **argv, bench_args *a) {
 
 static bench_case suite_case(bench_op op, int64_t n, int64_t m, int64_t h, int64_t hk,
                              int64_t d, int causal, attn_dtype dt) {
-    bench_case c = {op, 1, n, m, h, hk, d, d, causal, -1, -1, dt};
+    bench_case c = {op, 1, n, m, h, hk, d, d, causal, -1, -1, dt, 0.1, 192, 96};
     return c;
 }
 
@@ -301,6 +331,21 @@ static size_t quick_suite(bench_case *out) {
         for (int causal = 0; causal <= 1; causal++)
             out[k++] = suite_case(BENCH_ATTENTION_BWD, 4096, 4096, 8, 8, d, causal, ATTN_F32);
     out[k++] = suite_case(BENCH_DECODE, 1, 262144, 8, 8, 128, 0, ATTN_F16);
+    /* sparse section: N = 8192, H = 8, D = 64, structured inputs */
+    static const struct {
+        bench_op op;
+        double budget;
+        int64_t wl;
+    } sparse[] = {{BENCH_BLOCKSPARSE, 0.10, -1}, {BENCH_BLOCKSPARSE, 0.25, -1},
+                  {BENCH_WINDOW, 1.0, 512},      {BENCH_TOPK, 0.15, -1},
+                  {BENCH_PSA, 0.15, -1}};
+    for (size_t i = 0; i < sizeof sparse / sizeof sparse[0]; i++) {
+        bench_case c = suite_case(sparse[i].op, 8192, 8192, 8, 8, 64, 0, ATTN_F32);
+        c.budget = sparse[i].budget;
+        if (sparse[i].wl >= 0) /* a causal sliding window beside causal dense attention */
+            c.window_left = sparse[i].wl, c.window_right = 0, c.causal = 1;
+        out[k++] = c;
+    }
     return k;
 }
 
@@ -321,8 +366,8 @@ static attn_op api_op(bench_op op) {
     case BENCH_ATTENTION: return ATTN_OP_FORWARD;
     case BENCH_ATTENTION_BWD: return ATTN_OP_BACKWARD;
     case BENCH_DECODE: return ATTN_OP_DECODE;
+    default: return ATTN_OP_FORWARD;
     }
-    return ATTN_OP_FORWARD;
 }
 
 static int timed_call(op_state *s, const char *what, double *seconds) {
@@ -408,6 +453,11 @@ static int run_case(attn_ctx *ctx, attn_ctx *ref, const bench_case *c, const ben
     res.min_ms = 1e3 * times[0];
     res.gflops = count_flops(c) / median * 1e-9;
     res.gbps = count_bytes(c) / median * 1e-9;
+    res.density = op_density(s);
+    res.dense_ms = op_dense_ms(s);
+    if (bench_op_is_sparse(c->op)) /* the work done: the dense FLOPs times the density */
+        res.gflops = 2.0 * (double)c->n * (double)c->m * (double)(c->dim + c->dim_v) *
+                     (double)c->heads * res.density / median * 1e-9;
     free(times);
 
     res.rel_err = NAN;

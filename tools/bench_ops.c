@@ -13,6 +13,7 @@ struct op_state {
     attn_params p;
     void *q, *k, *v, *o, *lse, *dout, *dq, *dk, *dv;
     attn_tensor tq, tk, tv, to, tlse, tdout, tdq, tdk, tdv;
+    sparse_state *sp; /* sparse ops run through bench_sparse.c */
 };
 
 const char *bench_op_name(bench_op op) {
@@ -20,6 +21,10 @@ const char *bench_op_name(bench_op op) {
     case BENCH_ATTENTION: return "attention";
     case BENCH_ATTENTION_BWD: return "attention_bwd";
     case BENCH_DECODE: return "decode";
+    case BENCH_BLOCKSPARSE: return "blocksparse";
+    case BENCH_WINDOW: return "window";
+    case BENCH_PSA: return "psa";
+    case BENCH_TOPK: return "topk";
     }
     return "?";
 }
@@ -67,6 +72,7 @@ static attn_tensor lse_view(float *base, int64_t b, int64_t h, int64_t n, int64_
 
 void op_free(op_state *s) {
     if (!s) return;
+    sparse_free(s->sp);
     free(s->q);
     free(s->k);
     free(s->v);
@@ -89,6 +95,15 @@ attn_status op_setup(op_state **out, attn_ctx *ctx, const bench_case *c, uint64_
     }
     s->ctx = ctx;
     s->c = *c;
+    if (bench_op_is_sparse(c->op)) {
+        attn_status st = sparse_setup(&s->sp, ctx, c, seed, err, errlen);
+        if (st != ATTN_OK) {
+            free(s);
+            return st;
+        }
+        *out = s;
+        return ATTN_OK;
+    }
     s->p = attn_params_default();
     s->p.causal = c->causal;
     s->p.window_left = c->window_left;
@@ -142,6 +157,7 @@ attn_status op_setup(op_state **out, attn_ctx *ctx, const bench_case *c, uint64_
 }
 
 attn_status op_run(op_state *s) {
+    if (s->sp) return sparse_run(s->sp);
     switch (s->c.op) {
     case BENCH_ATTENTION:
         return attn_forward(s->ctx, &s->p, &s->tq, &s->tk, &s->tv, &s->to, NULL);
@@ -150,8 +166,9 @@ attn_status op_run(op_state *s) {
                              &s->tdout, &s->tdq, &s->tdk, &s->tdv);
     case BENCH_DECODE:
         return attn_decode(s->ctx, &s->p, &s->tq, &s->tk, &s->tv, NULL, &s->to, NULL);
+    default:
+        return ATTN_ERR_ARG;
     }
-    return ATTN_ERR_ARG;
 }
 
 /* sqrt(sum (x - r)^2 / sum r^2) of rows r0.. of x [B, N, H, D] against the
@@ -179,6 +196,11 @@ attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
                        size_t errlen) {
     const bench_case *c = &s->c;
     *rel_err = NAN;
+    if (s->sp) { /* against the dense (exact) forward of the same run */
+        (void)ref;
+        *rel_err = sparse_rel_err(s->sp);
+        return ATTN_OK;
+    }
     /* Decode checks every query; the others the last rows, which see the same
      * bottom-right causal alignment as in the full problem. */
     int64_t rows = c->op == BENCH_DECODE ? c->n : (c->n < 16 ? c->n : 16);
@@ -196,6 +218,8 @@ attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
     }
 
     switch (c->op) {
+    default:
+        break;
     case BENCH_ATTENTION: {
         attn_tensor os = attn_tensor_4d(got, ATTN_F32, c->batch, rows, c->heads, c->dim_v);
         st = attn_forward(ref, &s->p, &qs, &s->tk, &s->tv, &os, NULL);
@@ -241,3 +265,6 @@ attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
     free(dv);
     return st;
 }
+
+double op_density(const op_state *s) { return s->sp ? sparse_density(s->sp) : NAN; }
+double op_dense_ms(const op_state *s) { return s->sp ? sparse_dense_ms(s->sp) : NAN; }

@@ -28,10 +28,17 @@ int cmd_bench(int argc, char **argv);
 typedef enum bench_op {
     BENCH_ATTENTION = 0,     /* attn_forward */
     BENCH_ATTENTION_BWD = 1, /* attn_backward (after one untimed forward) */
-    BENCH_DECODE = 2         /* attn_decode: n new queries against a cache of m */
+    BENCH_DECODE = 2,        /* attn_decode: n new queries against a cache of m */
+    /* sparse (bench_sparse.c): planning + attn_forward with the plan, on
+     * structured inputs, compared with the dense forward of the same run */
+    BENCH_BLOCKSPARSE = 3,   /* random key blocks at density `budget`, plus the diagonal */
+    BENCH_WINDOW = 4,        /* the implicit sliding window of --window */
+    BENCH_PSA = 5,           /* attn_plan_psa at work budget `budget` */
+    BENCH_TOPK = 6           /* attn_plan_select, top-k blocks at budget `budget` */
 } bench_op;
 
 const char *bench_op_name(bench_op op);
+int bench_op_is_sparse(bench_op op);
 
 /* One measured problem. Q, O (and all gradients) are f32; K and V are dtype. */
 typedef struct bench_case {
@@ -40,6 +47,8 @@ typedef struct bench_case {
     int causal;
     int64_t window_left, window_right; /* -1 unbounded */
     attn_dtype dtype;
+    double budget;                     /* sparse ops: density / work budget in (0, 1] */
+    int64_t block_q, block_k;          /* sparse ops: plan blocks */
 } bench_case;
 
 /* Options that apply to every case of a run. */
@@ -84,6 +93,26 @@ attn_status op_run(op_state *s);
 attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
                        size_t errlen);
 void op_free(op_state *s);
+/* Sparse ops: fraction of the dense work, and the dense forward's ms; else NaN. */
+double op_density(const op_state *s);
+double op_dense_ms(const op_state *s);
+
+/* ------------------------------------------------------------- sparse ops */
+
+typedef struct sparse_state sparse_state;
+
+/* Structured inputs (local bands plus a few heavy key columns), the dense
+ * forward timed as the yardstick (median of `repeats`), and the op's plan
+ * built once to know its density. */
+attn_status sparse_setup(sparse_state **out, attn_ctx *ctx, const bench_case *c,
+                         uint64_t seed, char *err, size_t errlen);
+/* Planning plus the planned forward: what the op costs a user. */
+attn_status sparse_run(sparse_state *s);
+/* Relative L2 error of the last output against the dense forward. */
+double sparse_rel_err(const sparse_state *s);
+double sparse_density(const sparse_state *s);
+double sparse_dense_ms(const sparse_state *s);
+void sparse_free(sparse_state *s);
 
 /* ------------------------------------------------------------- ceilings */
 
@@ -115,6 +144,8 @@ typedef struct bench_result {
     double peak_gbps;      /* read bandwidth measured right before and after the op
                               (the larger), for memory-bound ops; NaN: use the ceiling */
     double rel_err;        /* NaN: not checked */
+    double density;        /* sparse ops: fraction of the dense work done; else NaN */
+    double dense_ms;       /* sparse ops: the dense forward of the same shape; else NaN */
 } bench_result;
 
 typedef struct report_ctx {

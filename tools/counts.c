@@ -66,8 +66,7 @@ double count_bytes(const bench_case *c) {
                 kv_size(c);
     double lse = b * c->heads * c->n * 4.0;
     switch (c->op) {
-    case BENCH_ATTENTION:
-    case BENCH_DECODE:
+    default: /* forward-like: attention, decode, the sparse ops */
         return q + kv + o;
     case BENCH_ATTENTION_BWD: {
         /* read q, k, v, o, dout, lse; write dq, dk, dv (f32) */

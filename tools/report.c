@@ -108,6 +108,10 @@ void report_row(const report_ctx *r, const bench_case *c, const bench_result *re
             printf("\"peak_rss_bytes\": %.0f, ", res->peak_rss_bytes);
         else
             printf("\"peak_rss_bytes\": null, ");
+        if (isfinite(res->density)) {
+            json_num("density", res->density, 0);
+            json_num("dense_ms", res->dense_ms, 0);
+        }
         json_num("rel_err", res->rel_err, 1);
         printf("}\n");
     } else {
@@ -124,6 +128,9 @@ void report_row(const report_ctx *r, const bench_case *c, const bench_result *re
                (long long)c->heads, (long long)c->kv_heads, (long long)c->dim,
                (long long)c->dim_v, mask, attn_dtype_name(c->dtype), res->median_ms,
                res->gflops, pk, res->gbps, pb, rss, err);
+        if (isfinite(res->density))
+            printf("%13s density %.3f of the dense work; dense forward %.3f ms (%.2fx)\n", "",
+                   res->density, res->dense_ms, res->dense_ms / res->median_ms);
     }
     fflush(stdout);
 }

@@ -95,6 +95,65 @@ static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_
     }
 }
 
+/* Pooled K and V of every pyramid level a plan uses, built once per call:
+ * level l holds, per (sequence, kv head), each key block's groups of 2^l keys
+ * as their means, [B][Hk][nkb * gpb[l]][D] f32 (gpb: groups per block). A
+ * pooled block is then read like any f32 block, not re-pooled for every
+ * query block that visits it. */
+typedef struct pyramid {
+    float *k[16], *v[16];
+    int64_t gpb[16], rows[16];
+} pyramid;
+
+static void pyramid_free(pyramid *py) {
+    for (int l = 0; l < 16; l++) free(py->k[l]), free(py->v[l]);
+}
+
+static attn_status pyramid_build(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *k,
+                                 const attn_tensor *v, pyramid *py) {
+    memset(py, 0, sizeof *py);
+    const attn_plan *pl = p->plan;
+    unsigned used = 0;
+    for (int64_t e = 0; e < pl->row_offsets[pl->heads * pl->n_qblocks]; e++)
+        used |= 1u << pl->entries[e].level;
+    const int64_t bk = pl->block_k, nkb = pl->n_kblocks, dmax = p->d > p->dv ? p->d : p->dv;
+    for (int l = 1; l < 16; l++) {
+        if (!(used & (1u << l))) continue;
+        py->gpb[l] = (bk + ((int64_t)1 << l) - 1) >> l;
+        py->rows[l] = nkb * py->gpb[l];
+        size_t n = (size_t)(p->batch * p->hk * py->rows[l]);
+        py->k[l] = malloc(n * (size_t)p->d * sizeof(float));
+        py->v[l] = malloc(n * (size_t)p->dv * sizeof(float));
+        if (!py->k[l] || !py->v[l]) {
+            pyramid_free(py);
+            return attn_err(ATTN_ERR_NOMEM, "out of memory for the pooled key/value pyramid");
+        }
+    }
+    size_t stride;
+    float *tmp = scratch_alloc(ctx->threads, (size_t)dmax, &stride);
+    if (!tmp) {
+        pyramid_free(py);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory for the pooled key/value pyramid");
+    }
+    const int64_t jobs = p->batch * p->hk * nkb;
+#pragma omp parallel for num_threads(ctx->threads) schedule(static)
+    for (int64_t x = 0; x < jobs; x++) {
+        float *row = tmp + stride * (size_t)engine_thread_id();
+        const int64_t bi = x / (p->hk * nkb), hk = (x / nkb) % p->hk, kb = x % nkb;
+        const int64_t j0 = kb * bk, nk = j0 + bk <= p->m ? bk : p->m - j0;
+        for (int l = 1; l < 16; l++) {
+            if (!py->k[l]) continue;
+            size_t r0 = (size_t)((bi * p->hk + hk) * py->rows[l] + kb * py->gpb[l]);
+            rows_pool(ctx->kernels, k, attn_off4(k, bi, j0, hk, 0), k->stride[1], nk, l, p->d,
+                      py->k[l] + r0 * (size_t)p->d, row);
+            rows_pool(ctx->kernels, v, attn_off4(v, bi, j0, hk, 0), v->stride[1], nk, l, p->dv,
+                      py->v[l] + r0 * (size_t)p->dv, row);
+        }
+    }
+    free(tmp);
+    return ATTN_OK;
+}
+
 /* Ask for rows [r0, r0 + n) of head h of t (any dtype, unit stride assumed
  * for the extent; other layouts only lose the hint). Rows of one head are
  * H * D elements apart in the usual layout, a stride the hardware
@@ -115,7 +174,7 @@ static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t 
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
                         const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
-                        int64_t j1, bool masked, int level) {
+                        int64_t j1, bool masked, int level, const pyramid *py) {
     const int64_t d = p->d, dv = p->dv;
     int64_t nk = j1 - j0;
     if (j1 < sq->m) { /* the next block, most likely visited next */
@@ -129,10 +188,11 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     int64_t voff = attn_off4(v, sq->tb, sq->k0 + j0, hk, 0);
     const int64_t keys = nk; /* before pooling */
     if (level > 0) { /* the block's pyramid level: group means, fewer keys */
-        rows_pool(kr, k, koff, k->stride[1], nk, level, d, b->kbuf, b->row);
-        rows_pool(kr, v, voff, v->stride[1], nk, level, dv, b->vbuf, b->row);
+        size_t r0 = (size_t)((sq->tb * p->hk + hk) * py->rows[level] +
+                             (j0 / p->plan->block_k) * py->gpb[level]);
         nk = (nk + ((int64_t)1 << level) - 1) >> level;
-        ka = b->kbuf, lda = d, vb = b->vbuf, ldv = dv;
+        ka = py->k[level] + r0 * (size_t)d, lda = d;
+        vb = py->v[level] + r0 * (size_t)dv, ldv = dv;
     } else if (k->dtype == ATTN_F32 && k->stride[3] == 1) {
         ka = (const float *)k->data + koff;
         lda = k->stride[1];
@@ -185,8 +245,8 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
 
 static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,
                      const attn_tensor *k, const attn_tensor *v, attn_tensor *o,
-                     attn_tensor *lse, const fwd_bufs *b, int64_t bq, int64_t bk, int64_t bi,
-                     int64_t h, int64_t qb) {
+                     attn_tensor *lse, const fwd_bufs *b, const pyramid *py, int64_t bq,
+                     int64_t bk, int64_t bi, int64_t h, int64_t qb) {
     const attn_kernels *kr = ctx->kernels;
     const attn_seq sq = attn_problem_seq(p, bi);
     const int64_t d = p->d, dv = p->dv, hk = h / (p->h / p->hk);
@@ -212,7 +272,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool masked = en->mask == ATTN_BLOCK_PARAMS &&
                           !block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, masked, en->level);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, masked, en->level, py);
         }
     } else if (sq.m > 0) {
         /* keys seen by the first query from the left, by the last from the right */
@@ -222,7 +282,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
         for (int64_t j0 = (lo / bk) * bk; j0 <= hi; j0 += bk) {
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool full = block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full, 0);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full, 0, NULL);
         }
     }
 
@@ -263,12 +323,22 @@ attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const att
     }
 
     const int threads = ctx->threads;
+    pyramid py;
+    memset(&py, 0, sizeof py);
+    if (p->plan) {
+        attn_status st = pyramid_build(ctx, p, k, v, &py);
+        if (st != ATTN_OK) {
+            free(task_seq);
+            return st;
+        }
+    }
     size_t stride;
     scratch count = {NULL, 0};
     fwd_carve(&count, bq, bk, p->d, p->dv);
     float *scr = scratch_alloc(threads, count.used, &stride);
     if (!scr) {
         free(task_seq);
+        pyramid_free(&py);
         return attn_err(ATTN_ERR_NOMEM, "out of memory for forward scratch");
     }
     const int64_t n_tasks = n_tasks_seq * p->h;
@@ -282,11 +352,12 @@ attn_status engine_forward(const attn_ctx *ctx, const attn_problem *p, const att
         for (int64_t ti = 0; ti < n_tasks; ti++) {
             /* head-major: consecutive tasks share a head, and its K/V stay in cache */
             int64_t h = ti / n_tasks_seq, s = ti % n_tasks_seq;
-            run_task(ctx, p, q, k, v, o, lse, &b, bq, bk, task_seq[2 * s], h,
+            run_task(ctx, p, q, k, v, o, lse, &b, &py, bq, bk, task_seq[2 * s], h,
                      task_seq[2 * s + 1]);
         }
     }
     free(scr);
     free(task_seq);
+    pyramid_free(&py);
     return ATTN_OK;
 }
