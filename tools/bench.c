@@ -22,6 +22,13 @@ static const char bench_usage[] =
     "  attention      attn_forward\n"
     "  attention_bwd  attn_backward (one untimed forward first for O and LSE)\n"
     "  decode         attn_decode: --n new queries (1..16) against a cache of --m keys\n"
+    "  linear         attn_linear_forward, no gate (--causal or not); --n tokens\n"
+    "  lightning      attn_linear_forward, per-head decay (Lightning Attention-2)\n"
+    "  gla            attn_linear_forward, per-key-dim gates (GLA); gla_bwd its backward\n"
+    "  gla_decode     attn_linear_decode: --n tokens (default 1) per sequence\n"
+    "  ssd            attn_ssd_forward (Mamba-2): --dim-v head dim, --dim state, --kv-heads groups\n"
+    "  mamba          attn_mamba_scan: --heads channels, --dim state size\n"
+    "  efficiency     linear, lightning, gla against causal attention, N = 128 .. --n\n"
     "shape:\n"
     "  --n N           query length (default 1024; decode 1)\n"
     "  --m M           key length (default N; decode 65536)\n"
@@ -113,9 +120,15 @@ static int parse_op(const char *s, bench_op *op) {
         *op = BENCH_PSA;
     else if (!strcmp(s, "topk"))
         *op = BENCH_TOPK;
-    else
+    else {
+        static const bench_op lin[] = {BENCH_LINEAR, BENCH_LIGHTNING, BENCH_GLA, BENCH_GLA_BWD,
+                                       BENCH_GLA_DECODE, BENCH_SSD, BENCH_MAMBA, BENCH_EFFICIENCY};
+        for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++)
+            if (!strcmp(s, bench_op_name(lin[i]))) return *op = lin[i], 0;
         return usage_error("unknown op '%s': use attention, attention_bwd, decode, "
-                           "blocksparse, window, psa or topk", s);
+                           "blocksparse, window, psa, topk, linear, lightning, gla, gla_bwd, "
+                           "gla_decode, ssd, mamba or efficiency", s);
+    }
     return 0;
 }
 
@@ -275,7 +288,11 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     if (!a->have_op) return 0;
 
     bench_case *c = &a->c;
-    if (c->op == BENCH_DECODE) {
+    if (bench_op_is_linear(c->op) || c->op == BENCH_EFFICIENCY) {
+        c->n = a->n > 0 ? a->n
+               : c->op == BENCH_GLA_DECODE ? 1 : c->op == BENCH_EFFICIENCY ? 8192 : 4096;
+        c->m = c->n;
+    } else if (c->op == BENCH_DECODE) {
         c->n = a->n > 0 ? a->n : 1;
         c->m = a->m > 0 ? a->m : 65536;
         if (c->n > ATTN_DECODE_MAX_QUERIES) {
@@ -346,6 +363,14 @@ static size_t quick_suite(bench_case *out) {
             c.window_left = sparse[i].wl, c.window_right = 0, c.causal = 1;
         out[k++] = c;
     }
+    /* linear-time section: the chunked-recurrence engine, H = 8, D = 64
+     * (mamba: 1024 channels, state 16); the efficiency sweep follows the suite */
+    static const bench_op lin[] = {BENCH_LINEAR, BENCH_LIGHTNING, BENCH_GLA, BENCH_SSD};
+    for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++)
+        out[k++] = suite_case(lin[i], 16384, 16384, 8, 8, 64, 1, ATTN_F32);
+    out[k++] = suite_case(BENCH_GLA_BWD, 4096, 4096, 8, 8, 64, 1, ATTN_F32);
+    out[k++] = suite_case(BENCH_MAMBA, 4096, 4096, 1024, 1024, 16, 1, ATTN_F32);
+    out[k++] = suite_case(BENCH_GLA_DECODE, 1, 1, 32, 32, 128, 1, ATTN_F32);
     return k;
 }
 
@@ -455,6 +480,7 @@ static int run_case(attn_ctx *ctx, attn_ctx *ref, const bench_case *c, const ben
     res.gbps = count_bytes(c) / median * 1e-9;
     res.density = op_density(s);
     res.dense_ms = op_dense_ms(s);
+    res.ns_per_token = bench_op_is_linear(c->op) ? median * 1e9 / ((double)c->batch * c->n) : NAN;
     if (bench_op_is_sparse(c->op)) /* the work done: the dense FLOPs times the density */
         res.gflops = 2.0 * (double)c->n * (double)c->m * (double)(c->dim + c->dim_v) *
                      (double)c->heads * res.density / median * 1e-9;
@@ -516,15 +542,20 @@ int cmd_bench(int argc, char **argv) {
     report_ceilings(&r);
     report_header(&r);
 
-    if (a.have_op) {
+    if (a.have_op && a.c.op == BENCH_EFFICIENCY) {
+        rc = linear_efficiency(ctx, &a.c, &a.opts, r.threads, r.isa);
+    } else if (a.have_op) {
         rc = run_case(ctx, ref, &a.c, &a.opts, &r, 1);
     } else {
-        bench_case cases[32];
+        bench_case cases[48];
         size_t count = quick_suite(cases);
         for (size_t i = 0; i < count; i++) {
             int one = run_case(ctx, ref, &cases[i], &a.opts, &r, 0);
             if (one && !rc) rc = one;
         }
+        bench_case eff = suite_case(BENCH_EFFICIENCY, 8192, 8192, 8, 8, 64, 1, ATTN_F32);
+        int one = linear_efficiency(ctx, &eff, &a.opts, r.threads, r.isa);
+        if (one && !rc) rc = one;
     }
     attn_ctx_free(ref);
     attn_ctx_free(ctx);

@@ -14,6 +14,7 @@ struct op_state {
     void *q, *k, *v, *o, *lse, *dout, *dq, *dk, *dv;
     attn_tensor tq, tk, tv, to, tlse, tdout, tdq, tdk, tdv;
     sparse_state *sp; /* sparse ops run through bench_sparse.c */
+    linear_state *ls; /* linear-time ops run through bench_linear.c */
 };
 
 const char *bench_op_name(bench_op op) {
@@ -25,6 +26,14 @@ const char *bench_op_name(bench_op op) {
     case BENCH_WINDOW: return "window";
     case BENCH_PSA: return "psa";
     case BENCH_TOPK: return "topk";
+    case BENCH_LINEAR: return "linear";
+    case BENCH_LIGHTNING: return "lightning";
+    case BENCH_GLA: return "gla";
+    case BENCH_GLA_BWD: return "gla_bwd";
+    case BENCH_GLA_DECODE: return "gla_decode";
+    case BENCH_SSD: return "ssd";
+    case BENCH_MAMBA: return "mamba";
+    case BENCH_EFFICIENCY: return "efficiency";
     }
     return "?";
 }
@@ -73,6 +82,7 @@ static attn_tensor lse_view(float *base, int64_t b, int64_t h, int64_t n, int64_
 void op_free(op_state *s) {
     if (!s) return;
     sparse_free(s->sp);
+    linear_free(s->ls);
     free(s->q);
     free(s->k);
     free(s->v);
@@ -95,6 +105,15 @@ attn_status op_setup(op_state **out, attn_ctx *ctx, const bench_case *c, uint64_
     }
     s->ctx = ctx;
     s->c = *c;
+    if (bench_op_is_linear(c->op)) {
+        attn_status st = linear_setup(&s->ls, ctx, c, seed, err, errlen);
+        if (st != ATTN_OK) {
+            free(s);
+            return st;
+        }
+        *out = s;
+        return ATTN_OK;
+    }
     if (bench_op_is_sparse(c->op)) {
         attn_status st = sparse_setup(&s->sp, ctx, c, seed, err, errlen);
         if (st != ATTN_OK) {
@@ -158,6 +177,7 @@ attn_status op_setup(op_state **out, attn_ctx *ctx, const bench_case *c, uint64_
 
 attn_status op_run(op_state *s) {
     if (s->sp) return sparse_run(s->sp);
+    if (s->ls) return linear_run(s->ls);
     switch (s->c.op) {
     case BENCH_ATTENTION:
         return attn_forward(s->ctx, &s->p, &s->tq, &s->tk, &s->tv, &s->to, NULL);
@@ -196,6 +216,7 @@ attn_status op_rel_err(op_state *s, attn_ctx *ref, double *rel_err, char *err,
                        size_t errlen) {
     const bench_case *c = &s->c;
     *rel_err = NAN;
+    if (s->ls) return linear_rel_err(s->ls, ref, rel_err, err, errlen);
     if (s->sp) { /* against the dense (exact) forward of the same run */
         (void)ref;
         *rel_err = sparse_rel_err(s->sp);

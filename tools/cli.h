@@ -34,11 +34,21 @@ typedef enum bench_op {
     BENCH_BLOCKSPARSE = 3,   /* random key blocks at density `budget`, plus the diagonal */
     BENCH_WINDOW = 4,        /* the implicit sliding window of --window */
     BENCH_PSA = 5,           /* attn_plan_psa at work budget `budget` */
-    BENCH_TOPK = 6           /* attn_plan_select, top-k blocks at budget `budget` */
+    BENCH_TOPK = 6,          /* attn_plan_select, top-k blocks at budget `budget` */
+    /* linear-time (bench_linear.c): the chunked-recurrence engine; n tokens */
+    BENCH_LINEAR = 7,        /* attn_linear_forward, no gate (--causal or not) */
+    BENCH_LIGHTNING = 8,     /* attn_linear_forward, per-head decay (Lightning-2) */
+    BENCH_GLA = 9,           /* attn_linear_forward, per-key-dim gates (GLA) */
+    BENCH_GLA_BWD = 10,      /* attn_linear_backward, per-key-dim gates */
+    BENCH_GLA_DECODE = 11,   /* attn_linear_decode: n tokens (default 1) per sequence */
+    BENCH_SSD = 12,          /* attn_ssd_forward: P = dim_v, N = dim, groups = kv_heads */
+    BENCH_MAMBA = 13,        /* attn_mamba_scan: E = heads channels, N = dim */
+    BENCH_EFFICIENCY = 14    /* linear, lightning, gla against causal attn_forward, N = 128 .. n */
 } bench_op;
 
 const char *bench_op_name(bench_op op);
 int bench_op_is_sparse(bench_op op);
+int bench_op_is_linear(bench_op op);
 
 /* One measured problem. Q, O (and all gradients) are f32; K and V are dtype. */
 typedef struct bench_case {
@@ -114,6 +124,24 @@ double sparse_density(const sparse_state *s);
 double sparse_dense_ms(const sparse_state *s);
 void sparse_free(sparse_state *s);
 
+/* ------------------------------------------------------------- linear-time ops */
+
+typedef struct linear_state linear_state;
+
+attn_status linear_setup(linear_state **out, attn_ctx *ctx, const bench_case *c,
+                         uint64_t seed, char *err, size_t errlen);
+attn_status linear_run(linear_state *s);
+/* The op on the first min(n, 128) tokens here and on the reference backend. */
+attn_status linear_rel_err(linear_state *s, attn_ctx *ref, double *rel_err, char *err,
+                           size_t errlen);
+void linear_free(linear_state *s);
+/* FLOPs of the chunked algorithm and bytes of one call (see bench_linear.c). */
+double linear_flops(const bench_case *c);
+double linear_bytes(const bench_case *c);
+/* --op efficiency: times and the efficiency length; returns an exit code. */
+int linear_efficiency(attn_ctx *ctx, const bench_case *c, const bench_opts *o, int threads,
+                      const char *isa);
+
 /* ------------------------------------------------------------- ceilings */
 
 typedef struct ceilings {
@@ -146,6 +174,7 @@ typedef struct bench_result {
     double rel_err;        /* NaN: not checked */
     double density;        /* sparse ops: fraction of the dense work done; else NaN */
     double dense_ms;       /* sparse ops: the dense forward of the same shape; else NaN */
+    double ns_per_token;   /* linear-time ops: median / (batch * n); else NaN */
 } bench_result;
 
 typedef struct report_ctx {

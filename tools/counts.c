@@ -51,6 +51,7 @@ static double count_visible_keys(const bench_case *c) {
 }
 
 double count_flops(const bench_case *c) {
+    if (bench_op_is_linear(c->op)) return linear_flops(c);
     double fwd = 2.0 * count_visible_pairs(c) * (double)(c->dim + c->dim_v) *
                  (double)c->heads * (double)c->batch;
     return c->op == BENCH_ATTENTION_BWD ? 2.5 * fwd : fwd;
@@ -59,6 +60,7 @@ double count_flops(const bench_case *c) {
 static double kv_size(const bench_case *c) { return (double)attn_dtype_size(c->dtype); }
 
 double count_bytes(const bench_case *c) {
+    if (bench_op_is_linear(c->op)) return linear_bytes(c);
     double b = (double)c->batch;
     double q = b * c->n * c->heads * c->dim * 4.0;
     double o = b * c->n * c->heads * c->dim_v * 4.0;

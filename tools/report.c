@@ -108,6 +108,7 @@ void report_row(const report_ctx *r, const bench_case *c, const bench_result *re
             printf("\"peak_rss_bytes\": %.0f, ", res->peak_rss_bytes);
         else
             printf("\"peak_rss_bytes\": null, ");
+        if (isfinite(res->ns_per_token)) json_num("ns_per_token", res->ns_per_token, 0);
         if (isfinite(res->density)) {
             json_num("density", res->density, 0);
             json_num("dense_ms", res->dense_ms, 0);
@@ -128,6 +129,8 @@ void report_row(const report_ctx *r, const bench_case *c, const bench_result *re
                (long long)c->heads, (long long)c->kv_heads, (long long)c->dim,
                (long long)c->dim_v, mask, attn_dtype_name(c->dtype), res->median_ms,
                res->gflops, pk, res->gbps, pb, rss, err);
+        if (isfinite(res->ns_per_token))
+            printf("%13s %.1f ns per token (all heads)\n", "", res->ns_per_token);
         if (isfinite(res->density))
             printf("%13s density %.3f of the dense work; dense forward %.3f ms (%.2fx)\n", "",
                    res->density, res->dense_ms, res->dense_ms / res->median_ms);
