@@ -4,13 +4,14 @@
  * so that one engine call gives both φ(q) S_t and φ(q) · z_t. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "mech.h"
 
-static double phi_of(attn_feature_map phi, double x) {
+static float phi_of(attn_feature_map phi, float x) {
     switch (phi) {
-    case ATTN_PHI_ELU1: return x > 0 ? x + 1.0 : exp(x);
-    case ATTN_PHI_RELU: return x > 0 ? x : 0.0;
+    case ATTN_PHI_ELU1: return x > 0 ? x + 1.0f : expf(x);
+    case ATTN_PHI_RELU: return x > 0 ? x : 0.0f;
     default: return x;
     }
 }
@@ -57,26 +58,30 @@ attn_status attn_linear_attention(attn_ctx *ctx, const attn_linear_params *p,
         goto done;
     }
     attn_tensor tq = mech_view(fq, q), tk = mech_view(fk, k);
-    for (int64_t i = 0; i < mech_numel(&tq); i++) fq[i] = (float)phi_of(phi, mech_at(q, i));
-    for (int64_t i = 0; i < mech_numel(&tk); i++) fk[i] = (float)phi_of(phi, mech_at(k, i));
+    mech_dense(q, fq);
+    mech_dense(k, fk);
+    for (int64_t i = 0; i < mech_numel(&tq); i++) fq[i] = phi_of(phi, fq[i]);
+    for (int64_t i = 0; i < mech_numel(&tk); i++) fk[i] = phi_of(phi, fk[i]);
     attn_tensor tv = mech_view(fv, v);
     tv.shape[3] = dvx;
     tv = mech_view(fv, &tv);
-    const int64_t vrows = mech_numel(&tv) / dvx;
-    for (int64_t r = 0; r < vrows; r++) {
-        for (int64_t e = 0; e < Dv; e++) fv[r * dvx + e] = (float)mech_at(v, r * Dv + e);
-        if (normalize) fv[r * dvx + Dv] = 1.0f;
-    }
+    mech_dense(v, fv);
+    if (normalize) /* spread the rows of Dv into rows of Dv + 1, last to first */
+        for (int64_t r = mech_numel(&tv) / dvx - 1; r >= 0; r--) {
+            memmove(fv + r * dvx, fv + r * Dv, (size_t)Dv * sizeof(float));
+            fv[r * dvx + Dv] = 1.0f;
+        }
     attn_tensor to = mech_view(fo, o);
     to.shape[3] = dvx;
     to = mech_view(fo, &to);
     st = attn_linear_forward(ctx, p, &tq, &tk, &tv, NULL, NULL, &to, NULL);
     if (st != ATTN_OK) goto done;
-    for (int64_t r = 0; r < B * T * H; r++) {
-        const float *orow = fo + r * dvx;
-        const float den = normalize ? orow[Dv] + eps : 1.0f;
-        for (int64_t e = 0; e < Dv; e++) mech_set(o, r * Dv + e, orow[e] / den);
-    }
+    if (normalize) /* divide, and pack rows of Dv + 1 into rows of Dv, first to last */
+        for (int64_t r = 0; r < B * T * H; r++) {
+            const float inv = 1.0f / (fo[r * dvx + Dv] + eps);
+            for (int64_t e = 0; e < Dv; e++) fo[r * Dv + e] = fo[r * dvx + e] * inv;
+        }
+    mech_store_dense(o, fo);
 done:
     free(fq);
     free(fk);

@@ -2,6 +2,7 @@
 #include "mech.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 float *mech_alloc(int64_t n0, int64_t n1, int64_t n2, int64_t n3) {
     const int64_t dims[4] = {n0, n1, n2, n3};
@@ -12,18 +13,41 @@ float *mech_alloc(int64_t n0, int64_t n1, int64_t n2, int64_t n3) {
     return malloc((size_t)n * sizeof(float));
 }
 
-static int64_t offset_of(const attn_tensor *t, int64_t i) {
+/* Element offset of the first element of row r (over all dims but the last). */
+static int64_t row_offset(const attn_tensor *t, int64_t r) {
     int64_t off = 0;
-    for (int d = t->ndim - 1; d >= 0; d--) {
-        off += (i % t->shape[d]) * t->stride[d];
-        i /= t->shape[d];
+    for (int d = t->ndim - 2; d >= 0; d--) {
+        off += (r % t->shape[d]) * t->stride[d];
+        r /= t->shape[d];
     }
     return off;
 }
 
-double mech_at(const attn_tensor *t, int64_t i) { return attn_load_f64(t, offset_of(t, i)); }
+void mech_dense(const attn_tensor *t, float *dst) {
+    const int64_t w = t->shape[t->ndim - 1], ws = t->stride[t->ndim - 1];
+    const int64_t rows = w > 0 ? mech_numel(t) / w : 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t off = row_offset(t, r);
+        float *out = dst + r * w;
+        if (t->dtype == ATTN_F32 && ws == 1)
+            memcpy(out, (const float *)t->data + off, (size_t)w * sizeof(float));
+        else
+            for (int64_t e = 0; e < w; e++) out[e] = (float)attn_load_f64(t, off + e * ws);
+    }
+}
 
-void mech_set(attn_tensor *t, int64_t i, double x) { attn_store_f64(t, offset_of(t, i), x); }
+void mech_store_dense(attn_tensor *t, const float *src) {
+    const int64_t w = t->shape[t->ndim - 1], ws = t->stride[t->ndim - 1];
+    const int64_t rows = w > 0 ? mech_numel(t) / w : 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t off = row_offset(t, r);
+        const float *in = src + r * w;
+        if (t->dtype == ATTN_F32 && ws == 1)
+            memcpy((float *)t->data + off, in, (size_t)w * sizeof(float));
+        else
+            for (int64_t e = 0; e < w; e++) attn_store_f64(t, off + e * ws, in[e]);
+    }
+}
 
 int64_t mech_numel(const attn_tensor *t) {
     int64_t n = 1;

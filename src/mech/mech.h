@@ -9,13 +9,14 @@
  * in floats; NULL on overflow or out of memory. */
 float *mech_alloc(int64_t n0, int64_t n1, int64_t n2, int64_t n3);
 
-/* Logical element i (row-major over t's shape) of t, as double. */
-double mech_at(const attn_tensor *t, int64_t i);
-
 /* Elements of t (product of its shape). */
 int64_t mech_numel(const attn_tensor *t);
-/* Logical element i of t = x (in t's dtype). */
-void mech_set(attn_tensor *t, int64_t i, double x);
+/* dst = t's elements in row-major order as f32 (any dims, dtype, strides;
+ * rows of the last dim are read as runs). */
+void mech_dense(const attn_tensor *t, float *dst);
+
+/* The inverse: t's elements (row-major order) = src, in t's dtype. */
+void mech_store_dense(attn_tensor *t, const float *src);
 
 /* Dense contiguous f32 view of buffer buf with t's shape. */
 attn_tensor mech_view(float *buf, const attn_tensor *t);

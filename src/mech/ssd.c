@@ -23,17 +23,13 @@ static attn_status check_1d(const char *name, const attn_tensor *t, bool ref, in
     return attn_check_shape(name, t, n, -1, -1, -1);
 }
 
-/* y (any dtype, shape of o's first dims) = o + dskip[ch] * x, with ch the
- * channel (head) index of each row of width w. */
-static void finish_y(const float *fo, const attn_tensor *x, const attn_tensor *dskip,
-                     int64_t rows, int64_t heads, int64_t w, attn_tensor *y) {
-    for (int64_t r = 0; r < rows; r++) {
-        const double ds = dskip ? mech_at(dskip, r % heads) : 0.0;
-        for (int64_t e = 0; e < w; e++) {
-            const int64_t i = r * w + e;
-            mech_set(y, i, fo[i] + (dskip ? ds * mech_at(x, i) : 0.0));
-        }
-    }
+/* fo [rows][w] += dskip[row % heads] * fx, then y = fo. */
+static void finish_y(float *fo, const float *fx, const float *fds, int64_t rows, int64_t heads,
+                     int64_t w, attn_tensor *y) {
+    if (fds)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t e = 0; e < w; e++) fo[r * w + e] += fds[r % heads] * fx[r * w + e];
+    mech_store_dense(y, fo);
 }
 
 attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_tensor *dt,
@@ -65,21 +61,27 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
 
     float *fq = mech_alloc(B, T, H, N), *fk = mech_alloc(B, T, H, N);
     float *fv = mech_alloc(B, T, H, P), *fg = mech_alloc(B, T, H, 1), *fo = mech_alloc(B, T, H, P);
+    float *fx = mech_alloc(B, T, H, P), *fb = mech_alloc(B, T, G, N), *fc = mech_alloc(B, T, G, N);
+    float *fa = mech_alloc(H, 1, 1, 1), *fds = dskip ? mech_alloc(H, 1, 1, 1) : NULL;
     attn_status st = ATTN_OK;
-    if (!fq || !fk || !fv || !fg || !fo) {
+    if (!fq || !fk || !fv || !fg || !fo || !fx || !fb || !fc || !fa || (dskip && !fds)) {
         st = attn_err(ATTN_ERR_NOMEM, "attn_ssd_forward: out of memory for its copies");
         goto done;
     }
+    mech_dense(x, fx);
+    mech_dense(dt, fg);
+    mech_dense(a, fa);
+    mech_dense(bm, fb);
+    mech_dense(cm, fc);
+    if (dskip) mech_dense(dskip, fds);
     const int64_t rows = B * T * H;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t h = r % H, bt = r / H, grp = h / (H / G);
-        const double d = mech_at(dt, r);
-        fg[r] = (float)(d * mech_at(a, h));
-        for (int64_t n = 0; n < N; n++) {
-            fq[r * N + n] = (float)mech_at(cm, (bt * G + grp) * N + n);
-            fk[r * N + n] = (float)mech_at(bm, (bt * G + grp) * N + n);
-        }
-        for (int64_t e = 0; e < P; e++) fv[r * P + e] = (float)(d * mech_at(x, r * P + e));
+        const float d = fg[r];
+        fg[r] = d * fa[h]; /* the log gate dt * A */
+        memcpy(fq + r * N, fc + (bt * G + grp) * N, (size_t)N * sizeof(float));
+        memcpy(fk + r * N, fb + (bt * G + grp) * N, (size_t)N * sizeof(float));
+        for (int64_t e = 0; e < P; e++) fv[r * P + e] = d * fx[r * P + e];
     }
     attn_tensor tq = attn_tensor_4d(fq, ATTN_F32, B, T, H, N);
     attn_tensor tk = attn_tensor_4d(fk, ATTN_F32, B, T, H, N);
@@ -90,9 +92,10 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
     p.scale = 1.0f;
     p.gate = ATTN_GATE_HEAD_TOKEN;
     st = attn_linear_forward(ctx, &p, &tq, &tk, &tv, &tg, state_in, &to, state_out);
-    if (st == ATTN_OK) finish_y(fo, x, dskip, rows, H, P, y);
+    if (st == ATTN_OK) finish_y(fo, fx, fds, rows, H, P, y);
 done:
-    free(fq), free(fk), free(fv), free(fg), free(fo);
+    free(fq), free(fk), free(fv), free(fg), free(fo), free(fx), free(fb), free(fc), free(fa);
+    free(fds);
     return st;
 }
 
@@ -122,17 +125,23 @@ attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x, const attn_tens
     CHECK(attn_check_output("y", y, ins, names, 8));
 
     float *fv = mech_alloc(B, T, E, 1), *fg = mech_alloc(B, T, E, N), *fo = mech_alloc(B, T, E, 1);
+    float *fx = mech_alloc(B, T, E, 1), *fa = mech_alloc(E, N, 1, 1);
+    float *fds = dskip ? mech_alloc(E, 1, 1, 1) : NULL;
     attn_status st = ATTN_OK;
-    if (!fv || !fg || !fo) {
+    if (!fv || !fg || !fo || !fx || !fa || (dskip && !fds)) {
         st = attn_err(ATTN_ERR_NOMEM, "attn_mamba_scan: out of memory for its copies");
         goto done;
     }
+    mech_dense(x, fx);
+    mech_dense(delta, fv); /* Δ, then Δ x */
+    mech_dense(a, fa);
+    if (dskip) mech_dense(dskip, fds);
     const int64_t rows = B * T * E;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t ch = r % E;
-        const double d = mech_at(delta, r);
-        fv[r] = (float)(d * mech_at(x, r));
-        for (int64_t n = 0; n < N; n++) fg[r * N + n] = (float)(d * mech_at(a, ch * N + n));
+        const float d = fv[r];
+        fv[r] = d * fx[r];
+        for (int64_t n = 0; n < N; n++) fg[r * N + n] = d * fa[ch * N + n];
     }
     /* B and C as [B, T, E, N] with head stride 0: every channel reads them */
     attn_tensor tq = *cm, tk = *bm;
@@ -152,8 +161,8 @@ attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x, const attn_tens
     p.scale = 1.0f;
     p.gate = ATTN_GATE_KEY;
     st = attn_linear_forward(ctx, &p, &tq, &tk, &tv, &tg, state_in, &to, state_out);
-    if (st == ATTN_OK) finish_y(fo, x, dskip, rows, E, 1, y);
+    if (st == ATTN_OK) finish_y(fo, fx, fds, rows, E, 1, y);
 done:
-    free(fv), free(fg), free(fo);
+    free(fv), free(fg), free(fo), free(fx), free(fa), free(fds);
     return st;
 }
