@@ -95,12 +95,14 @@ BLOCK = 64
 KEEP = 1 / 8  # fraction of the key blocks each query block keeps (at least 2)
 
 
-def block_topk_plan(q, k, causal, block=BLOCK, keep=KEEP) -> Plan:
+def block_topk_plan(q, k, causal, block=None, keep=None) -> Plan:
     """A per-head plan: each query block keeps the key blocks of highest
     mean-pooled score q_blk . k_blk (scores averaged over the batch), plus
     the diagonal block and the first block; causal blocks beyond the
     diagonal are never chosen. The call's causal rule is applied per element
     (BLOCK_PARAMS)."""
+    block = BLOCK if block is None else block
+    keep = KEEP if keep is None else keep
     B, N, H, D = q.shape
     M, Hk = k.shape[1], k.shape[2]
     nqb, nkb = -(-N // block), -(-M // block)

@@ -1,0 +1,68 @@
+"""The CAB-style benchmark and the mechanism registry, on a tiny suite."""
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+from libattn import bench, mechanisms  # noqa: E402
+
+
+def test_every_mechanism_runs_every_pattern_and_exact_is_exact():
+    for pat in mechanisms.PATTERNS:
+        q, k, v, causal = bench.make_inputs(pat, 256, 2, 32)
+        rows = bench.sample_rows(q.shape[1])
+        truth = bench.exact_rows(q, k, v, causal, rows)
+        for name, m in mechanisms.available().items():
+            o = m.fn(q, k, v, causal)
+            assert o.shape == q.shape[:3] + (v.shape[3],)
+            err = bench.rel_rms(o[:, rows], truth)
+            assert err < (1e-5 if name in ("exact", "window") else 1.5), (name, pat, err)
+
+
+def test_block_topk_full_density_is_exact():
+    q, k, v, causal = bench.make_inputs("causal-self", 512, 2, 32)
+    plan = mechanisms.block_topk_plan(q, k, True, block=64, keep=1.0)
+    assert plan.density > 0.5
+    o = mechanisms.REGISTRY["exact"].fn(q, k, v, True)
+    import libattn
+
+    assert bench.rel_rms(libattn.attention(q, k, v, causal=True, plan=plan), o) < 1e-6
+
+
+def test_registry_is_one_entry():
+    calls = []
+
+    def fn(q, k, v, causal):
+        calls.append(causal)
+        return mechanisms.REGISTRY["exact"].fn(q, k, v, causal)
+
+    mechanisms.register(mechanisms.Mechanism("test_copy", "sparse", fn, "a copy of exact"))
+    try:
+        recs = bench.run_suite(["exact", "test_copy"], ["causal-self"], [128, 256], 2, 16,
+                               backward=True, progress=False)
+        assert len(recs) == 4 and calls
+        assert all(r["fwd_ms"] > 0 and r["rel_err"] < 1e-5 for r in recs)
+        assert all(r["fwdbwd_ms"] for r in recs if r["mechanism"] == "exact")
+    finally:
+        del mechanisms.REGISTRY["test_copy"]
+
+
+def test_cli_writes_json_csv_plots(tmp_path):
+    out = tmp_path / "cab"
+    assert bench.main(["--lengths", "128,256", "--heads", "2", "--dim", "16", "--out", str(out),
+                       "--no-overhead"]) == 0
+    data = json.loads((out / "cab.json").read_text())
+    n = len(mechanisms.available()) * 4 * 2
+    assert len(data["records"]) == n
+    assert len((out / "cab.csv").read_text().splitlines()) == n + 1
+    for png in ("time_vs_length.png", "pareto.png"):
+        assert os.path.getsize(out / png) > 1000
+
+
+def test_overhead_measurement():
+    ov = bench.measure_overhead(rounds=3, number=200)
+    assert ov["numpy_us"] > 0 and ov["torch_us"] > 0
