@@ -14,14 +14,15 @@ library's message.
 
 from ._lib import AttnError, AttnMemoryError, Context, default_context, isa_detected, version
 from ._lib import library_path
-from ._ops import attention, attention_backward, decode, linear_attention, lse_merge
+from ._ops import (attention, attention_backward, decode, feature_map_attention,
+                   linear_attention, lse_merge)
 from .plan import BLOCK_FULL, BLOCK_PARAMS, Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnError", "AttnMemoryError", "Context", "Plan", "BLOCK_FULL", "BLOCK_PARAMS",
-    "attention", "attention_backward", "decode", "linear_attention", "lse_merge", "default_context",
+    "attention", "attention_backward", "decode", "linear_attention", "feature_map_attention", "lse_merge", "default_context",
     "isa_detected", "version", "library_path",
 ]
 

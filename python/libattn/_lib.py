@@ -153,10 +153,10 @@ class Context:
         self._ptr = out.value
         self._handle = out
 
-    def __del__(self):
+    def __del__(self, _free=attn_ctx_free):
         ptr = getattr(self, "_ptr", None)
         if ptr:
-            attn_ctx_free(ptr)
+            _free(ptr)
             self._ptr = None
 
     @property
@@ -212,3 +212,20 @@ if HAS_LINEAR:
     attn_linear_backward = _sig("attn_linear_backward", _I, _P, _P, _P, _P, _P, _P, _P, _P,
                                 _P, _P, _P, _P, _P, _P)
     attn_linear_decode = _sig("attn_linear_decode", _I, _P, _P, _P, _P, _P, _P, _P, _P)
+
+# ---------------------------------------------------------------- planners and mechanisms
+# (present when the library has them)
+
+# attn_select_opts: int64 block_q, block_k, top_k; float mass;
+# int32 keep_diagonal, keep_first, causal
+SELECT_OPTS = struct.Struct("@qqqfiii")
+HAS_PLANNERS = hasattr(lib, "attn_plan_select")
+if HAS_PLANNERS:
+    attn_plan_static = _sig("attn_plan_static", _I, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64)
+    attn_plan_select = _sig("attn_plan_select", _I, _P, _P, _P, _P, _P)
+    attn_plan_psa = _sig("attn_plan_psa", _I, _P, _P, _P, _P, _P, ctypes.c_int32, _P)
+FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2}
+HAS_FEATURE_MAPS = hasattr(lib, "attn_linear_attention")
+if HAS_FEATURE_MAPS:
+    attn_linear_attention = _sig("attn_linear_attention", _I, _P, _P, ctypes.c_int,
+                                 ctypes.c_int32, ctypes.c_float, _P, _P, _P, _P)

@@ -434,4 +434,33 @@ def linear_attention(q, k, v, g=None, *, gate="none", causal=True, scale=None, c
     return (o, state) if return_state else o
 
 
-__all__.append("linear_attention")
+def feature_map_attention(q, k, v, *, feature_map="elu1", normalize=True, eps=1e-6,
+                          causal=True, scale=None, cu_seqlens=None, ctx=None):
+    """Linear attention with a feature map (Katharopoulos et al.; CAB), on
+    the chunked-recurrence engine: o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)
+    (normalize) else phi(q_t) S_t, with S_t = sum_{j<=t} phi(k_j)^T v_j and
+    z_t = sum_{j<=t} phi(k_j) (all j when not causal).
+    feature_map: "elu1" (elu + 1), "relu" or "identity".
+    q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv] -> o [B, T, H, Dv].
+    """
+    if not _lib.HAS_FEATURE_MAPS:
+        raise NotImplementedError("this libattn build has no attn_linear_attention")
+    if feature_map not in _lib.FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(_lib.FEATURE_MAPS)}, "
+                         f"got {feature_map!r}")
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k, "k")
+    pv, ov, sv, dv, _ = _view(v, "v")
+    o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    cu = _int32_array(cu_seqlens, "cu_seqlens")
+    params = _lib.LINEAR_PARAMS.pack(0.0 if scale is None else float(scale), 1 if causal else 0,
+                                     0, 0, 0 if cu is None else len(cu) - 1,
+                                     0 if cu is None else cu.ctypes.data)
+    st = _lib.attn_linear_attention(_ctx_for(ctx, dq), params, _lib.FEATURE_MAPS[feature_map],
+                                    1 if normalize else 0, float(eps), pq, pk, pv, po)
+    if st:
+        _lib.raise_status(st)
+    return o
+
+
+__all__ += ["linear_attention", "feature_map_attention"]

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import _lib, _ops
-from .plan import BLOCK_PARAMS, Plan
+from .plan import Plan
 
 PATTERNS = {  # name: (causal, cross)
     "noncausal-self": (False, False),
@@ -89,66 +89,61 @@ register(Mechanism("window", "sparse", _window,
                    f"sliding window: {WINDOW} keys each side of the (bottom-right) diagonal",
                    backward=_window_grad))
 
-# ---------------------------------------------------------------- sparse: block top-k
+# ---------------------------------------------------------------- sparse: planners (C)
 
 BLOCK = 64
-KEEP = 1 / 8  # fraction of the key blocks each query block keeps (at least 2)
+KEEP = 1 / 8  # fraction of the key blocks a query block keeps (top-k; at least 2)
 
 
-def block_topk_plan(q, k, causal, block=None, keep=None) -> Plan:
-    """A per-head plan: each query block keeps the key blocks of highest
-    mean-pooled score q_blk . k_blk (scores averaged over the batch), plus
-    the diagonal block and the first block; causal blocks beyond the
-    diagonal are never chosen. The call's causal rule is applied per element
-    (BLOCK_PARAMS)."""
-    block = BLOCK if block is None else block
-    keep = KEEP if keep is None else keep
-    B, N, H, D = q.shape
-    M, Hk = k.shape[1], k.shape[2]
-    nqb, nkb = -(-N // block), -(-M // block)
-    qn = torch.as_tensor(q).float()
-    kn = torch.as_tensor(k).float()
-    qp = torch.nn.functional.pad(qn, (0, 0, 0, 0, 0, nqb * block - N))
-    kp = torch.nn.functional.pad(kn, (0, 0, 0, 0, 0, nkb * block - M))
-    qb = qp.reshape(B, nqb, block, H, D).sum(2) / torch.tensor(
-        [min(block, N - i * block) for i in range(nqb)]).view(1, nqb, 1, 1)
-    kb = kp.reshape(B, nkb, block, Hk, D).sum(2) / torch.tensor(
-        [min(block, M - j * block) for j in range(nkb)]).view(1, nkb, 1, 1)
-    kb = kb.repeat_interleave(H // Hk, 2)
-    score = torch.einsum("bihd,bjhd->hij", qb, kb) / B  # [H, nqb, nkb]
-    # last visible key of each query block (bottom-right alignment)
-    last_q = torch.clamp(torch.arange(1, nqb + 1) * block, max=N) - 1
-    diag = torch.clamp((last_q + (M - N)) // block, min=0, max=nkb - 1)  # [nqb]
-    cols = torch.arange(nkb)
-    if causal:
-        score = score.masked_fill(cols[None, None, :] > diag[None, :, None], -math.inf)
-    nkeep = max(2, int(math.ceil(keep * nkb)))
-    nkeep = min(nkeep, nkb)
-    top = score.topk(nkeep, dim=-1).indices
-    mask = torch.zeros(H, nqb, nkb, dtype=torch.bool)
-    mask.scatter_(2, top, True)
-    mask[:, torch.arange(nqb), diag] = True
-    mask[:, :, 0] = True
-    if causal:
-        mask &= cols[None, None, :] <= diag[None, :, None]
-        # a causal query block whose first rows see no key of its blocks:
-        # keep every block between the first row's diagonal and the last's
-        first_q = torch.arange(nqb) * block
-        lo = torch.clamp((first_q + (M - N)) // block, min=0)
-        for i in range(nqb):
-            mask[:, i, int(lo[i]):int(diag[i]) + 1] = True
-    return Plan.from_block_mask(mask.numpy(), N, M, block, block, masks=BLOCK_PARAMS)
+def _nkeep(m):
+    nkb = -(-m // BLOCK)
+    return min(nkb, max(2, int(math.ceil(KEEP * nkb))))
 
 
-def _block_topk(q, k, v, causal):
-    plan = block_topk_plan(q, k, causal)
-    return _ops.attention(q, k, v, causal=causal, plan=plan)
+def _planned(make_plan):
+    def fn(q, k, v, causal):
+        return _ops.attention(q, k, v, causal=causal, plan=make_plan(q, k, causal))
+
+    return fn
 
 
-register(Mechanism("block_topk", "sparse", _block_topk,
-                   f"block-sparse plan: top {KEEP:.3g} of {BLOCK}x{BLOCK} key blocks per query "
-                   "block by mean-pooled scores, plus diagonal and first block (planner in "
-                   "Python, attention in attn_forward with the plan)"))
+def _static_plan(q, k, causal):
+    n, m = q.shape[1], k.shape[1]
+    return Plan.static(n, m, BLOCK, BLOCK, local=max(1, _nkeep(m) // 2), stride=8,
+                       global_tokens=BLOCK)
+
+
+def _topk_plan(q, k, causal):
+    return Plan.select(q, k, BLOCK, BLOCK, top_k=_nkeep(k.shape[1]), causal=causal)
+
+
+def _mass_plan(q, k, causal):
+    return Plan.select(q, k, BLOCK, BLOCK, top_k=0, mass=MASS, causal=causal)
+
+
+MASS = 0.9
+PSA_QUOTA = (1 / 16, 1 / 8, 1 / 4)  # of the key blocks at level 0, 1 (pooled by 2), 2 (by 4)
+
+
+def _psa_plan(q, k, causal):
+    return Plan.psa(q, k, PSA_QUOTA, BLOCK, BLOCK, causal=causal)
+
+
+_planners = lambda: _lib.HAS_PLANNERS  # noqa: E731
+register(Mechanism("static", "sparse", _planned(_static_plan),
+                   f"static blocks (attn_plan_static): local band of {KEEP:.3g} of the key blocks "
+                   f"/ 2, every 8th block, the first {BLOCK} tokens global; causal only",
+                   patterns=("causal-self", "causal-cross"), encoder=False, available=_planners))
+register(Mechanism("topk", "sparse", _planned(_topk_plan),
+                   f"dynamic top-k blocks (attn_plan_select): {KEEP:.3g} of the {BLOCK}x{BLOCK} "
+                   "key blocks by mean-pooled scores, plus diagonal and first block",
+                   available=_planners))
+register(Mechanism("mass", "sparse", _planned(_mass_plan),
+                   f"dynamic blocks reaching {MASS} of the estimated mass (attn_plan_select)",
+                   available=_planners))
+register(Mechanism("psa", "sparse", _planned(_psa_plan),
+                   "Pyramid Sparse Attention (attn_plan_psa): best 1/16 of key blocks at full "
+                   "resolution, next 1/8 pooled by 2, next 1/4 pooled by 4", available=_planners))
 
 # ---------------------------------------------------------------- linear
 
@@ -158,24 +153,27 @@ def _phi(x):
 
 
 def _linear_elu(q, k, v, causal):
-    """Katharopoulos et al.: phi(x) = elu(x) + 1, o_i = phi(q_i) S / phi(q_i) z,
-    the normaliser z carried as an extra value column of ones."""
-    q, k, v = _phi(q), _phi(k), torch.as_tensor(v).float()
+    """Katharopoulos et al.: phi(x) = elu(x) + 1, o_i = phi(q_i) S / phi(q_i) z.
+    Self: attn_linear_attention. Cross (N != M): the normaliser z carried as
+    an extra value column of ones through attn_linear_forward, the keys
+    before the queries' span as a state."""
     N, M = q.shape[1], k.shape[1]
+    if N == M and _lib.HAS_FEATURE_MAPS:
+        return _ops.feature_map_attention(q, k, v, feature_map="elu1", causal=causal, scale=1.0)
+    q, k, v = _phi(q), _phi(k), torch.as_tensor(v).float()
     ones = torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)
     va = torch.cat([v, ones], -1)
     if N == M:
         oa = _ops.linear_attention(q, k, va, causal=causal, scale=1.0)
-    elif not causal:  # cross: the state over all keys, read by every query
-        S = _linear_state(k, va, q.shape[2])
-        oa = torch.einsum("bnhd,bhde->bnhe", q, S)
+    elif not causal:  # the state over all keys, read by every query
+        oa = torch.einsum("bnhd,bhde->bnhe", q, _linear_state(k, va, q.shape[2]))
     else:  # causal cross, N < M: the first M - N keys as a state, then causal
         if N > M:
             raise ValueError("causal cross attention with N > M has rows without keys")
         S = _linear_state(k[:, :M - N], va[:, :M - N], q.shape[2])
         oa = _ops.linear_attention(q, k[:, M - N:], va[:, M - N:], causal=True, scale=1.0,
                                    state_in=S)
-    return oa[..., :-1] / oa[..., -1:]
+    return oa[..., :-1] / (oa[..., -1:] + 1e-6)
 
 
 def _linear_state(k, va, heads):
@@ -187,8 +185,8 @@ def _linear_state(k, va, heads):
 
 
 register(Mechanism("linear_elu", "linear", _linear_elu,
-                   "linear attention, phi = elu + 1 (Katharopoulos 2020), normalised; "
-                   "attn_linear_forward with the normaliser as an extra value column",
+                   "linear attention, phi = elu + 1 (Katharopoulos 2020), normalised "
+                   "(attn_linear_attention; cross patterns through attn_linear_forward's state)",
                    available=lambda: _lib.HAS_LINEAR))
 
 
@@ -199,5 +197,4 @@ def get(name: str) -> Mechanism:
         raise ValueError(f"unknown mechanism {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-__all__ = ["Mechanism", "REGISTRY", "PATTERNS", "register", "available", "get",
-           "block_topk_plan"]
+__all__ = ["Mechanism", "REGISTRY", "PATTERNS", "register", "available", "get"]

@@ -338,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=16,
                     help="window mechanism: keys each side (default 16: sentences are short)")
     ap.add_argument("--block", type=int, default=16,
-                    help="block_topk mechanism: block size (default 16)")
+                    help="block size of the planned sparse mechanisms (default 16)")
     a = ap.parse_args(argv)
 
     corpus = list(CORPUS) + list(a.text)

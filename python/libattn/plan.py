@@ -13,6 +13,11 @@ ENTRY_DTYPE = np.dtype([("key_block", "<i4"), ("level", "u1"), ("mask", "u1"),
 BLOCK_FULL, BLOCK_PARAMS = 0, 1
 
 
+def _need(name):
+    if not hasattr(_lib, name):
+        raise NotImplementedError(f"this libattn build has no {name}")
+
+
 class Plan:
     """An attn_plan (built once, reused across calls and layers).
 
@@ -59,6 +64,63 @@ class Plan:
             mk = np.broadcast_to(np.asarray(masks, dtype=np.uint8), bm.shape)[bm]
         return cls(n, m, block_q, block_k, heads, offs, kb, mk)
 
+    @classmethod
+    def _adopt(cls, out, n, m, block_q, block_k, heads):
+        self = cls.__new__(cls)
+        self._ptr = out.value
+        self.n, self.m, self.block_q, self.block_k, self.heads = n, m, block_q, block_k, heads
+        return self
+
+    @classmethod
+    def static(cls, n, m, block_q, block_k, local, stride=0, global_tokens=0):
+        """A static pattern (attn_plan_static, heads = 1): a band of `local`
+        key blocks ending at the diagonal, every `stride`-th key block before
+        it (0: none), and the blocks of the first `global_tokens` tokens."""
+        _need("attn_plan_static")
+        out = ctypes.c_void_p()
+        _lib.check(_lib.attn_plan_static(ctypes.byref(out), int(n), int(m), int(block_q),
+                                         int(block_k), int(local), int(stride),
+                                         int(global_tokens)))
+        return cls._adopt(out, n, m, block_q, block_k, 1)
+
+    @classmethod
+    def select(cls, q, k, block_q=64, block_k=64, top_k=0, mass=0.0, keep_diagonal=True,
+               keep_first=True, causal=False, ctx=None):
+        """Dynamic block selection from mean-pooled Q and K blocks
+        (attn_plan_select): per query head and block, the `top_k` best key
+        blocks, or (top_k = 0) the fewest whose estimated mass reaches `mass`.
+        q [B, N, H, D], k [B, M, Hk, D] (batch 0 is used); H heads."""
+        _need("attn_plan_select")
+        from ._ops import _ctx_for, _view
+
+        pq, oq, sq, dq, _ = _view(q, "q")
+        pk, ok, sk, _, _ = _view(k, "k")
+        opts = _lib.SELECT_OPTS.pack(int(block_q), int(block_k), int(top_k), float(mass),
+                                     int(bool(keep_diagonal)), int(bool(keep_first)),
+                                     int(bool(causal)))
+        out = ctypes.c_void_p()
+        _lib.check(_lib.attn_plan_select(_ctx_for(ctx, dq), ctypes.byref(out), pq, pk, opts))
+        return cls._adopt(out, sq[1], sk[1], block_q, block_k, sq[2])
+
+    @classmethod
+    def psa(cls, q, k, quota, block_q=64, block_k=64, keep_diagonal=True, causal=False,
+            ctx=None):
+        """Pyramid Sparse Attention levels (attn_plan_psa): the best fraction
+        quota[0] of each query block's key blocks at full resolution, the next
+        quota[1] pooled by 2, ...; the rest skipped."""
+        _need("attn_plan_psa")
+        from ._ops import _ctx_for, _view
+
+        pq, oq, sq, dq, _ = _view(q, "q")
+        pk, ok, sk, _, _ = _view(k, "k")
+        qa = np.ascontiguousarray(quota, dtype=np.float32)
+        opts = _lib.SELECT_OPTS.pack(int(block_q), int(block_k), 0, 0.0,
+                                     int(bool(keep_diagonal)), 0, int(bool(causal)))
+        out = ctypes.c_void_p()
+        _lib.check(_lib.attn_plan_psa(_ctx_for(ctx, dq), ctypes.byref(out), pq, pk, opts,
+                                      len(qa), qa.ctypes.data))
+        return cls._adopt(out, sq[1], sk[1], block_q, block_k, sq[2])
+
     @property
     def ptr(self) -> int:
         return self._ptr
@@ -68,9 +130,9 @@ class Plan:
         """Fraction of the n x m logits the plan visits."""
         return _lib.attn_plan_density(self._ptr)
 
-    def __del__(self):
+    def __del__(self, _free=_lib.attn_plan_free):
         if getattr(self, "_ptr", None):
-            _lib.attn_plan_free(self._ptr)
+            _free(self._ptr)
             self._ptr = None
 
     def __repr__(self):

@@ -23,14 +23,23 @@ def test_every_mechanism_runs_every_pattern_and_exact_is_exact():
             assert err < (1e-5 if name in ("exact", "window") else 1.5), (name, pat, err)
 
 
-def test_block_topk_full_density_is_exact():
-    q, k, v, causal = bench.make_inputs("causal-self", 512, 2, 32)
-    plan = mechanisms.block_topk_plan(q, k, True, block=64, keep=1.0)
-    assert plan.density > 0.5
-    o = mechanisms.REGISTRY["exact"].fn(q, k, v, True)
+def test_planners_full_budget_is_exact():
     import libattn
 
-    assert bench.rel_rms(libattn.attention(q, k, v, causal=True, plan=plan), o) < 1e-6
+    if not libattn._lib.HAS_PLANNERS:
+        pytest.skip("no planners in this build")
+    for causal in (False, True):
+        q, k, v, _ = bench.make_inputs("causal-self", 512, 2, 32)
+        o = mechanisms.REGISTRY["exact"].fn(q, k, v, causal)
+        for plan in (libattn.Plan.select(q, k, 64, 64, top_k=8, causal=causal),
+                     libattn.Plan.select(q, k, 64, 64, mass=1.0, causal=causal),
+                     libattn.Plan.psa(q, k, [1.0], 64, 64, causal=causal)):
+            assert plan.density > 0.4
+            assert bench.rel_rms(libattn.attention(q, k, v, causal=causal, plan=plan), o) < 1e-5
+        sparse = libattn.Plan.select(q, k, 64, 64, top_k=2, causal=causal)
+        assert sparse.density < 0.5
+        st = libattn.Plan.static(512, 512, 64, 64, local=8)
+        assert st.heads == 1 and st.density > 0.4
 
 
 def test_registry_is_one_entry():

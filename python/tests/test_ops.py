@@ -197,6 +197,47 @@ def test_plan_block_sparse_matches_masked_sdpa():
     assert rel_rms(o, r) < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_plan_vs_flex_attention_same_block_mask(causal):
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    rng = np.random.default_rng(15)
+    H, N, D, blk = 2, 256, 32, 64
+    bm = torch.from_numpy(rng.random((H, N // blk, N // blk)) < 0.4)
+    bm[:, range(N // blk), range(N // blk)] = True
+
+    def mask_mod(b, h, qi, kv):
+        vis = bm[h, qi // blk, kv // blk]
+        return vis & (kv <= qi) if causal else vis
+
+    block_mask = fa.create_block_mask(mask_mod, 1, H, N, N, device="cpu", BLOCK_SIZE=blk)
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, H, N, D, generator=g, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, H, N, D, generator=g)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = fa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask)
+    # FlexAttention has no backward on the CPU: gradients against masked SDPA
+    elem = bm.repeat_interleave(blk, 1).repeat_interleave(blk, 2)
+    if causal:
+        elem = elem & torch.ones(N, N, dtype=torch.bool).tril()
+    rs = F.scaled_dot_product_attention(q, k, v, attn_mask=elem[None])
+    assert rel_rms(rs, r) < 1e-5
+    rg = torch.autograd.grad(rs, (q, k, v), do)
+    plan = libattn.Plan.from_block_mask(bm.numpy(), N, N, blk, blk)
+    o = libattn.attention(*(x.detach().transpose(1, 2) for x in (q, k, v)), causal=causal,
+                          plan=plan).transpose(1, 2)
+    assert rel_rms(o, r) < 1e-5
+    lse = libattn.attention(*(x.detach().transpose(1, 2) for x in (q, k, v)), causal=causal,
+                            plan=plan, return_lse=True)[1]
+    grads = libattn.attention_backward(*(x.detach().transpose(1, 2) for x in (q, k, v)),
+                                       o.transpose(1, 2), lse, do.transpose(1, 2),
+                                       causal=causal, plan=plan)
+    for a, b in zip(grads, rg):
+        assert rel_rms(a.transpose(1, 2), b) < 1e-5
+
+
 def test_decode_vs_sdpa():
     g = torch.Generator().manual_seed(8)
     B, Mcap, H, Hk, D = 2, 300, 8, 2, 64
@@ -341,3 +382,20 @@ def test_linear_attention_vs_naive(causal):
         assert isinstance(on, np.ndarray)
     with pytest.raises(libattn.AttnError, match="gate"):
         libattn.linear_attention(q, k, v, -torch.rand(B, T, H), gate="head_token", causal=False)
+
+
+@pytest.mark.skipif(not libattn._lib.HAS_FEATURE_MAPS, reason="no feature-map mechanisms")
+@pytest.mark.parametrize("causal", [True, False])
+def test_feature_map_attention_vs_naive(causal):
+    g = torch.Generator().manual_seed(16)
+    B, T, H, D, Dv = 1, 50, 2, 16, 8
+    q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H, D, generator=g)
+    v = torch.randn(B, T, H, Dv, generator=g)
+    phi = lambda x: F.elu(x.double()) + 1  # noqa: E731
+    s = torch.einsum("bthd,bshd->bhts", phi(q), phi(k))
+    if causal:
+        s = s * torch.ones(T, T, dtype=torch.bool).tril()
+    want = torch.einsum("bhts,bshd->bthd", s, v.double()) / (s.sum(-1).transpose(1, 2)[..., None]
+                                                             + 1e-6)
+    o = libattn.feature_map_attention(q, k, v, feature_map="elu1", causal=causal, scale=1.0)
+    assert rel_rms(o, want) < 1e-5
