@@ -40,6 +40,15 @@ static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
 #define GATE_FLOOR (-1e4)
 #define LOG2E 1.4426950408889634f
 
+/* Ask for rows [r0, r0 + n) of head h of t: rows of one head lie H x D
+ * elements apart, a stride the hardware prefetchers do not follow. */
+static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h) {
+    const int64_t es = (int64_t)attn_dtype_size(t->dtype), bytes = t->shape[3] * es;
+    const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
+}
+
 void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
                     int64_t h, int64_t r0, int64_t n, const attn_tensor *q,
                     const attn_tensor *k, const attn_tensor *v, const attn_tensor *g,
@@ -49,6 +58,13 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
     if (q) rows_load_block(kr, q, attn_off4(q, sq->tb, row, h, 0), q->stride[1], n, d, c->q, d);
     rows_load_block(kr, k, attn_off4(k, sq->tb, row, hk, 0), k->stride[1], n, d, c->k, d);
     rows_load_block(kr, v, attn_off4(v, sq->tb, row, hk, 0), v->stride[1], n, dv, c->v, dv);
+    if (r0 + n < sq->n) { /* the next chunk, loaded next */
+        const int64_t n2 = r0 + 2 * n <= sq->n ? n : sq->n - r0 - n;
+        if (q) prefetch_rows(q, sq->tb, row + n, n2, h);
+        prefetch_rows(k, sq->tb, row + n, n2, hk);
+        prefetch_rows(v, sq->tb, row + n, n2, hk);
+        if (p->gate == ATTN_GATE_KEY) prefetch_rows(g, sq->tb, row + n, n2, h);
+    }
     if (q)
         for (int64_t x = 0; x < n * d; x++) c->q[x] *= p->scale;
     if (dg == 1)

@@ -18,14 +18,20 @@ typedef struct lin_problem {
     const int32_t *cu;      /* varlen offsets, or NULL */
 } lin_problem;
 
-/* Tokens per chunk when the caller leaves it to the engine. The intra-chunk
- * work per token grows with the chunk (C*D for the scores), the state work
- * (4*D*Dv per chunk over C tokens) shrinks with it. Chosen by measurement
- * (docs/BENCHMARKS.md, "linear-time attention"). */
+/* Tokens per chunk when the caller leaves it to the engine. Per token the
+ * scores and A V cost C (D + Dv) FLOPs and grow with the chunk C, while the
+ * state's share, (Q ⊙ P) S and the update, is 4 D Dv whatever C is: on a CPU
+ * a chunk only has to be large enough for the GEMMs to run well. Measured
+ * (attn bench --op lightning|gla --causal --n 16384 --heads 8 --dim 64
+ * --threads 1, ms, 2 shared cores, noisy): lightning C 16: 43, 32: 48,
+ * 64: 55, 128: 67; gla 16: 130, 32: 179, 64: 303, 128: 498. At n 8192,
+ * C 8 / 16 / 24: lightning D 64: 24 / 25 / 23 (min ms), D 128: 56 / 64 / 55;
+ * gla D 64: 72 / 63 / 75, D 128: 152 / 144 / 173. */
 static inline int64_t lin_default_chunk(int64_t d, int64_t dv, attn_gate gate) {
     (void)d;
     (void)dv;
-    return gate == ATTN_GATE_KEY ? 32 : 64;
+    (void)gate;
+    return 16;
 }
 
 /* Where sequence b lives: index along dim 0 of q/k/v/o/g, first row along
