@@ -95,7 +95,8 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
         if (!(b[x] >= GATE_FLOOR)) b[x] = b[x] != b[x] ? b[x] : GATE_FLOOR; /* NaN stays */
         c->a[x] = (float)b[x];
     }
-    if (dg > 1) kr->exp2_rows(c->a, n, dg, dg, LOG2E, c->zero); /* a = e^g */
+    /* contiguous tiles go to exp2_rows as one row: no per-row tails */
+    if (dg > 1) kr->exp2_rows(c->a, 1, n * dg, n * dg, LOG2E, c->zero); /* a = e^g */
     for (int64_t i = 1; i < n; i++) /* cumulate */
         for (int64_t x = 0; x < dg; x++) b[i * dg + x] += b[(i - 1) * dg + x];
     const double *blast = b + (n - 1) * dg;
@@ -103,24 +104,29 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
         c->pp[x] = (float)b[x];
         c->rr[x] = (float)(blast[x % dg] - b[x]);
     }
-    kr->exp2_rows(c->pp, n, dg, dg, LOG2E, c->zero);
-    kr->exp2_rows(c->rr, n, dg, dg, LOG2E, c->zero);
+    kr->exp2_rows(c->pp, 1, n * dg, n * dg, LOG2E, c->zero);
+    kr->exp2_rows(c->rr, 1, n * dg, n * dg, LOG2E, c->zero);
     if (dg == 1 && p->gate != ATTN_GATE_NONE) { /* W_ij = e^{b_i - b_j}, 0 above the diagonal */
         for (int64_t i = 0; i < n; i++) {
             float *wi = c->wt + i * C;
             for (int64_t j = 0; j <= i; j++) wi[j] = (float)(b[i] - b[j]);
             for (int64_t j = i + 1; j < n; j++) wi[j] = -INFINITY;
         }
-        kr->exp2_rows(c->wt, n, n, C, LOG2E, c->zero);
+        if (n == C) kr->exp2_rows(c->wt, 1, n * C, n * C, LOG2E, c->zero);
+        else kr->exp2_rows(c->wt, n, n, C, LOG2E, c->zero);
     }
     for (int64_t x = 0; x < d; x++) c->plast[x] = c->pp[(n - 1) * dg + (dg == 1 ? 0 : x)];
 
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t x = 0; x < d; x++) {
-            int64_t gx = i * dg + (dg == 1 ? 0 : x);
-            if (q) c->qp[i * d + x] = c->q[i * d + x] * c->pp[gx];
-            c->kr[i * d + x] = c->k[i * d + x] * c->rr[gx];
-        }
+    /* Q ⊙ P and K ⊙ R, the gate broadcast over d when scalar */
+    const int64_t gs = dg == 1 ? 0 : 1; /* gate stride along x */
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict pi = c->pp + i * dg, *restrict ri = c->rr + i * dg;
+        const float *restrict qi = c->q + i * d, *restrict ki = c->k + i * d;
+        float *restrict qpi = c->qp + i * d, *restrict kri = c->kr + i * d;
+        if (q)
+            for (int64_t x = 0; x < d; x++) qpi[x] = qi[x] * pi[x * gs];
+        for (int64_t x = 0; x < d; x++) kri[x] = ki[x] * ri[x * gs];
+    }
 }
 
 void lin_chunk_decay_tile(const lin_problem *p, int64_t n, const lin_chunk *c, float *m,
