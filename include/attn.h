@@ -229,6 +229,7 @@ ATTN_API attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_te
                                    const attn_tensor *k, const attn_select_opts *opt,
                                    int32_t levels, const float *quota);
 
+
 /* ---------------------------------------------------------------- params */
 
 typedef struct attn_params {
@@ -297,6 +298,74 @@ ATTN_API attn_status attn_lse_merge(attn_ctx *ctx, const attn_tensor *o1,
                                     const attn_tensor *lse1, const attn_tensor *o2,
                                     const attn_tensor *lse2, attn_tensor *o,
                                     attn_tensor *lse);
+
+/* ---------------------------------------------------------------- NSA
+ * Native Sparse Attention: three causal branches per query (bottom-right
+ * aligned), mixed by gates given per head and token:
+ *   compressed: attention to compressed keys kc[t], vc[t] that stand for the
+ *     keys [t * cmp_stride, t * cmp_stride + cmp_block); query i sees them once
+ *     the whole span is in its past;
+ *   selected: attention to sel_count key blocks of sel_block keys, chosen per
+ *     query block and GQA group from the compressed branch's probabilities
+ *     (attn_nsa_select), the causal rule applied inside;
+ *   window: the last `window` keys.
+ *   o = g[..., 0] o_cmp + g[..., 1] o_sel + g[..., 2] o_win.
+ * The compressed K/V come from attn_nsa_compress (block means) or from the
+ * caller's own compression. */
+typedef struct attn_nsa_opts {
+    int64_t cmp_block, cmp_stride; /* l, s: s <= l */
+    int64_t sel_block, sel_count;  /* l' (1..512), n: blocks per query block */
+    int64_t query_block;           /* queries sharing one selection (1..512) */
+    int64_t window;                /* w >= 1 */
+} attn_nsa_opts;
+
+/* Compressed keys and values: kc[t] = mean of k[t s .. t s + l - 1] (likewise
+ * vc), for t in 0 .. (M - l) / s. k [B, M, Hk, D], v [B, M, Hk, Dv];
+ * kc [B, Mc, Hk, D], vc [B, Mc, Hk, Dv] with Mc = (M - l) / s + 1 (M >= l). */
+ATTN_API attn_status attn_nsa_compress(attn_ctx *ctx, const attn_nsa_opts *opt,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       attn_tensor *kc, attn_tensor *vc);
+
+/* The selection plan: per query block and kv head, block u scored by the
+ * compressed-branch probabilities of the block's queries (all heads of the
+ * group) over the compressed keys overlapping it; the first block and the
+ * block on the diagonal always kept; sel_count blocks in all. */
+ATTN_API attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p,
+                                     const attn_nsa_opts *opt, const attn_tensor *q,
+                                     const attn_tensor *kc, int64_t m, attn_plan **out);
+
+/* Forward. q [B, N, H, D], k/v [B, M, Hk, *], kc/vc compressed, sel from
+ * attn_nsa_select, gates f32 [B, N, H, 3], o [B, N, H, Dv];
+ * saved_o f32 [3 B, N, H, Dv] and saved_lse f32 [3 B, H, N]: each branch's
+ * output and LSE (branch-major), for the backward; both NULL or both set.
+ * p sets scale and softcap (causal is implied). */
+ATTN_API attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p,
+                                      const attn_nsa_opts *opt, const attn_tensor *q,
+                                      const attn_tensor *k, const attn_tensor *v,
+                                      const attn_tensor *kc, const attn_tensor *vc,
+                                      const attn_plan *sel, const attn_tensor *gates,
+                                      attn_tensor *o, attn_tensor *saved_o,
+                                      attn_tensor *saved_lse);
+
+/* Backward: dq, dk, dv, dkc, dvc (gradients of kc/vc; attn_nsa_compress_backward
+ * carries them to k/v for mean compression), dgates f32 [B, N, H, 3]. */
+ATTN_API attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p,
+                                       const attn_nsa_opts *opt, const attn_tensor *q,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       const attn_tensor *kc, const attn_tensor *vc,
+                                       const attn_plan *sel, const attn_tensor *gates,
+                                       const attn_tensor *saved_o,
+                                       const attn_tensor *saved_lse,
+                                       const attn_tensor *dout, attn_tensor *dq,
+                                       attn_tensor *dk, attn_tensor *dv, attn_tensor *dkc,
+                                       attn_tensor *dvc, attn_tensor *dgates);
+
+/* dk += dkc spread back over the compressed spans (each key gets 1/l of every
+ * block that holds it), likewise dv; dk, dv f32 [B, M, Hk, *]. */
+ATTN_API attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_opts *opt,
+                                                const attn_tensor *dkc,
+                                                const attn_tensor *dvc, attn_tensor *dk,
+                                                attn_tensor *dv);
 
 /* ---------------------------------------------------------------- linear-time attention */
 

@@ -39,6 +39,12 @@ typedef struct attn_problem {
     const int32_t *cu_q, *cu_k;        /* varlen offsets, or NULL */
     const int32_t *kv_lens;            /* decode: live keys per sequence, or NULL */
     const attn_plan *plan;             /* explicit plan or NULL */
+    /* Compressed keys (NSA's compressed branch; 0 = ordinary keys): key t
+     * stands for original positions [t * key_stride, t * key_stride +
+     * key_span - 1] of a sequence of key_positions keys, and query i (at
+     * position i + key_positions - n) sees it once all of them are past:
+     * causal only, no window. Set by mechanisms, never by the public API. */
+    int64_t key_stride, key_span, key_positions;
 } attn_problem;
 
 /* Where sequence b lives in the tensors. */
@@ -73,6 +79,13 @@ static inline attn_seq attn_problem_seq(const attn_problem *p, int64_t b) {
  * (empty when *lo > *hi). Explicit plans restrict this further. */
 static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t m,
                                       int64_t i, int64_t *lo, int64_t *hi) {
+    if (p->key_stride > 0) { /* compressed keys: whole span in the past */
+        int64_t last = i + (p->key_positions - n) - p->key_span + 1; /* first position >= 0 */
+        *lo = 0;
+        *hi = last < 0 ? -1 : last / p->key_stride;
+        if (*hi > m - 1) *hi = m - 1;
+        return;
+    }
     int64_t diag = i + (m - n);
     int64_t l = 0, r = m - 1;
     if (p->window_left >= 0 && diag - p->window_left > l) l = diag - p->window_left;
@@ -87,6 +100,12 @@ static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t 
  * to [0, n-1]) that see key j under the causal/window rule. */
 static inline void attn_visible_queries(const attn_problem *p, int64_t n, int64_t m,
                                         int64_t j, int64_t *lo, int64_t *hi) {
+    if (p->key_stride > 0) { /* compressed key j: queries at or after its span's end */
+        int64_t first = j * p->key_stride + p->key_span - 1 - (p->key_positions - n);
+        *lo = first > 0 ? first : 0;
+        *hi = n - 1;
+        return;
+    }
     int64_t off = m - n, l = 0, r = n - 1;
     int64_t right = p->window_right;
     if (p->causal && (right < 0 || right > 0)) right = 0;

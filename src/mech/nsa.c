@@ -1,0 +1,470 @@
+/* Native Sparse Attention as a composition: three causal branches run by the
+ * tiled engine (or the reference, on a reference context) and mixed by
+ * gates. The compressed branch is an ordinary problem whose keys carry
+ * "compressed" positions (attn_problem.key_stride/span); the selected branch
+ * runs a plan from attn_nsa_select; the window branch is the implicit window.
+ * No kernel of its own. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/rows.h"
+#include "mech_run.h"
+#include "validate.h"
+
+enum { BRANCH_CMP = 0, BRANCH_SEL = 1, BRANCH_WIN = 2, BRANCHES = 3 };
+
+/* ------------------------------------------------------------ checks */
+
+static attn_status check_opts(const attn_nsa_opts *o) {
+    if (!o) return attn_err(ATTN_ERR_NULL, "opt must not be NULL");
+    if (o->cmp_block < 1 || o->cmp_stride < 1 || o->cmp_stride > o->cmp_block)
+        return attn_err(ATTN_ERR_ARG, "opt->cmp_block and cmp_stride must be >= 1 with "
+                                      "cmp_stride <= cmp_block");
+    if (o->sel_block < 1 || o->sel_block > 512)
+        return attn_err(ATTN_ERR_ARG, "opt->sel_block must be in 1..512");
+    if (o->sel_count < 1) return attn_err(ATTN_ERR_ARG, "opt->sel_count must be >= 1");
+    if (o->query_block < 1 || o->query_block > 512)
+        return attn_err(ATTN_ERR_ARG, "opt->query_block must be in 1..512");
+    if (o->window < 1) return attn_err(ATTN_ERR_ARG, "opt->window must be >= 1");
+    return ATTN_OK;
+}
+
+#define CHECK(expr)                     \
+    do {                                \
+        attn_status st_ = (expr);       \
+        if (st_ != ATTN_OK) return st_; \
+    } while (0)
+
+static int64_t compressed_len(const attn_nsa_opts *o, int64_t m) {
+    return m < o->cmp_block ? 0 : (m - o->cmp_block) / o->cmp_stride + 1;
+}
+
+/* The three problems of a call: q against k/v (window, selected) and against
+ * kc/vc (compressed). */
+typedef struct nsa_problems {
+    attn_problem br[BRANCHES];
+} nsa_problems;
+
+static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
+                                 const attn_nsa_opts *o, const attn_tensor *q,
+                                 const attn_tensor *k, const attn_tensor *v,
+                                 const attn_tensor *kc, const attn_tensor *vc,
+                                 const attn_plan *sel, nsa_problems *pr) {
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    if (p->cu_seqlens_q || p->plan || p->window_left != -1 || p->window_right != -1)
+        return attn_err(ATTN_ERR_ARG,
+                        "NSA params take scale and softcap only (no varlen, plan or window)");
+    CHECK(check_opts(o));
+    CHECK(attn_check_tensor("q", q, 4, ref, false));
+    CHECK(attn_check_tensor("k", k, 4, ref, false));
+    CHECK(attn_check_tensor("v", v, 4, ref, false));
+    CHECK(attn_check_tensor("kc", kc, 4, ref, false));
+    CHECK(attn_check_tensor("vc", vc, 4, ref, false));
+    if (q->shape[0] != 1) return attn_err(ATTN_ERR_SHAPE, "NSA takes one sequence (q->shape[0] == 1)");
+    if (!sel) return attn_err(ATTN_ERR_NULL, "sel must not be NULL");
+    attn_params causal = *p;
+    causal.causal = 1;
+    CHECK(attn_check_params(&causal, q, k, v, &pr->br[BRANCH_WIN]));
+    const int64_t m = k->shape[1], mc = compressed_len(o, m);
+    CHECK(attn_check_shape("kc", kc, 1, mc, k->shape[2], k->shape[3]));
+    CHECK(attn_check_shape("vc", vc, 1, mc, v->shape[2], v->shape[3]));
+    if (mc < 1) return attn_err(ATTN_ERR_SHAPE, "k holds fewer keys than opt->cmp_block");
+    if (sel->n != q->shape[1] || sel->m != m || sel->block_q != o->query_block ||
+        sel->block_k != o->sel_block || sel->heads != k->shape[2])
+        return attn_err(ATTN_ERR_ARG, "sel is not a selection plan of this call "
+                                      "(attn_nsa_select with the same opt and shapes)");
+    pr->br[BRANCH_WIN].window_left = o->window - 1;
+    pr->br[BRANCH_WIN].window_right = 0;
+    pr->br[BRANCH_SEL] = pr->br[BRANCH_WIN];
+    pr->br[BRANCH_SEL].window_left = -1;
+    pr->br[BRANCH_SEL].plan = sel;
+    CHECK(attn_check_params(&causal, q, kc, vc, &pr->br[BRANCH_CMP]));
+    pr->br[BRANCH_CMP].key_stride = o->cmp_stride;
+    pr->br[BRANCH_CMP].key_span = o->cmp_block;
+    pr->br[BRANCH_CMP].key_positions = m;
+    return ATTN_OK;
+}
+
+/* A branch-major [3 B, ...] tensor's checks. */
+static attn_status check_saved(const attn_ctx *ctx, const attn_tensor *so,
+                               const attn_tensor *sl, const attn_problem *p) {
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("saved_o", so, 4, ref, false));
+    CHECK(attn_check_shape("saved_o", so, BRANCHES * p->batch, p->n, p->h, p->dv));
+    CHECK(attn_check_tensor("saved_lse", sl, 3, ref, false));
+    CHECK(attn_check_shape("saved_lse", sl, BRANCHES * p->batch, p->h, p->n, -1));
+    return ATTN_OK;
+}
+
+/* ------------------------------------------------------------ compression */
+
+attn_status attn_nsa_compress(attn_ctx *ctx, const attn_nsa_opts *opt, const attn_tensor *k,
+                              const attn_tensor *v, attn_tensor *kc, attn_tensor *vc) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(check_opts(opt));
+    const attn_tensor *in[2] = {k, v};
+    attn_tensor *out[2] = {kc, vc};
+    static const char *const in_names[2] = {"k", "v"}, *const out_names[2] = {"kc", "vc"};
+    for (int x = 0; x < 2; x++) {
+        CHECK(attn_check_tensor(in_names[x], in[x], 4, ref, false));
+        CHECK(attn_check_tensor(out_names[x], out[x], 4, ref, false));
+        int64_t mc = compressed_len(opt, in[x]->shape[1]);
+        if (mc < 1) return attn_err(ATTN_ERR_SHAPE, "%s holds fewer keys than opt->cmp_block", in_names[x]);
+        CHECK(attn_check_shape(out_names[x], out[x], in[x]->shape[0], mc, in[x]->shape[2],
+                               in[x]->shape[3]));
+        const attn_tensor *others[2] = {k, v};
+        const char *onames[2] = {"k", "v"};
+        CHECK(attn_check_output(out_names[x], out[x], others, onames, 2));
+    }
+    for (int x = 0; x < 2; x++) {
+        const attn_tensor *t = in[x];
+        attn_tensor *c = out[x];
+        for (int64_t b = 0; b < t->shape[0]; b++)
+            for (int64_t tt = 0; tt < c->shape[1]; tt++)
+                for (int64_t h = 0; h < t->shape[2]; h++)
+                    for (int64_t e = 0; e < t->shape[3]; e++) {
+                        double s = 0.0;
+                        for (int64_t j = tt * opt->cmp_stride; j < tt * opt->cmp_stride + opt->cmp_block; j++)
+                            s += attn_load_f64(t, attn_off4(t, b, j, h, e));
+                        attn_store_f64(c, attn_off4(c, b, tt, h, e), s / (double)opt->cmp_block);
+                    }
+    }
+    return ATTN_OK;
+}
+
+attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_opts *opt,
+                                       const attn_tensor *dkc, const attn_tensor *dvc,
+                                       attn_tensor *dk, attn_tensor *dv) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(check_opts(opt));
+    const attn_tensor *in[2] = {dkc, dvc};
+    attn_tensor *out[2] = {dk, dv};
+    static const char *const in_names[2] = {"dkc", "dvc"}, *const out_names[2] = {"dk", "dv"};
+    for (int x = 0; x < 2; x++) {
+        CHECK(attn_check_tensor(in_names[x], in[x], 4, ref, false));
+        CHECK(attn_check_tensor(out_names[x], out[x], 4, ref, false));
+        if (compressed_len(opt, out[x]->shape[1]) != in[x]->shape[1])
+            return attn_err(ATTN_ERR_SHAPE, "%s->shape[1] must be (M - cmp_block) / cmp_stride + 1 "
+                                            "for M = %s->shape[1]", in_names[x], out_names[x]);
+        CHECK(attn_check_shape(in_names[x], in[x], out[x]->shape[0], -1, out[x]->shape[2],
+                               out[x]->shape[3]));
+    }
+    for (int x = 0; x < 2; x++) {
+        const attn_tensor *c = in[x];
+        attn_tensor *t = out[x];
+        for (int64_t b = 0; b < t->shape[0]; b++)
+            for (int64_t tt = 0; tt < c->shape[1]; tt++)
+                for (int64_t h = 0; h < t->shape[2]; h++)
+                    for (int64_t e = 0; e < t->shape[3]; e++) {
+                        double g = attn_load_f64(c, attn_off4(c, b, tt, h, e)) / (double)opt->cmp_block;
+                        for (int64_t j = tt * opt->cmp_stride; j < tt * opt->cmp_stride + opt->cmp_block; j++) {
+                            int64_t off = attn_off4(t, b, j, h, e);
+                            attn_store_f64(t, off, attn_load_f64(t, off) + g);
+                        }
+                    }
+    }
+    return ATTN_OK;
+}
+
+/* ------------------------------------------------------------ selection */
+
+typedef struct cand {
+    double s;
+    int64_t u;
+} cand;
+
+static int by_score(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    if (x->s != y->s) return x->s < y->s ? 1 : -1;
+    return (x->u > y->u) - (x->u < y->u);
+}
+
+static int by_index(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    return (x->u > y->u) - (x->u < y->u);
+}
+
+attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
+                            const attn_tensor *q, const attn_tensor *kc, int64_t m,
+                            attn_plan **out) {
+    attn_clear_error();
+    if (!out) return attn_err(ATTN_ERR_NULL, "out must not be NULL");
+    *out = NULL;
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    CHECK(check_opts(opt));
+    CHECK(attn_check_tensor("q", q, 4, false, false));
+    CHECK(attn_check_tensor("kc", kc, 4, false, false));
+    if (q->shape[0] != 1 || kc->shape[0] != 1)
+        return attn_err(ATTN_ERR_SHAPE, "NSA takes one sequence (shape[0] == 1)");
+    if (m < opt->cmp_block || m > INT32_MAX)
+        return attn_err(ATTN_ERR_ARG, "m must be in cmp_block..2^31-1");
+    if (compressed_len(opt, m) != kc->shape[1])
+        return attn_err(ATTN_ERR_SHAPE, "kc->shape[1] must be (m - cmp_block) / cmp_stride + 1");
+    /* the compressed branch's LSE, by the CPU engine whatever the backend:
+     * a planner's output must not depend on it */
+    attn_params causal = *p;
+    causal.causal = 1;
+    causal.plan = NULL, causal.cu_seqlens_q = causal.cu_seqlens_k = NULL;
+    causal.window_left = causal.window_right = -1;
+    attn_problem pc;
+    attn_tensor vc1 = *kc; /* values are not needed: reuse kc as a stand-in */
+    CHECK(attn_check_params(&causal, q, kc, &vc1, &pc));
+    pc.key_stride = opt->cmp_stride, pc.key_span = opt->cmp_block, pc.key_positions = m;
+    const int64_t n = q->shape[1], h = q->shape[2], hk = kc->shape[2], d = q->shape[3];
+    const int64_t mc = kc->shape[1], g = h / hk, bq = opt->query_block, bk = opt->sel_block;
+    const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk;
+    float *lse = malloc((size_t)(h * n) * sizeof(float));
+    float *o = malloc((size_t)(n * h * kc->shape[3]) * sizeof(float));
+    float *kt = malloc((size_t)(d * mc) * sizeof(float));          /* Kc^T of one kv head */
+    float *qr = malloc((size_t)(bq * g * d) * sizeof(float));      /* the block's queries */
+    float *s = malloc((size_t)(bq * g * mc) * sizeof(float));      /* their probabilities */
+    float *sub = malloc((size_t)(bq * g) * sizeof(float));
+    double *score = malloc((size_t)nkb * sizeof(double));
+    cand *cd = malloc((size_t)nkb * sizeof(cand));
+    int64_t *off = calloc((size_t)(hk * nqb) + 1, sizeof(int64_t));
+    attn_plan_entry *en = malloc((size_t)(hk * nqb * (opt->sel_count + 2) + 1) * sizeof(attn_plan_entry));
+    attn_status st = ATTN_OK;
+    if (!lse || !o || !kt || !qr || !s || !sub || !score || !cd || !off || !en) {
+        st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
+        goto done;
+    }
+    attn_tensor to = attn_tensor_4d(o, ATTN_F32, 1, n, h, kc->shape[3]);
+    attn_tensor tl = attn_tensor_3d(lse, ATTN_F32, 1, h, n);
+    if ((st = engine_forward(ctx, &pc, q, kc, &vc1, &to, &tl)) != ATTN_OK) goto done;
+
+    const attn_kernels *kr = ctx->kernels;
+    const float mul = pc.scale * 1.4426950408889634f;
+    int64_t count = 0;
+    for (int64_t hh = 0; hh < hk; hh++) {
+        for (int64_t t = 0; t < mc; t++) {
+            rows_load(kr, kc, attn_off4(kc, 0, t, hh, 0), d, qr); /* qr as a row buffer */
+            for (int64_t x = 0; x < d; x++) kt[x * mc + t] = qr[x];
+        }
+        for (int64_t qb = 0; qb < nqb; qb++) {
+            const int64_t i0 = qb * bq, nq = i0 + bq <= n ? bq : n - i0, rows = nq * g;
+            for (int64_t r = 0; r < rows; r++) { /* row r: query i0 + r / g of head hh g + r % g */
+                int64_t i = i0 + r / g, hq = hh * g + r % g;
+                rows_load(kr, q, attn_off4(q, 0, i, hq, 0), d, qr + r * d);
+                float l = lse[hq * n + i];
+                sub[r] = l == -INFINITY ? 0.0f : l * 1.4426950408889634f;
+            }
+            kr->gemm(rows, mc, d, qr, d, 1, kt, mc, s, mc, 0, NULL);
+            for (int64_t r = 0; r < rows; r++) { /* keys not yet complete for the query */
+                int64_t lo, hi;
+                attn_visible_range(&pc, n, mc, i0 + r / g, &lo, &hi);
+                for (int64_t t = hi + 1 > 0 ? hi + 1 : 0; t < mc; t++) s[r * mc + t] = -INFINITY;
+            }
+            kr->exp2_rows(s, rows, mc, mc, mul, sub);
+            for (int64_t u = 0; u < nkb; u++) score[u] = 0.0;
+            for (int64_t t = 0; t < mc; t++) {
+                double pt = 0.0;
+                for (int64_t r = 0; r < rows; r++) pt += s[r * mc + t];
+                /* spread over the selection blocks the span overlaps */
+                int64_t a = t * opt->cmp_stride, z = a + opt->cmp_block; /* [a, z) */
+                for (int64_t u = a / bk; u < nkb && u * bk < z; u++) {
+                    int64_t lo = u * bk > a ? u * bk : a, hi = (u + 1) * bk < z ? (u + 1) * bk : z;
+                    score[u] += pt * (double)(hi - lo) / (double)opt->cmp_block;
+                }
+            }
+            /* candidates: blocks with a key the block's last query sees */
+            const int64_t last = i0 + nq - 1 + (m - n), diag = last / bk < nkb ? last / bk : nkb - 1;
+            int64_t c = 0, kept = 0;
+            for (int64_t u = 0; u <= diag && u < nkb; u++) {
+                cd[c].s = (u == 0 || u == diag) ? INFINITY : score[u]; /* forced: first, diagonal */
+                cd[c].u = u;
+                c++;
+            }
+            qsort(cd, (size_t)c, sizeof(cand), by_score);
+            kept = c < opt->sel_count ? c : opt->sel_count;
+            if (kept < 2 && c >= 2) kept = 2; /* the two forced blocks always */
+            qsort(cd, (size_t)kept, sizeof(cand), by_index);
+            for (int64_t x = 0; x < kept; x++) {
+                attn_plan_entry e = {(int32_t)cd[x].u, 0, ATTN_BLOCK_PARAMS, 0};
+                en[count++] = e;
+            }
+            off[hh * nqb + qb + 1] = count;
+        }
+    }
+    st = attn_plan_create(out, n, m, bq, bk, hk, off, en);
+done:
+    free(lse), free(o), free(kt), free(qr), free(s), free(sub), free(score), free(cd);
+    free(off), free(en);
+    return st;
+}
+
+/* ------------------------------------------------------------ forward */
+
+/* A dense buffer with t's shape for the context's backend: f64 on the
+ * reference (so the oracle stays exact), f32 on the CPU. */
+static attn_tensor scratch_like(const attn_ctx *ctx, int64_t d0, int64_t d1, int64_t d2,
+                                int64_t d3, void **mem) {
+    attn_dtype dt = ctx->backend == ATTN_BACKEND_REF ? ATTN_F64 : ATTN_F32;
+    size_t n = (size_t)(d0 * d1 * d2 * (d3 > 0 ? d3 : 1));
+    *mem = calloc(n ? n : 1, attn_dtype_size(dt));
+    return d3 > 0 ? attn_tensor_4d(*mem, dt, d0, d1, d2, d3) : attn_tensor_3d(*mem, dt, d0, d1, d2);
+}
+
+attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
+                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                             const attn_tensor *kc, const attn_tensor *vc,
+                             const attn_plan *sel, const attn_tensor *gates, attn_tensor *o,
+                             attn_tensor *saved_o, attn_tensor *saved_lse) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    nsa_problems pr;
+    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, &pr));
+    const attn_problem *b0 = &pr.br[BRANCH_WIN];
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("gates", gates, 4, ref, false));
+    CHECK(attn_check_shape("gates", gates, 1, b0->n, b0->h, BRANCHES));
+    CHECK(attn_check_tensor("o", o, 4, ref, false));
+    CHECK(attn_check_shape("o", o, 1, b0->n, b0->h, b0->dv));
+    if ((saved_o == NULL) != (saved_lse == NULL))
+        return attn_err(ATTN_ERR_ARG, "saved_o and saved_lse go together");
+    if (saved_o) CHECK(check_saved(ctx, saved_o, saved_lse, b0));
+    const attn_tensor *ins[] = {q, k, v, kc, vc, gates, saved_o, saved_lse};
+    const char *names[] = {"q", "k", "v", "kc", "vc", "gates", "saved_o", "saved_lse"};
+    CHECK(attn_check_output("o", o, ins, names, 8));
+    if (saved_o) {
+        CHECK(attn_check_output("saved_o", saved_o, ins, names, 6));
+        CHECK(attn_check_output("saved_lse", saved_lse, ins, names, 7));
+    }
+
+    void *mo = NULL, *ml = NULL;
+    attn_tensor bo = saved_o ? *saved_o : scratch_like(ctx, BRANCHES, b0->n, b0->h, b0->dv, &mo);
+    attn_tensor bl = saved_lse ? *saved_lse : scratch_like(ctx, BRANCHES, b0->h, b0->n, -1, &ml);
+    attn_status st = ATTN_OK;
+    if (!saved_o && (!mo || !ml)) st = attn_err(ATTN_ERR_NOMEM, "out of memory for NSA branches");
+    const attn_tensor *kv[BRANCHES][2] = {{kc, vc}, {k, v}, {k, v}};
+    for (int br = 0; br < BRANCHES && st == ATTN_OK; br++) {
+        attn_tensor ob = mech_part(&bo, BRANCHES, br), lb = mech_part(&bl, BRANCHES, br);
+        st = mech_forward(ctx, &pr.br[br], q, kv[br][0], kv[br][1], &ob, &lb);
+    }
+    if (st == ATTN_OK) { /* o = sum_b gate_b o_b */
+        for (int64_t i = 0; i < b0->n; i++)
+            for (int64_t h = 0; h < b0->h; h++) {
+                double gt[BRANCHES];
+                for (int br = 0; br < BRANCHES; br++) gt[br] = attn_load_f64(gates, attn_off4(gates, 0, i, h, br));
+                for (int64_t e = 0; e < b0->dv; e++) {
+                    double acc = 0.0;
+                    for (int br = 0; br < BRANCHES; br++) {
+                        attn_tensor ob = mech_part(&bo, BRANCHES, br);
+                        acc += gt[br] * attn_load_f64(&ob, attn_off4(&ob, 0, i, h, e));
+                    }
+                    attn_store_f64(o, attn_off4(o, 0, i, h, e), acc);
+                }
+            }
+    }
+    free(mo), free(ml);
+    return st;
+}
+
+/* ------------------------------------------------------------ backward */
+
+attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
+                              const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                              const attn_tensor *kc, const attn_tensor *vc,
+                              const attn_plan *sel, const attn_tensor *gates,
+                              const attn_tensor *saved_o, const attn_tensor *saved_lse,
+                              const attn_tensor *dout, attn_tensor *dq, attn_tensor *dk,
+                              attn_tensor *dv, attn_tensor *dkc, attn_tensor *dvc,
+                              attn_tensor *dgates) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    nsa_problems pr;
+    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, &pr));
+    const attn_problem *b0 = &pr.br[BRANCH_WIN];
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    if (!saved_o || !saved_lse) return attn_err(ATTN_ERR_NULL, "saved_o and saved_lse must not be NULL");
+    CHECK(check_saved(ctx, saved_o, saved_lse, b0));
+    CHECK(attn_check_tensor("gates", gates, 4, ref, false));
+    CHECK(attn_check_shape("gates", gates, 1, b0->n, b0->h, BRANCHES));
+    CHECK(attn_check_tensor("dout", dout, 4, ref, false));
+    CHECK(attn_check_shape("dout", dout, 1, b0->n, b0->h, b0->dv));
+    attn_tensor *outs[] = {dq, dk, dv, dkc, dvc, dgates};
+    const char *onames[] = {"dq", "dk", "dv", "dkc", "dvc", "dgates"};
+    const attn_tensor *shapes[] = {q, k, v, kc, vc, gates};
+    const attn_tensor *ins[] = {q, k, v, kc, vc, gates, saved_o, saved_lse, dout,
+                                dq, dk, dv, dkc, dvc};
+    const char *names[] = {"q", "k", "v", "kc", "vc", "gates", "saved_o", "saved_lse", "dout",
+                           "dq", "dk", "dv", "dkc", "dvc"};
+    for (int x = 0; x < 6; x++) {
+        CHECK(attn_check_tensor(onames[x], outs[x], 4, ref, false));
+        CHECK(attn_check_shape(onames[x], outs[x], shapes[x]->shape[0], shapes[x]->shape[1],
+                               shapes[x]->shape[2], shapes[x]->shape[3]));
+        CHECK(attn_check_output(onames[x], outs[x], ins, names, 9 + x));
+    }
+
+    /* per branch: dout_b = g_b dO, then the branch backward into its own
+     * gradients; the sums go to the outputs at the end */
+    void *mdb = NULL, *mq[BRANCHES] = {0}, *mk[BRANCHES] = {0}, *mv[BRANCHES] = {0};
+    attn_tensor db = scratch_like(ctx, 1, b0->n, b0->h, b0->dv, &mdb);
+    attn_tensor gq[BRANCHES], gk[BRANCHES], gv[BRANCHES];
+    attn_status st = mdb ? ATTN_OK : attn_err(ATTN_ERR_NOMEM, "out of memory for NSA gradients");
+    for (int br = 0; br < BRANCHES; br++) {
+        const attn_tensor *kk = br == BRANCH_CMP ? kc : k, *vv = br == BRANCH_CMP ? vc : v;
+        gq[br] = scratch_like(ctx, 1, b0->n, b0->h, b0->d, &mq[br]);
+        gk[br] = scratch_like(ctx, 1, kk->shape[1], kk->shape[2], kk->shape[3], &mk[br]);
+        gv[br] = scratch_like(ctx, 1, vv->shape[1], vv->shape[2], vv->shape[3], &mv[br]);
+        if (!mq[br] || !mk[br] || !mv[br])
+            st = attn_err(ATTN_ERR_NOMEM, "out of memory for NSA gradients");
+    }
+
+    for (int br = 0; br < BRANCHES && st == ATTN_OK; br++) {
+        for (int64_t i = 0; i < b0->n; i++)
+            for (int64_t h = 0; h < b0->h; h++) {
+                double gt = attn_load_f64(gates, attn_off4(gates, 0, i, h, br));
+                for (int64_t e = 0; e < b0->dv; e++)
+                    attn_store_f64(&db, attn_off4(&db, 0, i, h, e),
+                                   gt * attn_load_f64(dout, attn_off4(dout, 0, i, h, e)));
+            }
+        attn_tensor ob = mech_part(saved_o, BRANCHES, br), lb = mech_part(saved_lse, BRANCHES, br);
+        const attn_tensor *kk = br == BRANCH_CMP ? kc : k, *vv = br == BRANCH_CMP ? vc : v;
+        st = mech_backward(ctx, &pr.br[br], q, kk, vv, &ob, &lb, &db, &gq[br], &gk[br], &gv[br]);
+    }
+    if (st == ATTN_OK) {
+        for (int64_t x = 0; x < b0->n * b0->h * b0->d; x++) { /* dq: all three */
+            int64_t i = x / (b0->h * b0->d), h = (x / b0->d) % b0->h, e = x % b0->d;
+            double s = 0.0;
+            for (int br = 0; br < BRANCHES; br++) s += attn_load_f64(&gq[br], attn_off4(&gq[br], 0, i, h, e));
+            attn_store_f64(dq, attn_off4(dq, 0, i, h, e), s);
+        }
+        attn_tensor *dst[2] = {dk, dv}, *dstc[2] = {dkc, dvc};
+        attn_tensor *gs[2] = {gk, gv};
+        for (int w = 0; w < 2; w++) {
+            attn_tensor *t = dst[w], *tc = dstc[w], *g = gs[w];
+            for (int64_t j = 0; j < t->shape[1]; j++)
+                for (int64_t h = 0; h < t->shape[2]; h++)
+                    for (int64_t e = 0; e < t->shape[3]; e++) {
+                        double s = attn_load_f64(&g[BRANCH_SEL], attn_off4(&g[BRANCH_SEL], 0, j, h, e)) +
+                                   attn_load_f64(&g[BRANCH_WIN], attn_off4(&g[BRANCH_WIN], 0, j, h, e));
+                        attn_store_f64(t, attn_off4(t, 0, j, h, e), s);
+                    }
+            for (int64_t j = 0; j < tc->shape[1]; j++)
+                for (int64_t h = 0; h < tc->shape[2]; h++)
+                    for (int64_t e = 0; e < tc->shape[3]; e++)
+                        attn_store_f64(tc, attn_off4(tc, 0, j, h, e),
+                                       attn_load_f64(&g[BRANCH_CMP], attn_off4(&g[BRANCH_CMP], 0, j, h, e)));
+        }
+        for (int64_t i = 0; i < b0->n; i++) /* dgates: dO . o_b */
+            for (int64_t h = 0; h < b0->h; h++)
+                for (int br = 0; br < BRANCHES; br++) {
+                    attn_tensor ob = mech_part(saved_o, BRANCHES, br);
+                    double s = 0.0;
+                    for (int64_t e = 0; e < b0->dv; e++)
+                        s += attn_load_f64(dout, attn_off4(dout, 0, i, h, e)) *
+                             attn_load_f64(&ob, attn_off4(&ob, 0, i, h, e));
+                    attn_store_f64(dgates, attn_off4(dgates, 0, i, h, br), s);
+                }
+    }
+    free(mdb);
+    for (int br = 0; br < BRANCHES; br++) free(mq[br]), free(mk[br]), free(mv[br]);
+    return st;
+}
