@@ -28,7 +28,7 @@ static const char bench_usage[] =
     "  gla_decode     attn_linear_decode: --n tokens (default 1) per sequence\n"
     "  ssd            attn_ssd_forward (Mamba-2): --dim-v head dim, --dim state, --kv-heads groups\n"
     "  mamba          attn_mamba_scan: --heads channels, --dim state size\n"
-    "  efficiency     linear, lightning, gla against causal attention, N = 128 .. --n\n"
+    "  efficiency     linear, lightning, gla against causal attention, N = 16 .. --n\n"
     "shape:\n"
     "  --n N           query length (default 1024; decode 1)\n"
     "  --m M           key length (default N; decode 65536)\n"

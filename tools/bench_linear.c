@@ -346,7 +346,7 @@ int linear_efficiency(attn_ctx *ctx, const bench_case *c, const bench_opts *o, i
     const int reps = o->repeats > 0 ? o->repeats : 3;
     int64_t lens[24];
     int nl = 0;
-    for (int64_t n = 128; n <= c->n && nl < 24; n *= 2) lens[nl++] = n;
+    for (int64_t n = 16; n <= c->n && nl < 24; n *= 2) lens[nl++] = n;
     double exact[24], lin[3][24];
     for (int i = 0; i < nl; i++) {
         attn_status st;
