@@ -120,6 +120,10 @@ static int parse_op(const char *s, bench_op *op) {
         *op = BENCH_PSA;
     else if (!strcmp(s, "topk"))
         *op = BENCH_TOPK;
+    else if (!strcmp(s, "nsa"))
+        *op = BENCH_NSA;
+    else if (!strcmp(s, "nsa_bwd"))
+        *op = BENCH_NSA_BWD;
     else {
         static const bench_op lin[] = {BENCH_LINEAR, BENCH_LIGHTNING, BENCH_GLA, BENCH_GLA_BWD,
                                        BENCH_GLA_DECODE, BENCH_SSD, BENCH_MAMBA, BENCH_EFFICIENCY};
@@ -483,7 +487,8 @@ static int run_case(attn_ctx *ctx, attn_ctx *ref, const bench_case *c, const ben
     res.ns_per_token = bench_op_is_linear(c->op) ? median * 1e9 / ((double)c->batch * c->n) : NAN;
     if (bench_op_is_sparse(c->op)) /* the work done: the dense FLOPs times the density */
         res.gflops = 2.0 * (double)c->n * (double)c->m * (double)(c->dim + c->dim_v) *
-                     (double)c->heads * res.density / median * 1e-9;
+                     (double)c->heads * res.density / median * 1e-9 *
+                     (c->op == BENCH_NSA_BWD ? 2.5 : 1.0);
     free(times);
 
     res.rel_err = NAN;

@@ -26,6 +26,8 @@ const char *bench_op_name(bench_op op) {
     case BENCH_WINDOW: return "window";
     case BENCH_PSA: return "psa";
     case BENCH_TOPK: return "topk";
+    case BENCH_NSA: return "nsa";
+    case BENCH_NSA_BWD: return "nsa_bwd";
     case BENCH_LINEAR: return "linear";
     case BENCH_LIGHTNING: return "lightning";
     case BENCH_GLA: return "gla";

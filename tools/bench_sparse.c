@@ -25,11 +25,67 @@ struct sparse_state {
     attn_tensor tq, tk, tv, to, tod;
     uint8_t *mask; /* blocksparse: [heads][nqb][nkb] */
     double density, dense_ms;
+    /* NSA: compressed K/V, gates, the selection, the forward's saved branch
+     * outputs and LSEs, and the gradients of the backward */
+    attn_nsa_opts nsa;
+    float *kc, *vc, *gates, *so, *sl, *dout, *g[6];
+    attn_tensor tkc, tvc, tg, tso, tsl, tdout, tgr[6];
+    attn_plan *sel;
 };
 
-int bench_op_is_sparse(bench_op op) {
-    return op == BENCH_BLOCKSPARSE || op == BENCH_WINDOW || op == BENCH_PSA || op == BENCH_TOPK;
+/* NSA's defaults (the paper's): compressed blocks of 32 with stride 16, 16
+ * selected blocks of 64 for each 64 queries, a window of 512. */
+static const attn_nsa_opts nsa_default = {32, 16, 64, 16, 64, 512};
+
+static attn_status nsa_forward(sparse_state *s, int save) {
+    attn_params p = attn_params_default();
+    attn_status st = attn_nsa_compress(s->ctx, &s->nsa, &s->tk, &s->tv, &s->tkc, &s->tvc);
+    if (st == ATTN_OK) {
+        attn_plan_free(s->sel);
+        s->sel = NULL;
+        st = attn_nsa_select(s->ctx, &p, &s->nsa, &s->tq, &s->tkc, s->c.m, &s->sel);
+    }
+    if (st == ATTN_OK)
+        st = attn_nsa_forward(s->ctx, &p, &s->nsa, &s->tq, &s->tk, &s->tv, &s->tkc, &s->tvc,
+                              s->sel, &s->tg, &s->to, save ? &s->tso : NULL,
+                              save ? &s->tsl : NULL);
+    return st;
 }
+
+static attn_status nsa_backward(sparse_state *s) {
+    attn_params p = attn_params_default();
+    attn_status st = attn_nsa_backward(s->ctx, &p, &s->nsa, &s->tq, &s->tk, &s->tv, &s->tkc,
+                                       &s->tvc, s->sel, &s->tg, &s->tso, &s->tsl, &s->tdout,
+                                       &s->tgr[0], &s->tgr[1], &s->tgr[2], &s->tgr[3],
+                                       &s->tgr[4], &s->tgr[5]);
+    if (st == ATTN_OK) /* the compression's share of dk, dv */
+        st = attn_nsa_compress_backward(s->ctx, &s->nsa, &s->tgr[3], &s->tgr[4], &s->tgr[1],
+                                        &s->tgr[2]);
+    return st;
+}
+
+/* Pairs NSA computes, over all heads' N x M: compressed keys completed before
+ * each query, the selection plan's blocks, and the window. */
+static double nsa_density(const sparse_state *s) {
+    const bench_case *c = &s->c;
+    const attn_nsa_opts *o = &s->nsa;
+    int64_t mc = (c->m - o->cmp_block) / o->cmp_stride + 1;
+    double pairs = 0.0;
+    for (int64_t i = 0; i < c->n; i++) {
+        int64_t pos = i + (c->m - c->n), t = (pos - o->cmp_block + 1) / o->cmp_stride + 1;
+        if (pos - o->cmp_block + 1 < 0) t = 0;
+        pairs += (double)(t < mc ? t : mc);
+        pairs += (double)(pos + 1 < o->window ? pos + 1 : o->window);
+    }
+    return pairs / ((double)c->n * (double)c->m) + attn_plan_density(s->sel);
+}
+
+int bench_op_is_sparse(bench_op op) {
+    return op == BENCH_BLOCKSPARSE || op == BENCH_WINDOW || op == BENCH_PSA ||
+           op == BENCH_TOPK || op == BENCH_NSA || op == BENCH_NSA_BWD;
+}
+
+static int is_nsa(bench_op op) { return op == BENCH_NSA || op == BENCH_NSA_BWD; }
 
 static void say(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;
@@ -153,6 +209,8 @@ static attn_status planned_forward(sparse_state *s, attn_plan *plan, attn_tensor
 }
 
 attn_status sparse_run(sparse_state *s) {
+    if (s->c.op == BENCH_NSA) return nsa_forward(s, 0);
+    if (s->c.op == BENCH_NSA_BWD) return nsa_backward(s);
     attn_plan *plan = NULL;
     attn_status st = make_plan(s, &plan);
     if (st == ATTN_OK) st = planned_forward(s, plan, &s->to);
@@ -163,7 +221,39 @@ attn_status sparse_run(sparse_state *s) {
 void sparse_free(sparse_state *s) {
     if (!s) return;
     free(s->q), free(s->k), free(s->v), free(s->o), free(s->o_dense), free(s->mask);
+    free(s->kc), free(s->vc), free(s->gates), free(s->so), free(s->sl), free(s->dout);
+    for (int x = 0; x < 6; x++) free(s->g[x]);
+    attn_plan_free(s->sel);
     free(s);
+}
+
+/* NSA's tensors and one forward (saving the branches for the backward). */
+static attn_status nsa_setup(sparse_state *s, uint64_t seed) {
+    const bench_case *c = &s->c;
+    s->nsa = nsa_default;
+    const int64_t mc = (c->m - s->nsa.cmp_block) / s->nsa.cmp_stride + 1;
+    const int64_t n = c->n, h = c->heads, hk = c->kv_heads, d = c->dim, dv = c->dim_v;
+    s->kc = alloc_f32((size_t)(mc * hk * d)), s->vc = alloc_f32((size_t)(mc * hk * dv));
+    s->gates = alloc_f32((size_t)(n * h * 3));
+    s->so = alloc_f32((size_t)(3 * n * h * dv)), s->sl = alloc_f32((size_t)(3 * h * n));
+    s->dout = alloc_f32((size_t)(n * h * dv));
+    const int64_t gsz[6][4] = {{1, n, h, d}, {1, c->m, hk, d}, {1, c->m, hk, dv},
+                               {1, mc, hk, d}, {1, mc, hk, dv}, {1, n, h, 3}};
+    for (int x = 0; x < 6; x++) {
+        s->g[x] = alloc_f32((size_t)(gsz[x][1] * gsz[x][2] * gsz[x][3]));
+        if (!s->g[x]) return ATTN_ERR_NOMEM;
+        s->tgr[x] = attn_tensor_4d(s->g[x], ATTN_F32, 1, gsz[x][1], gsz[x][2], gsz[x][3]);
+    }
+    if (!s->kc || !s->vc || !s->gates || !s->so || !s->sl || !s->dout) return ATTN_ERR_NOMEM;
+    for (int64_t x = 0; x < n * h * 3; x++) s->gates[x] = 1.0f / 3.0f;
+    fill_random(s->dout, ATTN_F32, (size_t)(n * h * dv), seed + 9);
+    s->tkc = attn_tensor_4d(s->kc, ATTN_F32, 1, mc, hk, d);
+    s->tvc = attn_tensor_4d(s->vc, ATTN_F32, 1, mc, hk, dv);
+    s->tg = attn_tensor_4d(s->gates, ATTN_F32, 1, n, h, 3);
+    s->tso = attn_tensor_4d(s->so, ATTN_F32, 3, n, h, dv);
+    s->tsl = attn_tensor_3d(s->sl, ATTN_F32, 3, h, n);
+    s->tdout = attn_tensor_4d(s->dout, ATTN_F32, 1, n, h, dv);
+    return nsa_forward(s, 1);
 }
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -174,8 +264,9 @@ static int cmp_dbl(const void *a, const void *b) {
 attn_status sparse_setup(sparse_state **out, attn_ctx *ctx, const bench_case *c,
                          uint64_t seed, char *err, size_t errlen) {
     *out = NULL;
-    if (c->batch != 1 || c->dtype != ATTN_F32 || c->dim < 10 || c->dim_v != c->dim) {
-        say(err, errlen, "sparse ops take batch 1, f32, dim >= 10 and dim-v = dim");
+    if (c->batch != 1 || c->dtype != ATTN_F32 || c->dim < 10 || c->dim_v != c->dim ||
+        (is_nsa(c->op) && c->m < 512)) {
+        say(err, errlen, "sparse ops take batch 1, f32, dim >= 10 and dim-v = dim (NSA: m >= 512)");
         return ATTN_ERR_ARG;
     }
     sparse_state *s = calloc(1, sizeof *s);
@@ -221,9 +312,10 @@ attn_status sparse_setup(sparse_state **out, attn_ctx *ctx, const bench_case *c,
         }
     }
 
-    /* the dense yardstick: the same forward without a plan (causal as asked) */
+    /* the dense yardstick: the same forward without a plan (causal as asked;
+     * NSA is causal) */
     attn_params dense = attn_params_default();
-    dense.causal = c->causal;
+    dense.causal = c->causal || is_nsa(c->op);
     double t[5];
     attn_status st = ATTN_OK;
     for (int i = 0; i < 5 && st == ATTN_OK; i++) {
@@ -231,16 +323,34 @@ attn_status sparse_setup(sparse_state **out, attn_ctx *ctx, const bench_case *c,
         st = attn_forward(ctx, &dense, &s->tq, &s->tk, &s->tv, &s->tod, NULL);
         t[i] = now_seconds() - t0;
     }
+    if (st == ATTN_OK && c->op == BENCH_NSA_BWD) { /* the yardstick is the dense backward */
+        float *lse = alloc_f32((size_t)(c->heads * c->n));
+        float *gq = alloc_f32(nq), *gk = alloc_f32(nk), *gv = alloc_f32(nk);
+        if (!lse || !gq || !gk || !gv) st = ATTN_ERR_NOMEM;
+        attn_tensor tl = attn_tensor_3d(lse, ATTN_F32, 1, c->heads, c->n);
+        attn_tensor tgq = attn_tensor_4d(gq, ATTN_F32, 1, c->n, c->heads, c->dim);
+        attn_tensor tgk = attn_tensor_4d(gk, ATTN_F32, 1, c->m, c->kv_heads, c->dim);
+        attn_tensor tgv = attn_tensor_4d(gv, ATTN_F32, 1, c->m, c->kv_heads, c->dim_v);
+        if (st == ATTN_OK) st = attn_forward(ctx, &dense, &s->tq, &s->tk, &s->tv, &s->tod, &tl);
+        for (int i = 0; i < 5 && st == ATTN_OK; i++) {
+            double t0 = now_seconds();
+            st = attn_backward(ctx, &dense, &s->tq, &s->tk, &s->tv, &s->tod, &tl, &s->tod, &tgq,
+                               &tgk, &tgv);
+            t[i] = now_seconds() - t0;
+        }
+        free(lse), free(gq), free(gk), free(gv);
+    }
     attn_plan *plan = NULL;
-    if (st == ATTN_OK) st = make_plan(s, &plan);
+    if (st == ATTN_OK) st = is_nsa(c->op) ? nsa_setup(s, seed) : make_plan(s, &plan);
     if (st != ATTN_OK) {
-        say(err, errlen, "%s", attn_last_error());
+        say(err, errlen, "%s", st == ATTN_ERR_NOMEM ? "out of memory" : attn_last_error());
+        attn_plan_free(plan);
         sparse_free(s);
         return st;
     }
     qsort(t + 1, 4, sizeof(double), cmp_dbl); /* the first call warms up */
     s->dense_ms = 1e3 * 0.5 * (t[2] + t[3]);
-    s->density = attn_plan_density(plan); /* the blocks visited */
+    s->density = is_nsa(c->op) ? nsa_density(s) : attn_plan_density(plan); /* work visited */
     attn_plan_free(plan);
     *out = s;
     return ATTN_OK;

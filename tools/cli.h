@@ -43,7 +43,10 @@ typedef enum bench_op {
     BENCH_GLA_DECODE = 11,   /* attn_linear_decode: n tokens (default 1) per sequence */
     BENCH_SSD = 12,          /* attn_ssd_forward: P = dim_v, N = dim, groups = kv_heads */
     BENCH_MAMBA = 13,        /* attn_mamba_scan: E = heads channels, N = dim */
-    BENCH_EFFICIENCY = 14    /* linear, lightning, gla against causal attn_forward, N = 16 .. n */
+    BENCH_EFFICIENCY = 14,   /* linear, lightning, gla against causal attn_forward, N = 16 .. n */
+    /* NSA (bench_sparse.c), causal, beside the dense causal forward/backward */
+    BENCH_NSA = 15,          /* compression, selection, the three branches */
+    BENCH_NSA_BWD = 16       /* the backward (after one untimed forward) */
 } bench_op;
 
 const char *bench_op_name(bench_op op);
