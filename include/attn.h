@@ -492,6 +492,28 @@ ATTN_API attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x,
                                       const attn_tensor *dskip, const attn_tensor *state_in,
                                       attn_tensor *y, attn_tensor *state_out);
 
+/* LightNet's additive recurrence ("You Only Scan Once"): per key dim x,
+ *   S_t[x] = sum_{j <= t} e^{k_jx} v_j / sum_{j <= t} e^{k_jx},  o_t = scale · q_t S_t,
+ * an order-free (additive) running softmax over time, run as GLA with
+ * z_t = logcumsumexp(k)_t, gate g_t = z_{t-1} - z_t and key e^{k_t - z_t}.
+ * Shapes as attn_linear_forward (k: logits, GQA allowed); p->gate must be
+ * NONE and p->causal 1; varlen allowed; no state in or out. */
+ATTN_API attn_status attn_lightnet_forward(attn_ctx *ctx, const attn_linear_params *p,
+                                           const attn_tensor *q, const attn_tensor *k,
+                                           const attn_tensor *v, attn_tensor *o);
+
+/* Random-feature attention (RFA / Performer FAVOR+ positive features): the
+ * softmax kernel e^{q·k / sqrt(D)} approximated by φ(x) = e^{w_i·x' - |x'|²/2}
+ * / sqrt(F), x' = x / D^{1/4}, with F features w_i ~ N(0, I) drawn from the
+ * context's seed; then normalised linear attention (eps 1e-6 in the
+ * denominator). p->scale is unused; p->gate NONE; causal or not; varlen
+ * allowed. q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv];
+ * features 1..4096. */
+ATTN_API attn_status attn_rfa_forward(attn_ctx *ctx, const attn_linear_params *p,
+                                      int32_t features, const attn_tensor *q,
+                                      const attn_tensor *k, const attn_tensor *v,
+                                      attn_tensor *o);
+
 /* Mamba selective scan (Mamba-1, diagonal A): per channel c of E,
  *   h_t = e^{Δ_tc A_c} ⊙ h_{t-1} + Δ_tc B_t x_tc,  y_tc = C_t · h_t + Dskip_c x_tc,
  * h_t in R^N. x, delta [B, T, E]; a [E, N]; bm, cm [B, T, N]; dskip [E] or

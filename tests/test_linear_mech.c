@@ -1,8 +1,9 @@
 /* Mechanisms over the chunked-recurrence engine against naive double
  * implementations written here from their papers' formulas: linear
  * attention with feature maps and normaliser (quadratic form), Mamba-2 SSD
- * and the Mamba selective scan (recurrences), on the CPU and the reference
- * backend. Tolerances (f32): rel RMS 2e-5, max abs 2e-4 * (max|ref| + 1). */
+ * and the Mamba selective scan (recurrences), LightNet's additive recurrence
+ * (running softmax over time), on the CPU and the reference backend; random
+ * features against exact attention (Monte Carlo tolerance). Tolerances (f32): rel RMS 2e-5, max abs 2e-4 * (max|ref| + 1). */
 #include "test_util.h"
 
 static attn_ctx *g_ctx[3]; /* cpu 2 threads, cpu 1 thread, ref */
@@ -148,6 +149,72 @@ static void test_mamba(void) {
     tu_free(&want), tu_free(&wants);
 }
 
+static void test_lightnet(int varlen) {
+    tu_case("lightnet varlen=%d", varlen);
+    tu_rng r = {tu_seed(SALT, 300 + (uint64_t)varlen)};
+    const int64_t B = varlen ? 1 : 2, T = 83, H = 4, Hk = 2, D = 8, Dv = 6;
+    const int32_t cu[3] = {0, 30, 83};
+    tu_buf q = tu_alloc(ATTN_F32, B, T, H, D), k = tu_alloc(ATTN_F32, B, T, Hk, D),
+           v = tu_alloc(ATTN_F32, B, T, Hk, Dv), want = tu_alloc(ATTN_F64, B, T, H, Dv);
+    tu_fill(&q.t, &r, -1, 1);
+    tu_fill(&k.t, &r, -3, 3);
+    tu_fill(&v.t, &r, -1, 1);
+    const double scale = 1.0 / sqrt((double)D);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t i = 0; i < T; i++) {
+                const int64_t start = varlen && i >= cu[1] ? cu[1] : 0;
+                for (int64_t e = 0; e < Dv; e++) {
+                    double acc = 0;
+                    for (int64_t x = 0; x < D; x++) {
+                        double num = 0, den = 0;
+                        for (int64_t j = start; j <= i; j++) {
+                            double w = exp(tu_load(&k.t, tu_off4(&k.t, b, j, h / 2, x)));
+                            num += w * tu_load(&v.t, tu_off4(&v.t, b, j, h / 2, e));
+                            den += w;
+                        }
+                        acc += tu_load(&q.t, tu_off4(&q.t, b, i, h, x)) * num / den;
+                    }
+                    tu_store(&want.t, tu_off4(&want.t, b, i, h, e), scale * acc);
+                }
+            }
+    attn_linear_params p = attn_linear_params_default();
+    if (varlen) p.batch = 2, p.cu_seqlens = cu;
+    for (int c = 0; c < 3; c++) {
+        tu_buf o = tu_alloc(ATTN_F32, B, T, H, Dv);
+        CHECK_OK(attn_lightnet_forward(g_ctx[c], &p, &q.t, &k.t, &v.t, &o.t));
+        CHECK_CLOSE("o", &o.t, &want.t, 2e-5, 2e-4);
+        tu_free(&o);
+    }
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want);
+}
+
+/* Random features: many features come near exact softmax attention; the
+ * same seed gives the same features on the CPU and the reference backend. */
+static void test_rfa(void) {
+    tu_case("random-feature attention");
+    tu_rng r = {tu_seed(SALT, 400)};
+    const int64_t B = 1, T = 40, H = 2, D = 4;
+    tu_buf q = tu_alloc(ATTN_F32, B, T, H, D), k = tu_alloc(ATTN_F32, B, T, H, D),
+           v = tu_alloc(ATTN_F32, B, T, H, D), exact = tu_alloc(ATTN_F32, B, T, H, D),
+           o = tu_alloc(ATTN_F32, B, T, H, D), o2 = tu_alloc(ATTN_F32, B, T, H, D);
+    tu_fill(&q.t, &r, -0.5, 0.5);
+    tu_fill(&k.t, &r, -0.5, 0.5);
+    tu_fill(&v.t, &r, -1, 1);
+    attn_params pe = attn_params_default();
+    pe.causal = 1;
+    CHECK_OK(attn_forward(g_ctx[0], &pe, &q.t, &k.t, &v.t, &exact.t, NULL));
+    attn_linear_params p = attn_linear_params_default();
+    CHECK_OK(attn_rfa_forward(g_ctx[0], &p, 4096, &q.t, &k.t, &v.t, &o.t));
+    /* Monte Carlo with 4096 features: about 1/sqrt(4096) relative */
+    CHECK_CLOSE("against exact attention", &o.t, &exact.t, 0.05, 0.1);
+    CHECK_OK(attn_rfa_forward(g_ctx[2], &p, 4096, &q.t, &k.t, &v.t, &o2.t));
+    CHECK_CLOSE("cpu against reference backend", &o.t, &o2.t, 2e-5, 2e-4);
+    attn_status st = attn_rfa_forward(g_ctx[0], &p, 0, &q.t, &k.t, &v.t, &o.t);
+    CHECK(st == ATTN_ERR_ARG && strstr(attn_last_error(), "features"), "features 0: %s", attn_last_error());
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&exact), tu_free(&o), tu_free(&o2);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -158,6 +225,9 @@ int main(void) {
                 test_linear_attention((attn_feature_map)phi, norm, causal);
     test_ssd();
     test_mamba();
+    test_lightnet(0);
+    test_lightnet(1);
+    test_rfa();
     for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
     return tu_finish("test_linear_mech");
 }
