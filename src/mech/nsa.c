@@ -219,19 +219,23 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
     pc.key_stride = opt->cmp_stride, pc.key_span = opt->cmp_block, pc.key_positions = m;
     const int64_t n = q->shape[1], h = q->shape[2], hk = kc->shape[2], d = q->shape[3];
     const int64_t mc = kc->shape[1], g = h / hk, bq = opt->query_block, bk = opt->sel_block;
-    const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk;
+    const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk, jobs = hk * nqb;
+    const int64_t keep_max = opt->sel_count > 2 ? opt->sel_count : 2;
+    const int threads = ctx->threads;
     float *lse = malloc((size_t)(h * n) * sizeof(float));
     float *o = malloc((size_t)(n * h * kc->shape[3]) * sizeof(float));
-    float *kt = malloc((size_t)(d * mc) * sizeof(float));          /* Kc^T of one kv head */
-    float *qr = malloc((size_t)(bq * g * d) * sizeof(float));      /* the block's queries */
-    float *s = malloc((size_t)(bq * g * mc) * sizeof(float));      /* their probabilities */
-    float *sub = malloc((size_t)(bq * g) * sizeof(float));
-    double *score = malloc((size_t)nkb * sizeof(double));
-    cand *cd = malloc((size_t)nkb * sizeof(cand));
-    int64_t *off = calloc((size_t)(hk * nqb) + 1, sizeof(int64_t));
-    attn_plan_entry *en = malloc((size_t)(hk * nqb * (opt->sel_count + 2) + 1) * sizeof(attn_plan_entry));
+    float *kt = malloc((size_t)(hk * d * mc) * sizeof(float)); /* Kc^T per kv head */
+    int32_t *chosen = malloc((size_t)(jobs * keep_max) * sizeof(int32_t));
+    int64_t *nchosen = calloc((size_t)jobs, sizeof(int64_t));
+    int64_t *off = calloc((size_t)jobs + 1, sizeof(int64_t));
+    attn_plan_entry *en = malloc((size_t)(jobs * keep_max + 1) * sizeof(attn_plan_entry));
+    /* per thread: the block's queries, their probabilities, column sums, scores */
+    size_t per = (size_t)(bq * g * d + bq * g * mc + bq * g + mc) + 64, stride = 0;
+    size_t per_d = (size_t)(3 * nkb) + 8; /* scores, then candidates (2 doubles each) */
+    float *scr = scratch_alloc(threads, per, &stride);
+    double *dscr = malloc((size_t)threads * per_d * sizeof(double));
     attn_status st = ATTN_OK;
-    if (!lse || !o || !kt || !qr || !s || !sub || !score || !cd || !off || !en) {
+    if (!lse || !o || !kt || !chosen || !nchosen || !off || !en || !scr || !dscr) {
         st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
         goto done;
     }
@@ -241,61 +245,77 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
 
     const attn_kernels *kr = ctx->kernels;
     const float mul = pc.scale * 1.4426950408889634f;
-    int64_t count = 0;
-    for (int64_t hh = 0; hh < hk; hh++) {
+    for (int64_t hh = 0; hh < hk; hh++)
         for (int64_t t = 0; t < mc; t++) {
-            rows_load(kr, kc, attn_off4(kc, 0, t, hh, 0), d, qr); /* qr as a row buffer */
-            for (int64_t x = 0; x < d; x++) kt[x * mc + t] = qr[x];
+            rows_load(kr, kc, attn_off4(kc, 0, t, hh, 0), d, scr); /* a row buffer */
+            for (int64_t x = 0; x < d; x++) kt[(hh * d + x) * mc + t] = scr[x];
         }
-        for (int64_t qb = 0; qb < nqb; qb++) {
-            const int64_t i0 = qb * bq, nq = i0 + bq <= n ? bq : n - i0, rows = nq * g;
+    /* each (kv head, query block) alone, in parallel: the choice depends only
+     * on its inputs, so the plan is the same for any thread count */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t job = 0; job < jobs; job++) {
+        const int tid = engine_thread_id();
+        float *qr = scr + stride * (size_t)tid, *s = qr + bq * g * d, *sub = s + bq * g * mc,
+              *colsum = sub + bq * g;
+        double *score = dscr + per_d * (size_t)tid;
+        cand *cd = (cand *)(score + nkb);
+        const int64_t hh = job / nqb, qb = job % nqb;
+        const int64_t i0 = qb * bq, nq = i0 + bq <= n ? bq : n - i0, rows = nq * g;
+        int64_t lo, vis;
+        attn_visible_range(&pc, n, mc, i0 + nq - 1, &lo, &vis);
+        vis += 1; /* compressed keys some query of the block sees */
+        for (int64_t u = 0; u < nkb; u++) score[u] = 0.0;
+        if (vis > 0) {
             for (int64_t r = 0; r < rows; r++) { /* row r: query i0 + r / g of head hh g + r % g */
                 int64_t i = i0 + r / g, hq = hh * g + r % g;
                 rows_load(kr, q, attn_off4(q, 0, i, hq, 0), d, qr + r * d);
                 float l = lse[hq * n + i];
                 sub[r] = l == -INFINITY ? 0.0f : l * 1.4426950408889634f;
             }
-            kr->gemm(rows, mc, d, qr, d, 1, kt, mc, s, mc, 0, NULL);
+            kr->gemm(rows, vis, d, qr, d, 1, kt + hh * d * mc, mc, s, vis, 0, NULL);
             for (int64_t r = 0; r < rows; r++) { /* keys not yet complete for the query */
-                int64_t lo, hi;
+                int64_t hi;
                 attn_visible_range(&pc, n, mc, i0 + r / g, &lo, &hi);
-                for (int64_t t = hi + 1 > 0 ? hi + 1 : 0; t < mc; t++) s[r * mc + t] = -INFINITY;
+                for (int64_t t = hi + 1 > 0 ? hi + 1 : 0; t < vis; t++) s[r * vis + t] = -INFINITY;
             }
-            kr->exp2_rows(s, rows, mc, mc, mul, sub);
-            for (int64_t u = 0; u < nkb; u++) score[u] = 0.0;
-            for (int64_t t = 0; t < mc; t++) {
-                double pt = 0.0;
-                for (int64_t r = 0; r < rows; r++) pt += s[r * mc + t];
-                /* spread over the selection blocks the span overlaps */
+            kr->exp2_rows(s, rows, vis, vis, mul, sub);
+            for (int64_t t = 0; t < vis; t++) colsum[t] = 0.0f;
+            for (int64_t r = 0; r < rows; r++) kr->axpy(vis, 1.0f, s + r * vis, colsum);
+            for (int64_t t = 0; t < vis; t++) { /* spread over the blocks the span overlaps */
                 int64_t a = t * opt->cmp_stride, z = a + opt->cmp_block; /* [a, z) */
                 for (int64_t u = a / bk; u < nkb && u * bk < z; u++) {
-                    int64_t lo = u * bk > a ? u * bk : a, hi = (u + 1) * bk < z ? (u + 1) * bk : z;
-                    score[u] += pt * (double)(hi - lo) / (double)opt->cmp_block;
+                    int64_t l0 = u * bk > a ? u * bk : a, l1 = (u + 1) * bk < z ? (u + 1) * bk : z;
+                    score[u] += (double)colsum[t] * (double)(l1 - l0) / (double)opt->cmp_block;
                 }
             }
-            /* candidates: blocks with a key the block's last query sees */
-            const int64_t last = i0 + nq - 1 + (m - n), diag = last / bk < nkb ? last / bk : nkb - 1;
-            int64_t c = 0, kept = 0;
-            for (int64_t u = 0; u <= diag && u < nkb; u++) {
-                cd[c].s = (u == 0 || u == diag) ? INFINITY : score[u]; /* forced: first, diagonal */
-                cd[c].u = u;
-                c++;
-            }
-            qsort(cd, (size_t)c, sizeof(cand), by_score);
-            kept = c < opt->sel_count ? c : opt->sel_count;
-            if (kept < 2 && c >= 2) kept = 2; /* the two forced blocks always */
-            qsort(cd, (size_t)kept, sizeof(cand), by_index);
-            for (int64_t x = 0; x < kept; x++) {
-                attn_plan_entry e = {(int32_t)cd[x].u, 0, ATTN_BLOCK_PARAMS, 0};
-                en[count++] = e;
-            }
-            off[hh * nqb + qb + 1] = count;
         }
+        /* candidates: blocks with a key the block's last query sees */
+        const int64_t last = i0 + nq - 1 + (m - n), diag = last / bk < nkb ? last / bk : nkb - 1;
+        int64_t c = 0;
+        for (int64_t u = 0; u <= diag; u++) {
+            cd[c].s = (u == 0 || u == diag) ? INFINITY : score[u]; /* forced: first, diagonal */
+            cd[c].u = u;
+            c++;
+        }
+        qsort(cd, (size_t)c, sizeof(cand), by_score);
+        int64_t kept = c < opt->sel_count ? c : opt->sel_count;
+        if (kept < 2 && c >= 2) kept = 2; /* the two forced blocks always */
+        qsort(cd, (size_t)kept, sizeof(cand), by_index);
+        for (int64_t x = 0; x < kept; x++) chosen[job * keep_max + x] = (int32_t)cd[x].u;
+        nchosen[job] = kept;
+    }
+    int64_t count = 0;
+    for (int64_t job = 0; job < jobs; job++) {
+        for (int64_t x = 0; x < nchosen[job]; x++) {
+            attn_plan_entry e = {chosen[job * keep_max + x], 0, ATTN_BLOCK_PARAMS, 0};
+            en[count++] = e;
+        }
+        off[job + 1] = count;
     }
     st = attn_plan_create(out, n, m, bq, bk, hk, off, en);
 done:
-    free(lse), free(o), free(kt), free(qr), free(s), free(sub), free(score), free(cd);
-    free(off), free(en);
+    free(lse), free(o), free(kt), free(chosen), free(nchosen), free(off), free(en);
+    free(scr), free(dscr);
     return st;
 }
 
