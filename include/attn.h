@@ -525,6 +525,26 @@ ATTN_API attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x,
                                      const attn_tensor *dskip, const attn_tensor *state_in,
                                      attn_tensor *y, attn_tensor *state_out);
 
+/* The scan's step (decode): T >= 1 new tokens per sequence, the recurrence
+ * itself on state [B, E, N, 1] f32, read and updated in place. */
+ATTN_API attn_status attn_mamba_step(attn_ctx *ctx, const attn_tensor *x,
+                                     const attn_tensor *delta, const attn_tensor *a,
+                                     const attn_tensor *bm, const attn_tensor *cm,
+                                     const attn_tensor *dskip, attn_tensor *state,
+                                     attn_tensor *y);
+
+/* Backward of attn_mamba_scan with the same inputs. dy [B, T, E];
+ * dstate_out [B, E, N, 1] or NULL (zero); outputs dx, ddelta [B, T, E],
+ * da [E, N], dbm, dcm [B, T, N], ddskip [E] (NULL iff dskip is NULL),
+ * dstate_in [B, E, N, 1] or NULL. Sums over channels and tokens run in a
+ * fixed order. */
+ATTN_API attn_status attn_mamba_scan_backward(
+    attn_ctx *ctx, const attn_tensor *x, const attn_tensor *delta, const attn_tensor *a,
+    const attn_tensor *bm, const attn_tensor *cm, const attn_tensor *dskip,
+    const attn_tensor *state_in, const attn_tensor *dy, const attn_tensor *dstate_out,
+    attn_tensor *dx, attn_tensor *ddelta, attn_tensor *da, attn_tensor *dbm, attn_tensor *dcm,
+    attn_tensor *ddskip, attn_tensor *dstate_in);
+
 /* ---------------------------------------------------------------- capability */
 
 typedef enum attn_op {

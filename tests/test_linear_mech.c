@@ -215,6 +215,97 @@ static void test_rfa(void) {
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&exact), tu_free(&o), tu_free(&o2);
 }
 
+/* Naive Mamba on dense double arrays: x, dl [T][E], a [E][N], bm, cm [T][N],
+ * ds [E]; y [T][E]. One sequence, zero initial state. */
+static void mamba_naive(int64_t T, int64_t E, int64_t N, const double *x, const double *dl,
+                        const double *a, const double *bm, const double *cm, const double *ds,
+                        double *y) {
+    for (int64_t e = 0; e < E; e++) {
+        double h[8] = {0};
+        for (int64_t t = 0; t < T; t++) {
+            double d = dl[t * E + e], yv = ds[e] * x[t * E + e];
+            for (int64_t n = 0; n < N; n++) {
+                h[n] = exp(d * a[e * N + n]) * h[n] + d * bm[t * N + n] * x[t * E + e];
+                yv += cm[t * N + n] * h[n];
+            }
+            y[t * E + e] = yv;
+        }
+    }
+}
+
+/* attn_mamba_scan_backward against central differences of the naive
+ * forward (f64); attn_mamba_step token by token against the scan.
+ * Tolerance: |fd - got| <= 1e-3 * (|fd| + 1) (f32 engine). */
+static void test_mamba_grad(void) {
+    tu_case("mamba backward and step");
+    tu_rng r = {tu_seed(SALT, 500)};
+    enum { T = 21, E = 3, N = 4 };
+    double in[6][T * N] = {{0}}; /* the largest: T * N */
+    const int64_t sizes[6] = {T * E, T * E, E * N, T * N, T * N, E}; /* x dl a bm cm ds */
+    const double lo[6] = {-1, 0.05, -2, -1, -1, -1}, hi[6] = {1, 0.6, -0.2, 1, 1, 1};
+    for (int i = 0; i < 6; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) in[i][j] = tu_uniform(&r, lo[i], hi[i]);
+    double w[T * E];
+    for (int64_t j = 0; j < T * E; j++) w[j] = tu_uniform(&r, -1, 1);
+    /* f32 tensors of the same values (rounded: the naive side uses them too) */
+    tu_buf tx = tu_alloc(ATTN_F32, 1, T, E, -1), tdl = tu_alloc(ATTN_F32, 1, T, E, -1),
+           ta = tu_alloc(ATTN_F32, E, N, 1, -1), tb = tu_alloc(ATTN_F32, 1, T, N, -1),
+           tc = tu_alloc(ATTN_F32, 1, T, N, -1), tds = tu_alloc(ATTN_F32, E, 1, 1, -1),
+           tdy = tu_alloc(ATTN_F32, 1, T, E, -1);
+    ta.t.ndim = 2, ta.t.stride[0] = N, ta.t.stride[1] = 1;
+    tds.t.ndim = 1, tds.t.stride[0] = 1;
+    tu_buf *bufs[6] = {&tx, &tdl, &ta, &tb, &tc, &tds};
+    for (int i = 0; i < 6; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            ((float *)bufs[i]->mem)[j] = (float)in[i][j];
+            in[i][j] = ((float *)bufs[i]->mem)[j];
+        }
+    for (int64_t j = 0; j < T * E; j++) ((float *)tdy.mem)[j] = (float)w[j];
+    tu_buf g[6] = {tu_alloc(ATTN_F32, 1, T, E, -1), tu_alloc(ATTN_F32, 1, T, E, -1),
+                   tu_alloc(ATTN_F32, E, N, 1, -1), tu_alloc(ATTN_F32, 1, T, N, -1),
+                   tu_alloc(ATTN_F32, 1, T, N, -1), tu_alloc(ATTN_F32, E, 1, 1, -1)};
+    g[2].t.ndim = 2, g[2].t.stride[0] = N, g[2].t.stride[1] = 1;
+    g[5].t.ndim = 1, g[5].t.stride[0] = 1;
+    CHECK_OK(attn_mamba_scan_backward(g_ctx[0], &tx.t, &tdl.t, &ta.t, &tb.t, &tc.t, &tds.t, NULL,
+                                      &tdy.t, NULL, &g[0].t, &g[1].t, &g[2].t, &g[3].t, &g[4].t,
+                                      &g[5].t, NULL));
+    static const char *const names[6] = {"dx", "ddelta", "da", "dbm", "dcm", "ddskip"};
+    for (int i = 0; i < 6; i++) {
+        double worst = 0;
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            double keep = in[i][j], y1[T * E], y2[T * E], l1 = 0, l2 = 0;
+            in[i][j] = keep + 1e-6;
+            mamba_naive(T, E, N, in[0], in[1], in[2], in[3], in[4], in[5], y1);
+            in[i][j] = keep - 1e-6;
+            mamba_naive(T, E, N, in[0], in[1], in[2], in[3], in[4], in[5], y2);
+            in[i][j] = keep;
+            for (int64_t t = 0; t < T * E; t++) l1 += y1[t] * w[t], l2 += y2[t] * w[t];
+            double fd = (l1 - l2) / 2e-6, got = ((float *)g[i].mem)[j];
+            double err = fabs(fd - got) / (fabs(fd) + 1);
+            if (err > worst) worst = err;
+        }
+        CHECK(worst <= 1e-3, "%s: finite differences differ by %.3g", names[i], worst);
+    }
+    /* step: token by token from a zero state equals the scan */
+    tu_buf ys = tu_alloc(ATTN_F32, 1, T, E, -1), y1 = tu_alloc(ATTN_F32, 1, T, E, -1),
+           st = tu_alloc(ATTN_F32, 1, E, N, 1), sst = tu_alloc(ATTN_F32, 1, E, N, 1);
+    CHECK_OK(attn_mamba_scan(g_ctx[0], &tx.t, &tdl.t, &ta.t, &tb.t, &tc.t, &tds.t, NULL, &ys.t, &sst.t));
+    for (int64_t t = 0; t < T; t++) {
+        attn_tensor v[6];
+        const tu_buf *src[6] = {&tx, &tdl, &tb, &tc, &y1, NULL};
+        for (int i = 0; i < 5; i++) {
+            v[i] = src[i]->t;
+            v[i].data = (float *)src[i]->mem + t * v[i].stride[1];
+            v[i].shape[1] = 1;
+        }
+        CHECK_OK(attn_mamba_step(g_ctx[1], &v[0], &v[1], &ta.t, &v[2], &v[3], &tds.t, &st.t, &v[4]));
+    }
+    CHECK_CLOSE("step y", &y1.t, &ys.t, 2e-5, 2e-4);
+    CHECK_CLOSE("step state", &st.t, &sst.t, 2e-5, 2e-4);
+    for (int i = 0; i < 6; i++) tu_free(&g[i]), tu_free(bufs[i]);
+    tu_free(&tdy), tu_free(&ys), tu_free(&y1), tu_free(&st), tu_free(&sst);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -228,6 +319,7 @@ int main(void) {
     test_lightnet(0);
     test_lightnet(1);
     test_rfa();
+    test_mamba_grad();
     for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
     return tu_finish("test_linear_mech");
 }

@@ -1,12 +1,7 @@
-/* Mamba-2 SSD and the Mamba selective scan over the chunked-recurrence
- * engine. Both are the engine with q = C, k = B, v = Δ x and a gate
- * g = Δ A in log space:
- *   SSD: one scalar gate per head and token (ATTN_GATE_HEAD_TOKEN), B and C
- *     shared by the heads of a group (copied out per head), state N x P;
- *   selective scan: one head per channel, a gate per state dim
- *     (ATTN_GATE_KEY), B and C shared by every channel (views with head
- *     stride 0, no copy), state N x 1.
- * Then y = o + Dskip x. */
+/* Mamba-2 SSD over the chunked-recurrence engine: q = C, k = B, v = dt x,
+ * one scalar gate per head and token g = dt A (ATTN_GATE_HEAD_TOKEN), B and
+ * C shared by the heads of a group (copied out per head), state N x P; then
+ * y = o + Dskip x. (The Mamba-1 selective scan is mamba.c.) */
 #include <stdlib.h>
 #include <string.h>
 
@@ -96,73 +91,5 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
 done:
     free(fq), free(fk), free(fv), free(fg), free(fo), free(fx), free(fb), free(fc), free(fa);
     free(fds);
-    return st;
-}
-
-attn_status attn_mamba_scan(attn_ctx *ctx, const attn_tensor *x, const attn_tensor *delta,
-                            const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
-                            const attn_tensor *dskip, const attn_tensor *state_in,
-                            attn_tensor *y, attn_tensor *state_out) {
-    attn_clear_error();
-    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
-    const bool ref = ctx->backend == ATTN_BACKEND_REF;
-    CHECK(attn_check_tensor("x", x, 3, ref, false));
-    const int64_t B = x->shape[0], T = x->shape[1], E = x->shape[2];
-    CHECK(attn_check_tensor("delta", delta, 3, ref, false));
-    CHECK(attn_check_shape("delta", delta, B, T, E, -1));
-    CHECK(attn_check_tensor("a", a, 2, ref, false));
-    const int64_t N = a->shape[1];
-    CHECK(attn_check_shape("a", a, E, N, -1, -1));
-    CHECK(attn_check_tensor("bm", bm, 3, ref, false));
-    CHECK(attn_check_shape("bm", bm, B, T, N, -1));
-    CHECK(attn_check_tensor("cm", cm, 3, ref, false));
-    CHECK(attn_check_shape("cm", cm, B, T, N, -1));
-    if (dskip) CHECK(check_1d("dskip", dskip, ref, E));
-    CHECK(attn_check_tensor("y", y, 3, ref, false));
-    CHECK(attn_check_shape("y", y, B, T, E, -1));
-    const attn_tensor *ins[] = {x, delta, a, bm, cm, dskip, state_in, state_out};
-    const char *names[] = {"x", "delta", "a", "bm", "cm", "dskip", "state_in", "state_out"};
-    CHECK(attn_check_output("y", y, ins, names, 8));
-
-    float *fv = mech_alloc(B, T, E, 1), *fg = mech_alloc(B, T, E, N), *fo = mech_alloc(B, T, E, 1);
-    float *fx = mech_alloc(B, T, E, 1), *fa = mech_alloc(E, N, 1, 1);
-    float *fds = dskip ? mech_alloc(E, 1, 1, 1) : NULL;
-    attn_status st = ATTN_OK;
-    if (!fv || !fg || !fo || !fx || !fa || (dskip && !fds)) {
-        st = attn_err(ATTN_ERR_NOMEM, "attn_mamba_scan: out of memory for its copies");
-        goto done;
-    }
-    mech_dense(x, fx);
-    mech_dense(delta, fv); /* Δ, then Δ x */
-    mech_dense(a, fa);
-    if (dskip) mech_dense(dskip, fds);
-    const int64_t rows = B * T * E;
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t ch = r % E;
-        const float d = fv[r];
-        fv[r] = d * fx[r];
-        for (int64_t n = 0; n < N; n++) fg[r * N + n] = d * fa[ch * N + n];
-    }
-    /* B and C as [B, T, E, N] with head stride 0: every channel reads them */
-    attn_tensor tq = *cm, tk = *bm;
-    attn_tensor *views[2] = {&tq, &tk};
-    for (int i = 0; i < 2; i++) {
-        const attn_tensor src = *views[i];
-        views[i]->ndim = 4;
-        views[i]->shape[2] = E;
-        views[i]->shape[3] = N;
-        views[i]->stride[2] = 0;
-        views[i]->stride[3] = src.stride[2];
-    }
-    attn_tensor tv = attn_tensor_4d(fv, ATTN_F32, B, T, E, 1);
-    attn_tensor tg = attn_tensor_4d(fg, ATTN_F32, B, T, E, N);
-    attn_tensor to = attn_tensor_4d(fo, ATTN_F32, B, T, E, 1);
-    attn_linear_params p = attn_linear_params_default();
-    p.scale = 1.0f;
-    p.gate = ATTN_GATE_KEY;
-    st = attn_linear_forward(ctx, &p, &tq, &tk, &tv, &tg, state_in, &to, state_out);
-    if (st == ATTN_OK) finish_y(fo, fx, fds, rows, E, 1, y);
-done:
-    free(fv), free(fg), free(fo), free(fx), free(fa), free(fds);
     return st;
 }
