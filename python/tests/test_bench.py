@@ -73,5 +73,5 @@ def test_cli_writes_json_csv_plots(tmp_path):
 
 
 def test_overhead_measurement():
-    ov = bench.measure_overhead(rounds=3, number=200)
+    ov = bench.measure_overhead(trials=1, calls=200)
     assert ov["numpy_us"] > 0 and ov["torch_us"] > 0
