@@ -174,13 +174,13 @@ static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t 
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
                         const fwd_bufs *b, int64_t bq, int64_t i0, int64_t nq, int64_t j0,
-                        int64_t j1, bool masked, int level, const pyramid *py) {
+                        int64_t j1, int64_t next, bool masked, int level, const pyramid *py) {
     const int64_t d = p->d, dv = p->dv;
     int64_t nk = j1 - j0;
-    if (j1 < sq->m) { /* the next block, most likely visited next */
-        int64_t n2 = j1 + nk <= sq->m ? nk : sq->m - j1;
-        prefetch_rows(k, sq->tb, sq->k0 + j1, n2, hk, 0);
-        prefetch_rows(v, sq->tb, sq->k0 + j1, n2, hk, 0);
+    if (next >= 0 && next < sq->m) { /* the block visited next (full-resolution rows) */
+        int64_t n2 = next + nk <= sq->m ? nk : sq->m - next;
+        prefetch_rows(k, sq->tb, sq->k0 + next, n2, hk, 0);
+        prefetch_rows(v, sq->tb, sq->k0 + next, n2, hk, 0);
     }
     const float *ka, *vb;
     int64_t lda, ldv;
@@ -272,7 +272,9 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool masked = en->mask == ATTN_BLOCK_PARAMS &&
                           !block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, masked, en->level, py);
+            int64_t next = e + 1 < pl->row_offsets[row + 1] && en[1].level == 0
+                               ? (int64_t)en[1].key_block * bk : -1;
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, next, masked, en->level, py);
         }
     } else if (sq.m > 0) {
         /* keys seen by the first query from the left, by the last from the right */
@@ -282,7 +284,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
         for (int64_t j0 = (lo / bk) * bk; j0 <= hi; j0 += bk) {
             int64_t j1 = j0 + bk < sq.m ? j0 + bk : sq.m;
             bool full = block_fully_visible(p, &sq, i0, i0 + nq, j0, j1);
-            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, !full, 0, NULL);
+            visit_block(kr, p, &sq, k, v, hk, b, bq, i0, nq, j0, j1, j1, !full, 0, NULL);
         }
     }
 
