@@ -64,7 +64,7 @@ double linear_flops(const bench_case *c) {
     double d = (double)c->dim, dv = (double)c->dim_v, h = (double)c->heads;
     switch (c->op) {
     case BENCH_GLA_DECODE: return t * h * 4.0 * d * dv; /* S update + readout */
-    case BENCH_MAMBA: dv = 1.0; break;                   /* one head per channel */
+    case BENCH_MAMBA: return t * h * 6.0 * d; /* the scan: decay, update, readout per state */
     case BENCH_GLA_BWD: return t * h * (C * (3.0 * d + 2.0 * dv) + 10.0 * d * dv);
     case BENCH_LINEAR:
         if (!c->causal) return t * h * 4.0 * d * dv;

@@ -112,4 +112,13 @@ attn_status linear_engine_state_compose(const attn_tensor *decay1, const attn_te
                                         const attn_tensor *decay2, const attn_tensor *u2,
                                         attn_tensor *decay_out, attn_tensor *u_out);
 
+/* The diagonal selective scan (Mamba-1), token by token (src/linear/scan.c).
+ * Dense f32: x, dl [B][T][E], a [E][N], bm, cm [B][T][N], ds [E] or NULL,
+ * state_in [B][E][N] or NULL (zeros), state_out [B][E][N] or NULL (may be
+ * state_in), y [B][T][E]. */
+attn_status linear_engine_diag_scan(const attn_ctx *ctx, int64_t B, int64_t T, int64_t E,
+                                    int64_t N, const float *x, const float *dl, const float *a,
+                                    const float *bm, const float *cm, const float *ds,
+                                    const float *state_in, float *state_out, float *y);
+
 #endif

@@ -1,12 +1,15 @@
-/* The Mamba selective scan (Mamba-1, diagonal A) over the chunked-recurrence
- * engine: one head per channel e, q = C and k = B shared by every channel
- * (views with head stride 0, no copy), v = Δ x (Dv = 1), a gate per state
- * dim g = Δ A (ATTN_GATE_KEY); y = o + Dskip x. Forward (chunked), step
- * (the recurrence, state in place) and backward (the engine's backward,
- * then the chain rule through v = Δ x, g = Δ A and the skip). */
+/* The Mamba selective scan (Mamba-1, diagonal A). As the chunked-recurrence
+ * engine it is one head per channel e, q = C and k = B shared by every
+ * channel (views with head stride 0, no copy), v = Δ x (Dv = 1), a gate per
+ * state dim g = Δ A (ATTN_GATE_KEY), y = o + Dskip x: so it runs on the
+ * reference backend and in the backward (the engine's backward, then the
+ * chain rule through v = Δ x, g = Δ A and the skip). On the CPU the forward
+ * and the step run the scan token by token instead (src/linear/scan.c):
+ * with Dv = 1 the chunks' per-head overhead dominates. */
 #include <stdlib.h>
 #include <string.h>
 
+#include "linear/linear.h"
 #include "mech.h"
 
 #define CHECK(expr)                     \
@@ -104,6 +107,38 @@ static attn_status check_y(const attn_ctx *ctx, const char *name, const attn_ten
     return attn_check_shape(name, y, m->B, m->T, m->E, -1);
 }
 
+/* A state [B, E, N, 1] f32. */
+static attn_status check_state(const attn_ctx *ctx, const char *name, const attn_tensor *t,
+                               const mamba_in *m) {
+    CHECK(attn_check_tensor(name, t, 4, ctx->backend == ATTN_BACKEND_REF, false));
+    if (t->dtype != ATTN_F32 && t->dtype != ATTN_F64)
+        return attn_err(ATTN_ERR_DTYPE, "%s must be f32", name);
+    return attn_check_shape(name, t, m->B, m->E, m->N, 1);
+}
+
+/* The CPU path: the selective scan token by token (src/linear/scan.c) on
+ * dense copies; fo gets y with the skip. */
+static attn_status run_scan(const attn_ctx *ctx, const mamba_in *m, const attn_tensor *bm,
+                            const attn_tensor *cm, const attn_tensor *state_in,
+                            attn_tensor *state_out, float *fo) {
+    float *fb = mech_alloc(m->B, m->T, m->N, 1), *fc = mech_alloc(m->B, m->T, m->N, 1);
+    float *fs = (state_in || state_out) ? mech_alloc(m->B, m->E, m->N, 1) : NULL;
+    attn_status st = ATTN_OK;
+    if (!fb || !fc || ((state_in || state_out) && !fs)) {
+        st = attn_err(ATTN_ERR_NOMEM, "mamba scan: out of memory for its copies");
+        goto done;
+    }
+    mech_dense(bm, fb);
+    mech_dense(cm, fc);
+    if (state_in) mech_dense(state_in, fs);
+    st = linear_engine_diag_scan(ctx, m->B, m->T, m->E, m->N, m->fx, m->fdl, m->fa, fb, fc, m->fds,
+                                 state_in ? fs : NULL, state_out ? fs : NULL, fo);
+    if (st == ATTN_OK && state_out) mech_store_dense(state_out, fs);
+done:
+    free(fb), free(fc), free(fs);
+    return st;
+}
+
 /* forward (step = 0) or step (step = 1: state in place). */
 static attn_status run(attn_ctx *ctx, int step, const attn_tensor *x, const attn_tensor *delta,
                        const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
@@ -117,9 +152,15 @@ static attn_status run(attn_ctx *ctx, int step, const attn_tensor *x, const attn
     const attn_tensor *ins[] = {x, delta, a, bm, cm, dskip, state_in, state_out};
     const char *names[] = {"x", "delta", "a", "bm", "cm", "dskip", "state_in", "state_out"};
     if (st == ATTN_OK) st = attn_check_output("y", y, ins, names, 8);
+    if (st == ATTN_OK && state_in) st = check_state(ctx, "state_in", state_in, &m);
+    if (st == ATTN_OK && state_out) st = check_state(ctx, step ? "state" : "state_out", state_out, &m);
+    if (st == ATTN_OK && state_out) st = attn_check_output("state_out", state_out, ins, names, 7);
     float *fo = st == ATTN_OK ? mech_alloc(m.B, m.T, m.E, 1) : NULL;
     if (st == ATTN_OK && !fo) st = attn_err(ATTN_ERR_NOMEM, "mamba scan: out of memory");
-    if (st == ATTN_OK) {
+    if (st == ATTN_OK && ctx->backend == ATTN_BACKEND_CPU) {
+        st = run_scan(ctx, &m, bm, cm, step ? state_out : state_in, state_out, fo);
+        if (st == ATTN_OK) mech_store_dense(y, fo);
+    } else if (st == ATTN_OK) {
         attn_tensor to = attn_tensor_4d(fo, ATTN_F32, m.B, m.T, m.E, 1);
         attn_linear_params p = engine_params();
         st = step ? attn_linear_decode(ctx, &p, &m.tq, &m.tk, &m.tv, &m.tg, state_out, &to)
