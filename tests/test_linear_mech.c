@@ -108,7 +108,7 @@ static void test_ssd(void) {
 static void test_mamba(void) {
     tu_case("mamba selective scan");
     tu_rng r = {tu_seed(SALT, 200)};
-    const int64_t B = 2, T = 70, E = 5, N = 4;
+    const int64_t B = 2, T = 70, E = 70, N = 4; /* E > 64: two channel blocks */
     tu_buf x = tu_alloc(ATTN_F32, B, T, E, -1), dl = tu_alloc(ATTN_F32, B, T, E, -1),
            a = tu_alloc(ATTN_F32, E, N, 1, -1), bm = tu_alloc(ATTN_F32, B, T, N, -1),
            cm = tu_alloc(ATTN_F32, B, T, N, -1), ds = tu_alloc(ATTN_F32, E, 1, 1, -1),
