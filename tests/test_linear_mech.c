@@ -55,10 +55,10 @@ static void test_linear_attention(attn_feature_map phi, int normalize, int causa
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want);
 }
 
-static void test_ssd(void) {
-    tu_case("ssd");
-    tu_rng r = {tu_seed(SALT, 100)};
-    const int64_t B = 2, T = 90, H = 4, G = 2, P = 8, N = 6;
+static void test_ssd(int64_t G) {
+    tu_case("ssd groups=%lld", (long long)G);
+    tu_rng r = {tu_seed(SALT, 100 + (uint64_t)G)};
+    const int64_t B = 2, T = 90, H = 4, P = 8, N = 6;
     tu_buf x = tu_alloc(ATTN_F32, B, T, H, P), dt = tu_alloc(ATTN_F32, B, T, H, -1),
            a = tu_alloc(ATTN_F32, H, 1, 1, -1), bm = tu_alloc(ATTN_F32, B, T, G, N),
            cm = tu_alloc(ATTN_F32, B, T, G, N), ds = tu_alloc(ATTN_F32, H, 1, 1, -1),
@@ -314,7 +314,9 @@ int main(void) {
         for (int norm = 0; norm < 2; norm++)
             for (int causal = 0; causal < 2; causal++)
                 test_linear_attention((attn_feature_map)phi, norm, causal);
-    test_ssd();
+    test_ssd(1);
+    test_ssd(2);
+    test_ssd(4);
     test_mamba();
     test_lightnet(0);
     test_lightnet(1);

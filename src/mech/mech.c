@@ -55,6 +55,16 @@ int64_t mech_numel(const attn_tensor *t) {
     return n;
 }
 
+float *mech_contiguous_f32(const attn_tensor *t) {
+    if (t->dtype != ATTN_F32) return NULL;
+    int64_t st = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        if (t->shape[d] > 1 && t->stride[d] != st) return NULL;
+        st *= t->shape[d];
+    }
+    return t->data;
+}
+
 attn_tensor mech_view(float *buf, const attn_tensor *t) {
     attn_tensor v = *t;
     v.data = buf;

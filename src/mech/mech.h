@@ -18,6 +18,10 @@ void mech_dense(const attn_tensor *t, float *dst);
 /* The inverse: t's elements (row-major order) = src, in t's dtype. */
 void mech_store_dense(attn_tensor *t, const float *src);
 
+/* t's data when t is f32, contiguous and row-major (its dense copy would be
+ * itself), else NULL. */
+float *mech_contiguous_f32(const attn_tensor *t);
+
 /* Dense contiguous f32 view of buffer buf with t's shape. */
 attn_tensor mech_view(float *buf, const attn_tensor *t);
 
