@@ -35,10 +35,10 @@ static attn_status check_1d(const char *name, const attn_tensor *t, bool ref, in
     return attn_check_shape(name, t, n, -1, -1, -1);
 }
 
-/* Validate the inputs and build the engine's q, k, v, g. */
+/* Validate the inputs, copy them, and (engine) build the engine's q, k, v, g. */
 static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn_tensor *delta,
                            const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
-                           const attn_tensor *dskip, mamba_in *m) {
+                           const attn_tensor *dskip, bool engine, mamba_in *m) {
     memset(m, 0, sizeof *m);
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
     CHECK(attn_check_tensor("x", x, 3, ref, false));
@@ -56,8 +56,8 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
     m->B = B, m->T = T, m->E = E, m->N = N;
     m->fx = mech_alloc(B, T, E, 1), m->fdl = mech_alloc(B, T, E, 1), m->fa = mech_alloc(E, N, 1, 1);
     m->fds = dskip ? mech_alloc(E, 1, 1, 1) : NULL;
-    m->fv = mech_alloc(B, T, E, 1), m->fg = mech_alloc(B, T, E, N);
-    if (!m->fx || !m->fdl || !m->fa || (dskip && !m->fds) || !m->fv || !m->fg) {
+    if (engine) m->fv = mech_alloc(B, T, E, 1), m->fg = mech_alloc(B, T, E, N);
+    if (!m->fx || !m->fdl || !m->fa || (dskip && !m->fds) || (engine && (!m->fv || !m->fg))) {
         mamba_free(m);
         return attn_err(ATTN_ERR_NOMEM, "mamba scan: out of memory for its copies");
     }
@@ -65,6 +65,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
     mech_dense(delta, m->fdl);
     mech_dense(a, m->fa);
     if (dskip) mech_dense(dskip, m->fds);
+    if (!engine) return ATTN_OK;
     for (int64_t r = 0; r < B * T * E; r++) {
         const int64_t ch = r % E;
         const float d = m->fdl[r];
@@ -147,7 +148,8 @@ static attn_status run(attn_ctx *ctx, int step, const attn_tensor *x, const attn
     attn_clear_error();
     if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
     mamba_in m;
-    CHECK(prepare(ctx, x, delta, a, bm, cm, dskip, &m));
+    const bool scan = ctx->backend == ATTN_BACKEND_CPU; /* else the engine's reference */
+    CHECK(prepare(ctx, x, delta, a, bm, cm, dskip, !scan, &m));
     attn_status st = check_y(ctx, "y", y, &m);
     const attn_tensor *ins[] = {x, delta, a, bm, cm, dskip, state_in, state_out};
     const char *names[] = {"x", "delta", "a", "bm", "cm", "dskip", "state_in", "state_out"};
@@ -157,7 +159,7 @@ static attn_status run(attn_ctx *ctx, int step, const attn_tensor *x, const attn
     if (st == ATTN_OK && state_out) st = attn_check_output("state_out", state_out, ins, names, 7);
     float *fo = st == ATTN_OK ? mech_alloc(m.B, m.T, m.E, 1) : NULL;
     if (st == ATTN_OK && !fo) st = attn_err(ATTN_ERR_NOMEM, "mamba scan: out of memory");
-    if (st == ATTN_OK && ctx->backend == ATTN_BACKEND_CPU) {
+    if (st == ATTN_OK && scan) {
         st = run_scan(ctx, &m, bm, cm, step ? state_out : state_in, state_out, fo);
         if (st == ATTN_OK) mech_store_dense(y, fo);
     } else if (st == ATTN_OK) {
@@ -213,7 +215,7 @@ attn_status attn_mamba_scan_backward(attn_ctx *ctx, const attn_tensor *x,
     if ((dskip == NULL) != (ddskip == NULL))
         return attn_err(ATTN_ERR_ARG, "dskip and ddskip must be given together");
     mamba_in m;
-    CHECK(prepare(ctx, x, delta, a, bm, cm, dskip, &m));
+    CHECK(prepare(ctx, x, delta, a, bm, cm, dskip, true, &m));
     const int64_t B = m.B, T = m.T, E = m.E, N = m.N, rows = B * T * E;
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
     attn_status st = check_y(ctx, "dy", dy, &m);
