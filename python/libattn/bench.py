@@ -10,9 +10,10 @@ median forward time (and forward+backward with --full, where the mechanism
 has a backward), the peak memory the call adds to the process (peak RSS
 during the call minus RSS before it, Linux), the relative RMS error of
 sampled query rows against exact attention computed in float64 by PyTorch,
-and per mechanism and pattern the efficiency length: the shortest length at
-which it is faster than exact attention (interpolated in log-log between
-measured lengths). Self patterns use N = M = L; cross patterns N = L/2
+and per mechanism and pattern the efficiency length: the length from which
+it stays faster than exact attention (log-log interpolation between the
+measured lengths; "<= L0" when faster at every length measured, from the
+shortest L0; "not faster" when slower at the longest). Self patterns use N = M = L; cross patterns N = L/2
 queries against M = L keys (causal cross aligns the diagonal bottom-right).
 Inputs are synthetic with locality: q and k are an AR(1) sequence (lag-1
 correlation 0.98) plus noise, v is Gaussian, so attention is concentrated
@@ -250,8 +251,11 @@ def measure_overhead(n=16, heads=1, dim=32, trials=3, calls=20000):
 
 
 def efficiency_lengths(records):
-    """Per (mechanism, pattern): the shortest length at which the mechanism's
-    forward is faster than exact (log-log interpolation), None if never."""
+    """Per (mechanism, pattern): the length from which the mechanism's forward
+    stays faster than exact attention: the crossing (log-log interpolation)
+    after the last measured length at which it was not faster; the shortest
+    length measured if it was faster everywhere; None if it is not faster at
+    the longest length."""
     out = {}
     exact = {(r["pattern"], r["length"]): r["fwd_ms"] for r in records
              if r["mechanism"] == "exact" and r["fwd_ms"] is not None}
@@ -262,15 +266,16 @@ def efficiency_lengths(records):
                      and (p, r["length"]) in exact)
         ratio = [(L, math.log(t / exact[(p, L)])) for L, t in pts]
         val = None
-        for i, (L, lr) in enumerate(ratio):
-            if lr < 0:
-                if i == 0:
-                    val = float(L)  # faster already at the shortest length measured
-                else:
-                    L0, r0 = ratio[i - 1]
-                    f = r0 / (r0 - lr)
-                    val = float(math.exp(math.log(L0) + f * (math.log(L) - math.log(L0))))
-                break
+        if ratio and ratio[-1][1] < 0:
+            i = len(ratio) - 1
+            while i > 0 and ratio[i - 1][1] < 0:
+                i -= 1
+            if i == 0:
+                val = float(ratio[0][0])
+            else:
+                (L0, r0), (L1, r1) = ratio[i - 1], ratio[i]
+                f = r0 / (r0 - r1)
+                val = float(math.exp(math.log(L0) + f * (math.log(L1) - math.log(L0))))
         out[(m, p)] = val
     return out
 
@@ -420,7 +425,10 @@ def summary_table(records):
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         eff = r.get("efficiency_length")
-        effs = "" if r["mechanism"] == "exact" else (f"{eff:.0f}" if eff else "never")
+        shortest = min(x["length"] for x in records)
+        effs = ("" if r["mechanism"] == "exact" or r["fwd_ms"] is None else
+                "not faster" if eff is None else
+                f"<= {eff:.0f}" if eff == shortest else f"{eff:.0f}")
         lines.append(f"| {r['mechanism']} | {r['pattern']} | {r['length']} | "
                      f"{_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwdbwd_ms'], '.2f')} | "
                      f"{_fmt(r['peak_mib'], '.1f')} | {_fmt(r['rel_err'], '.2e')} | {effs} |"
