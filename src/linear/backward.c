@@ -153,6 +153,12 @@ static void causal_head(const attn_kernels *kr, const lin_problem *p, int64_t b,
             lin_chunk_decay_tile(p, n, c, bf->da, C);
             kr->gemm(n, d, n, bf->da, C, 1, c->k, d, bf->dq, d, 1, NULL);
             kr->gemm(n, d, n, bf->da, 1, C, c->q, d, bf->dk, d, 1, NULL);
+        } else if (c->keyfast) { /* dq += e^{b} ⊙ (dA K̃), dk += e^{-b} ⊙ (dAᵀ Q̃) */
+            lin_chunk_mask(n, bf->da, C);
+            kr->gemm(n, d, n, bf->da, C, 1, c->ki, d, bf->tmp, d, 0, NULL);
+            for (int64_t x = 0; x < n * d; x++) bf->dq[x] += bf->tmp[x] * c->pp[x];
+            kr->gemm(n, d, n, bf->da, 1, C, c->qp, d, bf->tmp, d, 0, NULL);
+            for (int64_t x = 0; x < n * d; x++) bf->dk[x] += bf->tmp[x] * c->ib[x];
         } else {
             lin_chunk_key_score_grads(p, n, c, bf->da, C, bf->dq, bf->dk);
         }

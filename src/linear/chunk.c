@@ -16,6 +16,9 @@ lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p) {
     c.q = scratch_take(s, (size_t)(C * d));
     c.k = scratch_take(s, (size_t)(C * d));
     c.kt = scratch_take(s, (size_t)(d * C));
+    c.ib = scratch_take(s, (size_t)(dg > 1 ? C * d : 1));
+    c.ki = scratch_take(s, (size_t)(dg > 1 ? C * d : 1));
+    c.keyfast = 0;
     c.v = scratch_take(s, (size_t)(C * dv));
     c.a = scratch_take(s, (size_t)(C * dg));
     c.b = (double *)scratch_take(s, (size_t)(2 * C * dg)); /* parts are 64-byte aligned */
@@ -39,6 +42,8 @@ static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
  * keeps differences of cumulated logs finite when g = -inf. */
 #define GATE_FLOOR (-1e4)
 #define LOG2E 1.4426950408889634f
+/* |cumulated log gate| below which e^{±b} and their products stay normal f32 */
+#define KEYFAST_RANGE 80.0
 
 /* Ask for rows [r0, r0 + n) of head h of t: rows of one head lie H x D
  * elements apart, a stride the hardware prefetchers do not follow. */
@@ -95,15 +100,18 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
         if (!(b[x] >= GATE_FLOOR)) b[x] = b[x] != b[x] ? b[x] : GATE_FLOOR; /* NaN stays */
         c->a[x] = (float)b[x];
     }
-    /* contiguous tiles go to exp2_rows as one row: no per-row tails */
-    if (dg > 1) kr->exp2_rows(c->a, 1, n * dg, n * dg, LOG2E, c->zero); /* a = e^g */
     for (int64_t i = 1; i < n; i++) /* cumulate */
         for (int64_t x = 0; x < dg; x++) b[i * dg + x] += b[(i - 1) * dg + x];
     const double *blast = b + (n - 1) * dg;
-    for (int64_t x = 0; x < n * dg; x++) {
-        c->pp[x] = (float)b[x];
-        c->rr[x] = (float)(blast[x % dg] - b[x]);
+    for (int64_t i = 0; i < n; i++) {
+        const double *restrict bi = b + i * dg;
+        float *restrict pi = c->pp + i * dg, *restrict ri = c->rr + i * dg;
+        for (int64_t x = 0; x < dg; x++) {
+            pi[x] = (float)bi[x];
+            ri[x] = (float)(blast[x] - bi[x]);
+        }
     }
+    /* contiguous tiles go to exp2_rows as one row: no per-row tails */
     kr->exp2_rows(c->pp, 1, n * dg, n * dg, LOG2E, c->zero);
     kr->exp2_rows(c->rr, 1, n * dg, n * dg, LOG2E, c->zero);
     if (dg == 1 && p->gate != ATTN_GATE_NONE) { /* W_ij = e^{b_i - b_j}, 0 above the diagonal */
@@ -116,6 +124,21 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
         else kr->exp2_rows(c->wt, n, n, C, LOG2E, c->zero);
     }
     for (int64_t x = 0; x < d; x++) c->plast[x] = c->pp[(n - 1) * dg + (dg == 1 ? 0 : x)];
+    c->keyfast = 0;
+    if (dg > 1) {
+        int out = 0; /* an OR without early exit, so that it vectorises */
+        for (int64_t x = 0; x < n * dg; x++)
+            out |= (b[x] <= -KEYFAST_RANGE) | (b[x] >= KEYFAST_RANGE);
+        c->keyfast = !out;
+        if (!c->keyfast) kr->exp2_rows(c->a, 1, n * dg, n * dg, LOG2E, c->zero); /* a = e^g */
+    }
+    if (c->keyfast) { /* K ⊙ e^{-b} and its transpose */
+        for (int64_t x = 0; x < n * d; x++) c->ib[x] = (float)-b[x];
+        kr->exp2_rows(c->ib, 1, n * d, n * d, LOG2E, c->zero);
+        for (int64_t x = 0; x < n * d; x++) c->ki[x] = c->k[x] * c->ib[x];
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->ki[i * d + x];
+    }
 
     /* Q ⊙ P and K ⊙ R, the gate broadcast over d when scalar */
     const int64_t gs = dg == 1 ? 0 : 1; /* gate stride along x */
@@ -140,8 +163,18 @@ void lin_chunk_decay_tile(const lin_problem *p, int64_t n, const lin_chunk *c, f
     }
 }
 
+void lin_chunk_mask(int64_t n, float *m, int64_t ldm) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = i + 1; j < n; j++) m[i * ldm + j] = 0.0f;
+}
+
 void lin_chunk_scores(const attn_kernels *kr, const lin_problem *p, int64_t n, lin_chunk *c) {
     const int64_t d = p->d, C = c->c;
+    if (c->keyfast) { /* A = (Q ⊙ e^{b}) (K ⊙ e^{-b})ᵀ, masked */
+        kr->gemm(n, n, d, c->qp, d, 1, c->kt, C, c->sc, C, 0, NULL);
+        lin_chunk_mask(n, c->sc, C);
+        return;
+    }
     if (c->dg == 1) { /* A = (Q Kᵀ) ⊙ W */
         kr->gemm(n, n, d, c->q, d, 1, c->kt, C, c->sc, C, 0, NULL);
         lin_chunk_decay_tile(p, n, c, c->sc, C);

@@ -16,7 +16,10 @@
  * gates near 1 lose nothing to the f32 representation of e^g, and double
  * leaves no cancellation to speak of (g is clamped at -1e4, where e^g is 0
  * in f32, so that g = -inf cuts cleanly). Per-key-dim W is a running product
- * of at most chunk - 1 gates. */
+ * of at most chunk - 1 gates, unless the chunk's cumulated logs stay within
+ * ±80 (keyfast): then W_ijx = e^{b_ix} e^{-b_jx} splits into Q ⊙ e^{b} and
+ * K ⊙ e^{-b}, both within f32 range, and the scores are one GEMM (each
+ * factor is one rounding: no loss beyond the walk's). */
 #ifndef ATTN_LINEAR_CHUNK_H
 #define ATTN_LINEAR_CHUNK_H
 
@@ -27,7 +30,11 @@ typedef struct lin_chunk {
     int64_t c, d, dv, dg; /* chunk capacity; dims; gate width (1 or d) */
     float *q;   /* [c][d]   scale * q */
     float *k;   /* [c][d] */
-    float *kt;  /* [d][c]   Kᵀ (scalar gates: the scores are one GEMM) */
+    float *kt;  /* [d][c]   Kᵀ (scalar gates), (K ⊙ e^{-b})ᵀ (key gates, keyfast) */
+    float *ib;  /* [c][d]   e^{-b} (key gates, keyfast) */
+    float *ki;  /* [c][d]   K ⊙ e^{-b} (key gates, keyfast) */
+    int keyfast; /* key gates whose cumulated logs stay within ±KEYFAST_RANGE:
+                    A = (Q ⊙ e^{b}) (K ⊙ e^{-b})ᵀ is one GEMM without overflow */
     float *v;   /* [c][dv] */
     float *a;   /* [c][dg]  gates e^g */
     double *b;  /* [c][dg]  cumulated log gates */
@@ -55,6 +62,9 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
 
 /* sc = the masked decayed scores A [n][n] (leading dim c). */
 void lin_chunk_scores(const attn_kernels *kr, const lin_problem *p, int64_t n, lin_chunk *c);
+
+/* m[i][j] = 0 for j > i on a [n][n] tile. */
+void lin_chunk_mask(int64_t n, float *m, int64_t ldm);
 
 /* Scalar or no gates: m[i][j] *= W_ij for j <= i and m[i][j] = 0 for j > i,
  * on a [n][n] tile with leading dim ldm. */
