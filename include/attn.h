@@ -492,6 +492,17 @@ ATTN_API attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x,
                                       const attn_tensor *dskip, const attn_tensor *state_in,
                                       attn_tensor *y, attn_tensor *state_out);
 
+/* Backward of attn_ssd_forward with the same inputs. dy [B, T, H, P];
+ * dstate_out [B, H, N, P] or NULL (zero); outputs shaped like their inputs:
+ * dx, ddt, da, dbm, dcm (summed over the heads of a group), ddskip (NULL iff
+ * dskip is NULL), dstate_in [B, H, N, P] or NULL. */
+ATTN_API attn_status attn_ssd_backward(
+    attn_ctx *ctx, const attn_tensor *x, const attn_tensor *dt, const attn_tensor *a,
+    const attn_tensor *bm, const attn_tensor *cm, const attn_tensor *dskip,
+    const attn_tensor *state_in, const attn_tensor *dy, const attn_tensor *dstate_out,
+    attn_tensor *dx, attn_tensor *ddt, attn_tensor *da, attn_tensor *dbm, attn_tensor *dcm,
+    attn_tensor *ddskip, attn_tensor *dstate_in);
+
 /* LightNet's additive recurrence ("You Only Scan Once"): per key dim x,
  *   S_t[x] = sum_{j <= t} e^{k_jx} v_j / sum_{j <= t} e^{k_jx},  o_t = scale · q_t S_t,
  * an order-free (additive) running softmax over time, run as GLA with

@@ -306,6 +306,79 @@ static void test_mamba_grad(void) {
     tu_free(&tdy), tu_free(&ys), tu_free(&y1), tu_free(&st), tu_free(&sst);
 }
 
+/* Naive SSD on dense doubles (one sequence, zero state): x [T][H][P],
+ * dt [T][H], a [H], bm, cm [T][G][N], ds [H]; y [T][H][P]. */
+static void ssd_naive(int64_t T, int64_t H, int64_t P, int64_t G, int64_t N, const double *x,
+                      const double *dt, const double *a, const double *bm, const double *cm,
+                      const double *ds, double *y) {
+    for (int64_t h = 0; h < H; h++) {
+        double S[4][4] = {{0}};
+        const int64_t g = h / (H / G);
+        for (int64_t t = 0; t < T; t++) {
+            const double d = dt[t * H + h], dec = exp(d * a[h]);
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t e = 0; e < P; e++)
+                    S[n][e] = dec * S[n][e] + bm[(t * G + g) * N + n] * d * x[(t * H + h) * P + e];
+            for (int64_t e = 0; e < P; e++) {
+                double yv = ds[h] * x[(t * H + h) * P + e];
+                for (int64_t n = 0; n < N; n++) yv += cm[(t * G + g) * N + n] * S[n][e];
+                y[(t * H + h) * P + e] = yv;
+            }
+        }
+    }
+}
+
+/* attn_ssd_backward against central differences of the naive forward (f64).
+ * Tolerance: |fd - got| <= 1e-3 * (|fd| + 1) (f32 engine). */
+static void test_ssd_grad(int64_t G) {
+    tu_case("ssd backward groups=%lld", (long long)G);
+    tu_rng r = {tu_seed(SALT, 600 + (uint64_t)G)};
+    enum { T = 19, H = 4, P = 3, N = 4, MAXN = T * H * P };
+    const int64_t sizes[6] = {T * H * P, T * H, H, T * G * N, T * G * N, H}; /* x dt a bm cm ds */
+    const double lo[6] = {-1, 0.05, -2, -1, -1, -1}, hi[6] = {1, 0.6, -0.2, 1, 1, 1};
+    static double in[6][MAXN];
+    double w[MAXN];
+    tu_buf bufs[6] = {tu_alloc(ATTN_F32, 1, T, H, P), tu_alloc(ATTN_F32, 1, T, H, -1),
+                      tu_alloc(ATTN_F32, H, 1, 1, -1), tu_alloc(ATTN_F32, 1, T, G, N),
+                      tu_alloc(ATTN_F32, 1, T, G, N), tu_alloc(ATTN_F32, H, 1, 1, -1)};
+    tu_buf grads[6] = {tu_alloc(ATTN_F32, 1, T, H, P), tu_alloc(ATTN_F32, 1, T, H, -1),
+                       tu_alloc(ATTN_F32, H, 1, 1, -1), tu_alloc(ATTN_F32, 1, T, G, N),
+                       tu_alloc(ATTN_F32, 1, T, G, N), tu_alloc(ATTN_F32, H, 1, 1, -1)};
+    for (int i = 2; i < 6; i += 3) { /* a and ds are 1-D */
+        bufs[i].t.ndim = grads[i].t.ndim = 1;
+        bufs[i].t.stride[0] = grads[i].t.stride[0] = 1;
+    }
+    for (int i = 0; i < 6; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            ((float *)bufs[i].mem)[j] = (float)tu_uniform(&r, lo[i], hi[i]);
+            in[i][j] = ((float *)bufs[i].mem)[j];
+        }
+    tu_buf dy = tu_alloc(ATTN_F32, 1, T, H, P);
+    for (int64_t j = 0; j < T * H * P; j++) ((float *)dy.mem)[j] = (float)(w[j] = tu_uniform(&r, -1, 1));
+    CHECK_OK(attn_ssd_backward(g_ctx[0], &bufs[0].t, &bufs[1].t, &bufs[2].t, &bufs[3].t, &bufs[4].t,
+                               &bufs[5].t, NULL, &dy.t, NULL, &grads[0].t, &grads[1].t, &grads[2].t,
+                               &grads[3].t, &grads[4].t, &grads[5].t, NULL));
+    static const char *const names[6] = {"dx", "ddt", "da", "dbm", "dcm", "ddskip"};
+    for (int i = 0; i < 6; i++) {
+        double worst = 0;
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            double keep = in[i][j], y1[MAXN], y2[MAXN], l1 = 0, l2 = 0;
+            in[i][j] = keep + 1e-6;
+            ssd_naive(T, H, P, G, N, in[0], in[1], in[2], in[3], in[4], in[5], y1);
+            in[i][j] = keep - 1e-6;
+            ssd_naive(T, H, P, G, N, in[0], in[1], in[2], in[3], in[4], in[5], y2);
+            in[i][j] = keep;
+            for (int64_t t = 0; t < T * H * P; t++) l1 += y1[t] * w[t], l2 += y2[t] * w[t];
+            double fd = (l1 - l2) / 2e-6, got = ((float *)grads[i].mem)[j];
+            double err = fabs(fd - got) / (fabs(fd) + 1);
+            if (err > worst) worst = err;
+        }
+        CHECK(worst <= 1e-3, "%s: finite differences differ by %.3g", names[i], worst);
+    }
+    for (int i = 0; i < 6; i++) tu_free(&bufs[i]), tu_free(&grads[i]);
+    tu_free(&dy);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -322,6 +395,8 @@ int main(void) {
     test_lightnet(1);
     test_rfa();
     test_mamba_grad();
+    test_ssd_grad(1);
+    test_ssd_grad(2);
     for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
     return tu_finish("test_linear_mech");
 }
