@@ -479,6 +479,14 @@ ATTN_API attn_status attn_linear_attention(attn_ctx *ctx, const attn_linear_para
                                            attn_feature_map phi, int32_t normalize, float eps,
                                            const attn_tensor *q, const attn_tensor *k,
                                            const attn_tensor *v, attn_tensor *o);
+/* Its backward: dout like o; dq, dk, dv like q, k, v (dk, dv summed over the
+ * heads of a GQA group). The forward is run again for the normaliser. */
+ATTN_API attn_status attn_linear_attention_backward(attn_ctx *ctx, const attn_linear_params *p,
+                                                    attn_feature_map phi, int32_t normalize,
+                                                    float eps, const attn_tensor *q,
+                                                    const attn_tensor *k, const attn_tensor *v,
+                                                    const attn_tensor *dout, attn_tensor *dq,
+                                                    attn_tensor *dk, attn_tensor *dv);
 
 /* Mamba-2 SSD (state-space duality): per head h with G groups of B and C,
  *   S_t = e^{dt_t A_h} S_{t-1} + B_tᵀ (dt_t x_t),  y_t = C_t S_t + Dskip_h x_t.

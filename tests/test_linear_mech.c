@@ -379,6 +379,73 @@ static void test_ssd_grad(int64_t G) {
     tu_free(&dy);
 }
 
+/* Naive feature-map linear attention (quadratic form) on dense doubles:
+ * q [T][H][D], k, v [T][Hk][*] with Hk = 1, o [T][H][Dv]. */
+static void la_naive(attn_feature_map phi, int normalize, int causal, int64_t T, int64_t H,
+                     int64_t D, int64_t Dv, const double *q, const double *k, const double *v,
+                     double *o) {
+    const double scale = 1.0 / sqrt((double)D), eps = 1e-3;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t i = 0; i < T; i++) {
+            double num[8] = {0}, den = 0;
+            for (int64_t j = 0; j < (causal ? i + 1 : T); j++) {
+                double s = 0;
+                for (int64_t x = 0; x < D; x++) s += phi_of(phi, q[(i * H + h) * D + x]) * phi_of(phi, k[j * D + x]);
+                s *= scale;
+                den += s;
+                for (int64_t e = 0; e < Dv; e++) num[e] += s * v[j * Dv + e];
+            }
+            for (int64_t e = 0; e < Dv; e++) o[(i * H + h) * Dv + e] = normalize ? num[e] / (den + eps) : num[e];
+        }
+}
+
+/* attn_linear_attention_backward against central differences of la_naive.
+ * Tolerance: |fd - got| <= 1e-3 * (|fd| + 1) (f32 engine). */
+static void test_linear_attention_grad(attn_feature_map phi, int normalize, int causal) {
+    tu_case("linear attention backward phi=%d normalize=%d causal=%d", (int)phi, normalize, causal);
+    tu_rng r = {tu_seed(SALT, 700 + (uint64_t)(phi * 4 + normalize * 2 + causal))};
+    enum { T = 11, H = 2, D = 3, Dv = 2 };
+    const int64_t sizes[3] = {T * H * D, T * D, T * Dv};
+    const double lo = phi == ATTN_PHI_IDENTITY && normalize ? 0.1 : -1.0;
+    static double in[3][T * H * D];
+    double w[T * H * Dv];
+    tu_buf bufs[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, 1, D),
+                      tu_alloc(ATTN_F32, 1, T, 1, Dv)};
+    tu_buf grads[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, 1, D),
+                       tu_alloc(ATTN_F32, 1, T, 1, Dv)};
+    for (int i = 0; i < 3; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            ((float *)bufs[i].mem)[j] = (float)tu_uniform(&r, i < 2 ? lo : -1.0, 1);
+            in[i][j] = ((float *)bufs[i].mem)[j];
+        }
+    tu_buf dout = tu_alloc(ATTN_F32, 1, T, H, Dv);
+    for (int64_t j = 0; j < T * H * Dv; j++) ((float *)dout.mem)[j] = (float)(w[j] = tu_uniform(&r, -1, 1));
+    attn_linear_params p = attn_linear_params_default();
+    p.causal = causal;
+    CHECK_OK(attn_linear_attention_backward(g_ctx[0], &p, phi, normalize, 1e-3f, &bufs[0].t,
+                                            &bufs[1].t, &bufs[2].t, &dout.t, &grads[0].t,
+                                            &grads[1].t, &grads[2].t));
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        double worst = 0;
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            double keep = in[i][j], o1[T * H * Dv], o2[T * H * Dv], l1 = 0, l2 = 0;
+            in[i][j] = keep + 1e-6;
+            la_naive(phi, normalize, causal, T, H, D, Dv, in[0], in[1], in[2], o1);
+            in[i][j] = keep - 1e-6;
+            la_naive(phi, normalize, causal, T, H, D, Dv, in[0], in[1], in[2], o2);
+            in[i][j] = keep;
+            for (int64_t t = 0; t < T * H * Dv; t++) l1 += o1[t] * w[t], l2 += o2[t] * w[t];
+            double fd = (l1 - l2) / 2e-6, got = ((float *)grads[i].mem)[j];
+            double err = fabs(fd - got) / (fabs(fd) + 1);
+            if (err > worst) worst = err;
+        }
+        CHECK(worst <= 1e-3, "%s: finite differences differ by %.3g", names[i], worst);
+    }
+    for (int i = 0; i < 3; i++) tu_free(&bufs[i]), tu_free(&grads[i]);
+    tu_free(&dout);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -397,6 +464,10 @@ int main(void) {
     test_mamba_grad();
     test_ssd_grad(1);
     test_ssd_grad(2);
+    for (int phi = 0; phi < 3; phi++)
+        for (int norm = 0; norm < 2; norm++)
+            for (int causal = 0; causal < 2; causal++)
+                test_linear_attention_grad((attn_feature_map)phi, norm, causal);
     for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
     return tu_finish("test_linear_mech");
 }
