@@ -40,7 +40,7 @@ static grads run_backward(attn_ctx *ctx, const attn_linear_params *p, const lin_
     r.dq = tu_alloc(dt, B, T, H, D);
     r.dk = tu_alloc(dt, B, T, Hk, D);
     r.dv = tu_alloc(dt, B, T, Hk, Dv);
-    r.ds0 = tu_alloc(dt, B, H, D, Dv);
+    r.ds0 = tu_alloc(dt, p->cu_seqlens ? p->batch : B, H, D, Dv);
     if (in->g.mem) r.dg = lin_gate_alloc(p->gate, dt, B, T, H, D);
     r.st = attn_linear_backward(ctx, p, q, &in->k.t, &in->v.t, lin_g(in), lin_s0(in), &wo->t,
                                 &ws->t, &r.dq.t, &r.dk.t, &r.dv.t, r.dg.mem ? &r.dg.t : NULL,
@@ -210,6 +210,37 @@ static void test_threads(void) {
     lin_free(&in);
 }
 
+/* Varlen (one empty sequence) and per-key gates: engine against reference. */
+static void test_varlen(void) {
+    tu_case("backward varlen");
+    tu_rng r = {tu_seed(SALT, 998)};
+    const int32_t cu[4] = {0, 37, 37, 100};
+    const int64_t total = 100, H = 4, Hk = 2, D = 12, Dv = 8;
+    lin_inputs in = lin_make(&r, ATTN_F32, ATTN_GATE_KEY, 1, total, H, Hk, D, Dv, -0.4, 0, 0);
+    in.s0 = tu_alloc(ATTN_F32, 3, H, D, Dv);
+    tu_fill(&in.s0.t, &r, -1, 1);
+    tu_buf wo = tu_alloc(ATTN_F32, 1, total, H, Dv), ws = tu_alloc(ATTN_F32, 3, H, D, Dv);
+    tu_fill(&wo.t, &r, -1, 1);
+    tu_fill(&ws.t, &r, -1, 1);
+    attn_linear_params p = attn_linear_params_default();
+    p.gate = ATTN_GATE_KEY;
+    p.batch = 3;
+    p.cu_seqlens = cu;
+    grads ref = run_backward(g_ref, &p, &in, &wo, &ws, ATTN_F64);
+    grads got = run_backward(g_cpu[0], &p, &in, &wo, &ws, ATTN_F32);
+    CHECK_OK(ref.st);
+    CHECK_OK(got.st);
+    if (ref.st == ATTN_OK && got.st == ATTN_OK) {
+        CHECK_CLOSE("dq", &got.dq.t, &ref.dq.t, 1e-4, 1e-3);
+        CHECK_CLOSE("dk", &got.dk.t, &ref.dk.t, 1e-4, 1e-3);
+        CHECK_CLOSE("dv", &got.dv.t, &ref.dv.t, 1e-4, 1e-3);
+        CHECK_CLOSE("dg", &got.dg.t, &ref.dg.t, 1e-3, 1e-2);
+    }
+    grads_free(&ref), grads_free(&got);
+    tu_free(&wo), tu_free(&ws);
+    lin_free(&in);
+}
+
 int main(void) {
     g_ref = tu_ctx("test_linear_backward", ATTN_BACKEND_REF, 1);
     g_cpu[0] = tu_ctx("test_linear_backward", ATTN_BACKEND_CPU, 2);
@@ -218,6 +249,7 @@ int main(void) {
     for (int i = 0; i < (int)(sizeof k_fd / sizeof k_fd[0]); i++) test_fd(i, &k_fd[i]);
     for (int i = 0; i < (int)(sizeof k_engine / sizeof k_engine[0]); i++) test_engine(i, &k_engine[i]);
     test_threads();
+    test_varlen();
     attn_ctx_free(g_ref);
     attn_ctx_free(g_cpu[0]);
     attn_ctx_free(g_cpu[1]);
