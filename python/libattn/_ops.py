@@ -251,7 +251,8 @@ def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
     also lse [B, H, N] float32 (natural-log row log-sum-exp).
     3-d inputs [N, H, D] mean B = 1 and give 3-d outputs ([N, H, Dv], [H, N]).
     numpy arrays or PyTorch CPU tensors (the result has q's kind); any
-    strides, no copy. causal: key j visible to query i iff j <= i + M - N;
+    strides, no copy (except a numpy view with a negative stride or a byte
+    stride that is not a multiple of its item size: copied, contiguous). causal: key j visible to query i iff j <= i + M - N;
     window (left, right): i + M - N - left <= j <= i + M - N + right, -1 =
     unbounded; scale: logit scale (default 1/sqrt(D)); softcap > 0: logits s
     become softcap * tanh(s / softcap). Varlen: cu_seqlens_q/k int32 [batch+1]

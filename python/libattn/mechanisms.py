@@ -107,6 +107,16 @@ def _planned(make_plan):
     return fn
 
 
+def _planned_grad(make_plan):
+    def fn(q, k, v, causal):
+        from . import torch as lat
+
+        plan = make_plan(q.detach(), k.detach(), causal)
+        return lat.attention(q, k, v, causal=causal, plan=plan)
+
+    return fn
+
+
 def _static_plan(q, k, causal):
     n, m = q.shape[1], k.shape[1]
     return Plan.static(n, m, BLOCK, BLOCK, local=max(1, _nkeep(m) // 2), stride=8,
@@ -133,17 +143,21 @@ _planners = lambda: _lib.HAS_PLANNERS  # noqa: E731
 register(Mechanism("static", "sparse", _planned(_static_plan),
                    f"static blocks (attn_plan_static): local band of {KEEP:.3g} of the key blocks "
                    f"/ 2, every 8th block, the first {BLOCK} tokens global; causal only",
-                   patterns=("causal-self", "causal-cross"), encoder=False, available=_planners))
+                   patterns=("causal-self", "causal-cross"), encoder=False, available=_planners,
+                   backward=_planned_grad(_static_plan)))
 register(Mechanism("topk", "sparse", _planned(_topk_plan),
                    f"dynamic top-k blocks (attn_plan_select): {KEEP:.3g} of the {BLOCK}x{BLOCK} "
                    "key blocks by mean-pooled scores, plus diagonal and first block",
-                   available=_planners))
+                   available=_planners,
+                   backward=_planned_grad(_topk_plan)))
 register(Mechanism("mass", "sparse", _planned(_mass_plan),
                    f"dynamic blocks reaching {MASS} of the estimated mass (attn_plan_select)",
-                   available=_planners))
+                   available=_planners,
+                   backward=_planned_grad(_mass_plan)))
 register(Mechanism("psa", "sparse", _planned(_psa_plan),
                    "Pyramid Sparse Attention (attn_plan_psa): best 1/16 of key blocks at full "
-                   "resolution, next 1/8 pooled by 2, next 1/4 pooled by 4", available=_planners))
+                   "resolution, next 1/8 pooled by 2, next 1/4 pooled by 4", available=_planners,
+                   backward=_planned_grad(_psa_plan)))
 
 # ---------------------------------------------------------------- linear
 

@@ -93,22 +93,46 @@ class AttentionFunction(torch.autograd.Function):
         return _backward(ctx, do, dlse)
 
 
+class PlannedAttentionFunction(torch.autograd.Function):
+    """Attention over a block plan (libattn.Plan), forward and C backward
+    (eager mode only: a plan is not a tensor, so this is not a custom op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, softcap, causal, wl, wr):
+        kw = dict(causal=causal, scale=scale or None, softcap=softcap, window=(wl, wr), plan=plan)
+        o, lse = _ops.attention(q, k, v, return_lse=True, **kw)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.kw = kw
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _ops.attention_backward(q, k, v, o, lse, do, **ctx.kw)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, softcap: float = 0.0,
-              window: Optional[Tuple[int, int]] = None, return_lse: bool = False):
+              window: Optional[Tuple[int, int]] = None, return_lse: bool = False,
+              plan=None):
     """Differentiable exact attention (autograd through the C backward).
 
     q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv] (3-d [N, H, D] means
     B = 1) -> o [B, N, H, Dv] (and lse [B, H, N] float32, not
     differentiable). Arguments as libattn.attention. Works under
-    torch.compile (the ops are torch.library custom ops).
+    torch.compile (the ops are torch.library custom ops), except with a
+    plan (a libattn.Plan: eager autograd through PlannedAttentionFunction).
     """
     was3 = q.dim() == 3
     if was3:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     wl, wr = (-1, -1) if window is None else window
     args = (q, k, v, float(scale or 0.0), float(softcap), bool(causal), int(wl), int(wr))
-    if torch.compiler.is_compiling():
+    if plan is not None:
+        o, lse = PlannedAttentionFunction.apply(q, k, v, plan, *args[3:])
+    elif torch.compiler.is_compiling():
         # Dynamo traces the custom op (autograd registered) rather than the
         # Function, which it refuses when one tensor is passed twice.
         o, lse = attention_fwd(*args)
@@ -131,4 +155,5 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: f
     return o.transpose(1, 2)
 
 
-__all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction", "sdpa"]
+__all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction",
+           "PlannedAttentionFunction", "sdpa"]
