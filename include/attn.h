@@ -214,6 +214,12 @@ typedef struct attn_select_opts {
     float mass;
     int32_t keep_diagonal, keep_first;
     int32_t causal;      /* only blocks with some visible key (bottom-right) */
+    /* AdaSpa's precise search: the exact row LSE f32 [1, H, N] of one dense
+     * pass (attn_forward), or NULL. With it, a block's mass is estimated per
+     * query as sum_i exp(scale q_i . mean(k_blk) + ln(keys) - lse_i) / rows,
+     * calibrated against the true normaliser, and `mass` keeps blocks until
+     * that absolute mass is reached (fewer blocks where attention is sharp). */
+    const attn_tensor *lse;
 } attn_select_opts;
 
 ATTN_API attn_status attn_plan_select(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,

@@ -127,7 +127,7 @@ static void planted_selection(attn_ctx *cpu) {
      * only if they share it: axes differ (qb % D, nqb <= D), so the top two
      * blocks of each query block are exactly its planted ones */
     attn_plan *hand = from_mask(N, M, bq, bk, H, want);
-    attn_select_opts o = {bq, bk, chosen, 0.0f, 0, 0, 0};
+    attn_select_opts o = {bq, bk, chosen, 0.0f, 0, 0, 0, NULL};
     attn_plan *sel = NULL;
     tu_case("select top-k finds the planted blocks");
     CHECK_OK(attn_plan_select(cpu, &sel, &q.t, &k.t, &o));
@@ -146,9 +146,28 @@ static void planted_selection(attn_ctx *cpu) {
     same_output("mass vs planted", &a, &b);
     attn_plan_free(sel);
 
+    tu_case("AdaSpa: calibrated masses from the exact LSE keep the planted blocks");
+    {
+        tu_fwd_out dense = run(cpu, NULL, 0, &q, &k, &v); /* one dense pass: the row LSE */
+        attn_select_opts ao = {bq, bk, 0, 0.9f, 0, 0, 0, &dense.lse.t};
+        CHECK_OK(attn_plan_select(cpu, &sel, &q.t, &k.t, &ao));
+        CHECK(fabs(attn_plan_density(sel) - attn_plan_density(hand)) < 1e-12,
+              "density %g, planted %g", attn_plan_density(sel), attn_plan_density(hand));
+        a = run(cpu, sel, 0, &q, &k, &v);
+        b = run(cpu, hand, 0, &q, &k, &v);
+        same_output("AdaSpa vs planted", &a, &b);
+        attn_plan_free(sel);
+        attn_select_opts bad_lse = ao;
+        bad_lse.lse = &q.t; /* wrong rank */
+        CHECK(attn_plan_select(cpu, &sel, &q.t, &k.t, &bad_lse) != ATTN_OK &&
+                  strstr(attn_last_error(), "lse"),
+              "a bad lse must be named: %s", attn_last_error());
+        tu_fwd_free(&dense);
+    }
+
     tu_case("PSA: planted blocks at level 0, the next quarter pooled");
     float quota[3] = {2.0f / 8.0f, 2.0f / 8.0f, 0.0f};
-    attn_select_opts po = {bq, bk, 0, 0.0f, 0, 0, 0};
+    attn_select_opts po = {bq, bk, 0, 0.0f, 0, 0, 0, NULL};
     attn_plan *psa = NULL;
     CHECK_OK(attn_plan_psa(cpu, &psa, &q.t, &k.t, &po, 3, quota));
     /* budget: 2 blocks at full cost + 2 at half, of 8 */
@@ -173,7 +192,7 @@ static void planted_selection(attn_ctx *cpu) {
 
     tu_case("select and PSA: bad arguments");
     attn_plan *bad = NULL;
-    attn_select_opts z = {bq, bk, 0, 0.0f, 0, 0, 0};
+    attn_select_opts z = {bq, bk, 0, 0.0f, 0, 0, 0, NULL};
     CHECK(attn_plan_select(cpu, &bad, &q.t, &k.t, &z) == ATTN_ERR_ARG && !bad &&
               strstr(attn_last_error(), "mass"),
           "mass 0: %s", attn_last_error());
@@ -195,7 +214,7 @@ static void causal_selection(attn_ctx *cpu, attn_ctx *ref) {
     tu_buf q = tu_alloc(ATTN_F32, 1, N, H, D), k = tu_alloc(ATTN_F32, 1, M, H, D),
            v = tu_alloc(ATTN_F32, 1, M, H, D);
     tu_fill(&q.t, &rng, -1, 1), tu_fill(&k.t, &rng, -1, 1), tu_fill(&v.t, &rng, -1, 1);
-    attn_select_opts o = {bq, bk, 2, 0.0f, 1, 1, 1};
+    attn_select_opts o = {bq, bk, 2, 0.0f, 1, 1, 1, NULL};
     attn_plan *sel = NULL;
     tu_case("causal top-2 with diagonal and first block, vs reference");
     CHECK_OK(attn_plan_select(cpu, &sel, &q.t, &k.t, &o));

@@ -167,7 +167,7 @@ static attn_status make_plan(sparse_state *s, attn_plan **plan) {
     case BENCH_TOPK: {
         int64_t nkb = (c->m + c->block_k - 1) / c->block_k;
         int64_t kb = (int64_t)ceil(c->budget * (double)nkb);
-        attn_select_opts o = {c->block_q, c->block_k, kb < 1 ? 1 : kb, 0.0f, 0, 0, c->causal};
+        attn_select_opts o = {c->block_q, c->block_k, kb < 1 ? 1 : kb, 0.0f, 0, 0, c->causal, NULL};
         return attn_plan_select(s->ctx, plan, &s->tq, &s->tk, &o);
     }
     case BENCH_PSA: {
@@ -184,7 +184,7 @@ static attn_status make_plan(sparse_state *s, attn_plan **plan) {
             if (sum + quota[l] > 1.0) quota[l] = (float)(1.0 - sum);
             sum += quota[l];
         }
-        attn_select_opts o = {c->block_q, c->block_k, 0, 0.0f, 1, 0, c->causal};
+        attn_select_opts o = {c->block_q, c->block_k, 0, 0.0f, 1, 0, c->causal, NULL};
         return attn_plan_psa(s->ctx, plan, &s->tq, &s->tk, &o, 4, quota);
     }
     case BENCH_WINDOW: { /* the band of key blocks the window reaches */

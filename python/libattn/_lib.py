@@ -217,8 +217,8 @@ if HAS_LINEAR:
 # (present when the library has them)
 
 # attn_select_opts: int64 block_q, block_k, top_k; float mass;
-# int32 keep_diagonal, keep_first, causal
-SELECT_OPTS = struct.Struct("@qqqfiii")
+# int32 keep_diagonal, keep_first, causal; const attn_tensor *lse (AdaSpa; 0 here)
+SELECT_OPTS = struct.Struct("@qqqfiiiP")
 HAS_PLANNERS = hasattr(lib, "attn_plan_select")
 if HAS_PLANNERS:
     attn_plan_static = _sig("attn_plan_static", _I, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64)

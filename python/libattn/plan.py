@@ -97,7 +97,7 @@ class Plan:
         pk, ok, sk, _, _ = _view(k, "k")
         opts = _lib.SELECT_OPTS.pack(int(block_q), int(block_k), int(top_k), float(mass),
                                      int(bool(keep_diagonal)), int(bool(keep_first)),
-                                     int(bool(causal)))
+                                     int(bool(causal)), 0)
         out = ctypes.c_void_p()
         _lib.check(_lib.attn_plan_select(_ctx_for(ctx, dq), ctypes.byref(out), pq, pk, opts))
         return cls._adopt(out, sq[1], sk[1], block_q, block_k, sq[2])
@@ -115,7 +115,7 @@ class Plan:
         pk, ok, sk, _, _ = _view(k, "k")
         qa = np.ascontiguousarray(quota, dtype=np.float32)
         opts = _lib.SELECT_OPTS.pack(int(block_q), int(block_k), 0, 0.0,
-                                     int(bool(keep_diagonal)), 0, int(bool(causal)))
+                                     int(bool(keep_diagonal)), 0, int(bool(causal)), 0)
         out = ctypes.c_void_p()
         _lib.check(_lib.attn_plan_psa(_ctx_for(ctx, dq), ctypes.byref(out), pq, pk, opts,
                                       len(qa), qa.ctypes.data))

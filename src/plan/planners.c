@@ -140,6 +140,7 @@ typedef struct scorer {
     float *kbar; /* [hk][nkb][d] */
     float *qbar, *tmp; /* [d] */
     scored *row; /* [nkb] */
+    double *mass; /* [nkb]: AdaSpa's calibrated block masses (opt->lse set) */
 } scorer;
 
 static attn_status check_select(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
@@ -162,6 +163,12 @@ static attn_status check_select(attn_ctx *ctx, attn_plan **out, const attn_tenso
     if (opt->top_k < 0) return attn_err(ATTN_ERR_ARG, "opt->top_k must be >= 0");
     if (opt->top_k == 0 && !(opt->mass > 0.0f && opt->mass <= 1.0f))
         return attn_err(ATTN_ERR_ARG, "opt->mass must be in (0, 1] when opt->top_k is 0");
+    if (opt->lse) {
+        if ((st = attn_check_tensor("opt->lse", opt->lse, 3, false, false)) != ATTN_OK) return st;
+        if (opt->lse->dtype != ATTN_F32) return attn_err(ATTN_ERR_DTYPE, "opt->lse must be f32");
+        if ((st = attn_check_shape("opt->lse", opt->lse, 1, q->shape[2], q->shape[1], -1)) != ATTN_OK)
+            return st;
+    }
     return ATTN_OK;
 }
 
@@ -170,6 +177,7 @@ static void scorer_free(scorer *s) {
     free(s->qbar);
     free(s->tmp);
     free(s->row);
+    free(s->mass);
 }
 
 static attn_status scorer_init(scorer *s, attn_ctx *ctx, const attn_tensor *q,
@@ -185,7 +193,8 @@ static attn_status scorer_init(scorer *s, attn_ctx *ctx, const attn_tensor *q,
     s->qbar = malloc((size_t)s->d * sizeof(float));
     s->tmp = malloc((size_t)s->d * sizeof(float));
     s->row = malloc((size_t)s->nkb * sizeof(scored));
-    if (!s->kbar || !s->qbar || !s->tmp || !s->row) {
+    s->mass = malloc((size_t)s->nkb * sizeof(double));
+    if (!s->kbar || !s->qbar || !s->tmp || !s->row || !s->mass) {
         scorer_free(s);
         return attn_err(ATTN_ERR_NOMEM, "out of memory for block scores");
     }
@@ -218,6 +227,23 @@ static int64_t score_row(scorer *s, attn_ctx *ctx, const attn_tensor *q, int64_t
         s->row[c].kb = kb;
         c++;
     }
+    if (opt->lse) { /* AdaSpa: each query's own pooled logits against its exact LSE */
+        for (int64_t x = 0; x < c; x++) s->mass[x] = 0.0;
+        for (int64_t i = r0; i < r0 + cnt; i++) {
+            rows_load(ctx->kernels, q, attn_off4(q, 0, i, h, 0), s->d, s->tmp);
+            double l = attn_load_f64(opt->lse, attn_off3(opt->lse, 0, h, i));
+            for (int64_t x = 0; x < c; x++) {
+                const float *kr = s->kbar + (g * s->nkb + s->row[x].kb) * s->d;
+                double dot = 0.0;
+                for (int64_t e = 0; e < s->d; e++) dot += (double)s->tmp[e] * kr[e];
+                int64_t kb = s->row[x].kb;
+                int64_t keys = kb * opt->block_k + opt->block_k <= s->m ? opt->block_k
+                                                                         : s->m - kb * opt->block_k;
+                if (l != -INFINITY) s->mass[x] += exp(s->scale * dot + log((double)keys) - l);
+            }
+        }
+        for (int64_t x = 0; x < c; x++) s->row[x].s = s->mass[x] / (double)cnt;
+    }
     qsort(s->row, (size_t)c, sizeof(scored), by_score_desc);
     return c;
 }
@@ -234,6 +260,14 @@ static bool forced(const scorer *s, int64_t qb, int64_t kb) {
 /* How many of the c sorted candidates to keep (before forced ones). */
 static int64_t keep_count(const scorer *s, int64_t c) {
     if (s->opt->top_k > 0) return s->opt->top_k < c ? s->opt->top_k : c;
+    if (s->opt->lse) { /* calibrated masses: stop at the absolute mass */
+        double run = 0.0;
+        for (int64_t i = 0; i < c; i++) {
+            run += s->row[i].s;
+            if (run >= (double)s->opt->mass) return i + 1;
+        }
+        return c;
+    }
     double mx = c ? s->row[0].s : 0.0, total = 0.0, run = 0.0;
     for (int64_t i = 0; i < c; i++) total += exp(s->row[i].s - mx);
     for (int64_t i = 0; i < c; i++) {
