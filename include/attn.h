@@ -373,6 +373,46 @@ ATTN_API attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_op
                                                 const attn_tensor *dvc, attn_tensor *dk,
                                                 attn_tensor *dv);
 
+/* ---------------------------------------------------------------- token grids
+ * Tokens of an image or video laid out row-major on a grid F x H x W (F = 1
+ * for images): token (f, y, x) is row (f H + y) W + x of dim 1. */
+typedef struct attn_grid {
+    int64_t f, h, w;     /* grid extents, >= 1 */
+} attn_grid;
+
+/* Average pooling of a token grid by ratio (rf, rh, rw) (each divides its
+ * extent): x [B, F H W, heads, D] -> out [B, (F/rf)(H/rh)(W/rw), heads, D]. */
+ATTN_API attn_status attn_grid_pool(attn_ctx *ctx, attn_grid grid, attn_grid ratio,
+                                    const attn_tensor *x, attn_tensor *out);
+/* Its adjoint: dx += each pooled gradient / (rf rh rw) over its patch. */
+ATTN_API attn_status attn_grid_pool_backward(attn_ctx *ctx, attn_grid grid, attn_grid ratio,
+                                             const attn_tensor *dout, attn_tensor *dx);
+
+/* Spatial-reduction attention (PVT, Next-ViT, S2AFormer): keys and values
+ * average-pooled on the grid by `ratio`, then attention from every query.
+ * q [B, N, H, D] (any N: cross works), k/v [B, F H W, Hk, *], o [B, N, H, Dv],
+ * lse [B, H, N] or NULL. p: scale, softcap (no mask: tokens are spatial). */
+ATTN_API attn_status attn_sra_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                      attn_grid ratio, const attn_tensor *q,
+                                      const attn_tensor *k, const attn_tensor *v,
+                                      attn_tensor *o, attn_tensor *lse);
+/* Backward (lse from the forward is required): dq, dk, dv. */
+ATTN_API attn_status attn_sra_backward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                       attn_grid ratio, const attn_tensor *q,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       const attn_tensor *o, const attn_tensor *lse,
+                                       const attn_tensor *dout, attn_tensor *dq,
+                                       attn_tensor *dk, attn_tensor *dv);
+
+/* CrossLMM's pooled cross-attention: queries average-pooled on their grid by
+ * `ratio` attend to the full token set. q [B, F H W, H, D], k/v [B, M, Hk, *],
+ * o [B, (F/rf)(H/rh)(W/rw), H, Dv], lse [B, H, pooled] or NULL. */
+ATTN_API attn_status attn_pooled_cross_forward(attn_ctx *ctx, const attn_params *p,
+                                               attn_grid grid, attn_grid ratio,
+                                               const attn_tensor *q, const attn_tensor *k,
+                                               const attn_tensor *v, attn_tensor *o,
+                                               attn_tensor *lse);
+
 /* ---------------------------------------------------------------- linear-time attention */
 
 /* The chunked-recurrence engine. Per sequence and query head h, a state
