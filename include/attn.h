@@ -413,6 +413,31 @@ ATTN_API attn_status attn_pooled_cross_forward(attn_ctx *ctx, const attn_params 
                                                const attn_tensor *v, attn_tensor *o,
                                                attn_tensor *lse);
 
+/* Token reorderings (PAROAttention, window attention, grouping): a
+ * permutation idx int64 [T] of the tokens; gather: out[:, t] = x[:, idx[t]];
+ * scatter: out[:, idx[t]] = x[:, t] (the inverse). x, out [B, T, heads, D]. */
+ATTN_API attn_status attn_gather_tokens(attn_ctx *ctx, const int64_t *idx,
+                                        const attn_tensor *x, attn_tensor *out);
+ATTN_API attn_status attn_scatter_tokens(attn_ctx *ctx, const int64_t *idx,
+                                         const attn_tensor *x, attn_tensor *out);
+/* Window-major order of a grid cut into non-overlapping windows `win` (each
+ * divides its extent): the tokens of window 0 (row-major inside), then of
+ * window 1, ...; idx [F H W]. */
+ATTN_API attn_status attn_grid_window_index(attn_grid grid, attn_grid win, int64_t *idx);
+/* The grid read with its axes in the order perm (a permutation of 0 = f,
+ * 1 = h, 2 = w; e.g. {1, 2, 0}: h, w, f as PARO does): idx [F H W]. */
+ATTN_API attn_status attn_grid_axis_index(attn_grid grid, const int32_t perm[3], int64_t *idx);
+
+/* HiLo attention (LITv2), self-attention on an H x W (x F) grid, H == Hk:
+ * the first H - lo_heads heads (Hi) attend within non-overlapping windows
+ * `win`; the last lo_heads heads (Lo) attend from every query to keys and
+ * values average-pooled by `win`. q, k, v [B, F H W, H, *], o [B, F H W, H, Dv].
+ * p: scale and softcap. */
+ATTN_API attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                       attn_grid win, int64_t lo_heads, const attn_tensor *q,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       attn_tensor *o);
+
 /* ---------------------------------------------------------------- linear-time attention */
 
 /* The chunked-recurrence engine. Per sequence and query head h, a state

@@ -1,0 +1,186 @@
+/* Token reorderings and HiLo: permutations of the tokens (gather, scatter,
+ * the window-major and axis-permuted orders of a grid), and HiLo attention,
+ * whose Hi heads attend inside non-overlapping windows (window-major order
+ * plus a block-diagonal plan) and Lo heads to pooled keys and values. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mech_run.h"
+#include "validate.h"
+
+#define CHECK(expr)                     \
+    do {                                \
+        attn_status st_ = (expr);       \
+        if (st_ != ATTN_OK) return st_; \
+    } while (0)
+
+static attn_status check_perm(const int64_t *idx, int64_t t) {
+    if (!idx) return attn_err(ATTN_ERR_NULL, "idx must not be NULL");
+    uint8_t *seen = calloc((size_t)t + 1, 1);
+    if (!seen) return attn_err(ATTN_ERR_NOMEM, "out of memory checking idx");
+    attn_status st = ATTN_OK;
+    for (int64_t i = 0; i < t && st == ATTN_OK; i++) {
+        if (idx[i] < 0 || idx[i] >= t || seen[idx[i]])
+            st = attn_err(ATTN_ERR_ARG, "idx must be a permutation of 0..%lld (idx[%lld] = %lld)",
+                          (long long)(t - 1), (long long)i, (long long)idx[i]);
+        else
+            seen[idx[i]] = 1;
+    }
+    free(seen);
+    return st;
+}
+
+static attn_status move_tokens(attn_ctx *ctx, const int64_t *idx, const attn_tensor *x,
+                               attn_tensor *out, int scatter) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("x", x, 4, ref, false));
+    CHECK(attn_check_tensor("out", out, 4, ref, false));
+    CHECK(attn_check_shape("out", out, x->shape[0], x->shape[1], x->shape[2], x->shape[3]));
+    const attn_tensor *ins[] = {x};
+    const char *names[] = {"x"};
+    CHECK(attn_check_output("out", out, ins, names, 1));
+    CHECK(check_perm(idx, x->shape[1]));
+    for (int64_t b = 0; b < x->shape[0]; b++)
+        for (int64_t t = 0; t < x->shape[1]; t++) {
+            int64_t from = scatter ? t : idx[t], to = scatter ? idx[t] : t;
+            for (int64_t h = 0; h < x->shape[2]; h++)
+                for (int64_t e = 0; e < x->shape[3]; e++)
+                    attn_store_f64(out, attn_off4(out, b, to, h, e),
+                                   attn_load_f64(x, attn_off4(x, b, from, h, e)));
+        }
+    return ATTN_OK;
+}
+
+attn_status attn_gather_tokens(attn_ctx *ctx, const int64_t *idx, const attn_tensor *x,
+                               attn_tensor *out) {
+    return move_tokens(ctx, idx, x, out, 0);
+}
+
+attn_status attn_scatter_tokens(attn_ctx *ctx, const int64_t *idx, const attn_tensor *x,
+                                attn_tensor *out) {
+    return move_tokens(ctx, idx, x, out, 1);
+}
+
+attn_status attn_grid_window_index(attn_grid g, attn_grid win, int64_t *idx) {
+    attn_clear_error();
+    if (!idx) return attn_err(ATTN_ERR_NULL, "idx must not be NULL");
+    if (g.f < 1 || g.h < 1 || g.w < 1) return attn_err(ATTN_ERR_ARG, "grid extents must be >= 1");
+    if (win.f < 1 || win.h < 1 || win.w < 1 || g.f % win.f || g.h % win.h || g.w % win.w)
+        return attn_err(ATTN_ERR_ARG, "win must be >= 1 and divide the grid on each axis");
+    int64_t t = 0;
+    for (int64_t wf = 0; wf < g.f / win.f; wf++)
+        for (int64_t wy = 0; wy < g.h / win.h; wy++)
+            for (int64_t wx = 0; wx < g.w / win.w; wx++)
+                for (int64_t df = 0; df < win.f; df++)
+                    for (int64_t dy = 0; dy < win.h; dy++)
+                        for (int64_t dx = 0; dx < win.w; dx++)
+                            idx[t++] = ((wf * win.f + df) * g.h + wy * win.h + dy) * g.w + wx * win.w + dx;
+    return ATTN_OK;
+}
+
+attn_status attn_grid_axis_index(attn_grid g, const int32_t perm[3], int64_t *idx) {
+    attn_clear_error();
+    if (!idx || !perm) return attn_err(ATTN_ERR_NULL, "perm and idx must not be NULL");
+    if (g.f < 1 || g.h < 1 || g.w < 1) return attn_err(ATTN_ERR_ARG, "grid extents must be >= 1");
+    int seen = 0;
+    for (int a = 0; a < 3; a++) {
+        if (perm[a] < 0 || perm[a] > 2 || (seen & (1 << perm[a])))
+            return attn_err(ATTN_ERR_ARG, "perm must be a permutation of 0, 1, 2");
+        seen |= 1 << perm[a];
+    }
+    const int64_t ext[3] = {g.f, g.h, g.w};
+    int64_t c[3], t = 0;
+    for (c[perm[0]] = 0; c[perm[0]] < ext[perm[0]]; c[perm[0]]++)
+        for (c[perm[1]] = 0; c[perm[1]] < ext[perm[1]]; c[perm[1]]++)
+            for (c[perm[2]] = 0; c[perm[2]] < ext[perm[2]]; c[perm[2]]++)
+                idx[t++] = (c[0] * g.h + c[1]) * g.w + c[2];
+    return ATTN_OK;
+}
+
+/* Heads [h0, h0 + n) of a [B, T, H, D] view. */
+static attn_tensor heads(const attn_tensor *t, int64_t h0, int64_t n) {
+    attn_tensor v = *t;
+    v.shape[2] = n;
+    v.data = (char *)t->data + (size_t)(h0 * t->stride[2]) * attn_dtype_size(t->dtype);
+    return v;
+}
+
+attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                              attn_grid win, int64_t lo_heads, const attn_tensor *q,
+                              const attn_tensor *k, const attn_tensor *v, attn_tensor *o) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    if (p->causal || p->plan || p->cu_seqlens_q || p->window_left != -1 || p->window_right != -1)
+        return attn_err(ATTN_ERR_ARG, "params: HiLo takes scale and softcap only");
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    CHECK(attn_check_tensor("q", q, 4, ref, false));
+    CHECK(attn_check_tensor("k", k, 4, ref, false));
+    CHECK(attn_check_tensor("v", v, 4, ref, false));
+    CHECK(attn_check_tensor("o", o, 4, ref, false));
+    const int64_t B = q->shape[0], T = q->shape[1], H = q->shape[2];
+    if (k->shape[2] != H) return attn_err(ATTN_ERR_SHAPE, "HiLo needs as many kv heads as query heads");
+    if (k->shape[1] != T || v->shape[1] != T)
+        return attn_err(ATTN_ERR_SHAPE, "HiLo is self-attention: q, k and v hold the same tokens");
+    if (lo_heads < 0 || lo_heads > H) return attn_err(ATTN_ERR_ARG, "lo_heads must be in 0..H");
+    CHECK(attn_check_shape("o", o, B, T, H, v->shape[3]));
+    const attn_tensor *ins[] = {q, k, v};
+    const char *names[] = {"q", "k", "v"};
+    CHECK(attn_check_output("o", o, ins, names, 3));
+    int64_t wtok = win.f * win.h * win.w;
+    if (wtok > 512) return attn_err(ATTN_ERR_ARG, "a window holds at most 512 tokens");
+    int64_t *idx = malloc((size_t)T * sizeof(int64_t));
+    if (!idx) return attn_err(ATTN_ERR_NOMEM, "out of memory for the window order");
+    attn_status st = attn_grid_window_index(grid, win, idx);
+    if (st == ATTN_OK && grid.f * grid.h * grid.w != T)
+        st = attn_err(ATTN_ERR_SHAPE, "q->shape[1] must be grid.f * grid.h * grid.w");
+    /* Hi heads are computed into a buffer first and the Lo heads (which write
+     * o directly) only then, so that no failure leaves half an output. */
+    const int64_t hi = H - lo_heads, nb = T / wtok;
+    attn_dtype dt = ref ? ATTN_F64 : ATTN_F32;
+    size_t es = attn_dtype_size(dt);
+    void *mq = calloc((size_t)(B * T * hi * q->shape[3]) + 1, es);
+    void *mk = calloc((size_t)(B * T * hi * k->shape[3]) + 1, es);
+    void *mv = calloc((size_t)(B * T * hi * v->shape[3]) + 1, es);
+    void *mo = calloc((size_t)(B * T * hi * v->shape[3]) + 1, es);
+    int64_t *off = calloc((size_t)nb + 1, sizeof(int64_t));
+    attn_plan_entry *en = calloc((size_t)nb + 1, sizeof(attn_plan_entry));
+    attn_plan *plan = NULL;
+    if (st == ATTN_OK && (!mq || !mk || !mv || !mo || !off || !en))
+        st = attn_err(ATTN_ERR_NOMEM, "out of memory for HiLo");
+    attn_tensor wq = attn_tensor_4d(mq, dt, B, T, hi, q->shape[3]);
+    attn_tensor wk = attn_tensor_4d(mk, dt, B, T, hi, k->shape[3]);
+    attn_tensor wv = attn_tensor_4d(mv, dt, B, T, hi, v->shape[3]);
+    attn_tensor wo = attn_tensor_4d(mo, dt, B, T, hi, v->shape[3]);
+    attn_tensor qh = heads(q, 0, hi), kh = heads(k, 0, hi), vh = heads(v, 0, hi), oh = heads(o, 0, hi);
+    if (st == ATTN_OK && hi > 0) { /* Hi: windows, in window-major order */
+        st = attn_gather_tokens(ctx, idx, &qh, &wq);
+        if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, &kh, &wk);
+        if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, &vh, &wv);
+        if (st == ATTN_OK) { /* each window's queries see their own window: block diagonal */
+            for (int64_t b = 0; b < nb; b++) {
+                attn_plan_entry e = {(int32_t)b, 0, ATTN_BLOCK_FULL, 0};
+                en[b] = e;
+                off[b + 1] = b + 1;
+            }
+            st = attn_plan_create(&plan, T, T, wtok, wtok, 1, off, en);
+        }
+        if (st == ATTN_OK) {
+            attn_params pw = *p;
+            pw.plan = plan;
+            st = attn_forward(ctx, &pw, &wq, &wk, &wv, &wo, NULL);
+        }
+    }
+    if (st == ATTN_OK && lo_heads > 0) { /* Lo: pooled keys and values */
+        attn_tensor ql = heads(q, hi, lo_heads), kl = heads(k, hi, lo_heads), vl = heads(v, hi, lo_heads);
+        attn_tensor ol = heads(o, hi, lo_heads);
+        st = attn_sra_forward(ctx, p, grid, win, &ql, &kl, &vl, &ol, NULL);
+    }
+    if (st == ATTN_OK && hi > 0) st = attn_scatter_tokens(ctx, idx, &wo, &oh);
+    attn_plan_free(plan);
+    free(mq), free(mk), free(mv), free(mo), free(off), free(en);
+    free(idx);
+    return st;
+}
