@@ -257,7 +257,9 @@ def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
     unbounded; scale: logit scale (default 1/sqrt(D)); softcap > 0: logits s
     become softcap * tanh(s / softcap). Varlen: cu_seqlens_q/k int32 [batch+1]
     with q [1, total_q, H, D] packed (lse [1, H, total_q]). plan: a Plan.
-    Raises AttnError with the C library's message on bad input.
+    Raises AttnError with the C library's message on bad input. Torch
+    tensors that require grad (grad mode on) go through libattn.torch.attention
+    (autograd with the C backward).
     """
     if cu_seqlens_q is None and cu_seqlens_k is None and plan is None:
         tq = type(q)
@@ -277,6 +279,11 @@ def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
                     return _forward_fast(q, o, po, pq, pk, pv, dt, False, scale, softcap,
                                          causal, window, return_lse, ctx)
         elif _torch is not None and tq is _torch.Tensor and type(k) is tq and type(v) is tq:
+            if (q.requires_grad or k.requires_grad or v.requires_grad) and _torch.is_grad_enabled():
+                from . import torch as lat  # differentiable: the C backward
+
+                return lat.attention(q, k, v, causal=causal, scale=scale, softcap=softcap,
+                                     window=window, return_lse=return_lse)
             dt = _TORCH_DTYPES.get(q.dtype)
             pq = _pk_torch(q, dt)
             pk = _pk_torch(k, _TORCH_DTYPES.get(k.dtype))

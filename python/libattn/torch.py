@@ -10,8 +10,8 @@ Two custom ops are registered with torch.library: libattn::attention_fwd
 libattn::attention_bwd (q, k, v, o, lse, dout, ...) -> (dq, dk, dv), each
 with a fake (meta) implementation, so they trace under torch.compile; the
 forward op has its autograd registered (register_autograd) to the backward
-op. `attention` applies a torch.autograd.Function over the two ops (in
-eager mode) or the forward op itself (under torch.compile). Tensors must
+op. `attention` applies a torch.autograd.Function making the same C calls
+(in eager mode) or the forward op itself (under torch.compile). Tensors must
 be on the CPU; float64 runs on the reference backend (for gradcheck). LSE
 is not differentiable (its gradient is ignored).
 """
@@ -76,12 +76,16 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class AttentionFunction(torch.autograd.Function):
-    """torch.autograd.Function: forward libattn::attention_fwd, backward
-    libattn::attention_bwd (the C backward, which recomputes P from LSE)."""
+    """torch.autograd.Function: forward attn_forward, backward attn_backward
+    (the C backward, which recomputes P from LSE); the same calls as the
+    custom ops libattn::attention_fwd / attention_bwd, without the dispatcher."""
 
     @staticmethod
     def forward(q, k, v, scale, softcap, causal, window_left, window_right):
-        return attention_fwd(q, k, v, scale, softcap, causal, window_left, window_right)
+        # eager: the ctypes call itself (the custom op would add PyTorch's
+        # dispatcher, ~20 us); under torch.compile attention() uses the op
+        return _ops.attention(q, k, v, causal=causal, scale=scale or None, softcap=softcap,
+                              window=(window_left, window_right), return_lse=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -90,7 +94,12 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        return _backward(ctx, do, dlse)
+        q, k, v, o, lse = ctx.saved_tensors
+        scale, softcap, causal, wl, wr = ctx.args
+        dq, dk, dv = _ops.attention_backward(q, k, v, o, lse, do, causal=causal,
+                                             scale=scale or None, softcap=softcap,
+                                             window=(wl, wr))
+        return dq, dk, dv, None, None, None, None, None
 
 
 class PlannedAttentionFunction(torch.autograd.Function):

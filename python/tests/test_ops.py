@@ -413,3 +413,15 @@ def test_plan_autograd_matches_dense_with_full_plan():
     assert rel_rms(o, r) < 1e-5
     for a, b in zip(grads, rgrads):
         assert rel_rms(a, b) < 1e-5
+
+
+def test_top_level_attention_is_differentiable_for_torch():
+    g = torch.Generator().manual_seed(18)
+    q = torch.randn(1, 20, 2, 8, generator=g, requires_grad=True)
+    o = libattn.attention(q, q, q, causal=True)
+    assert o.grad_fn is not None
+    (gq,) = torch.autograd.grad(o.sum(), q)
+    (gr,) = torch.autograd.grad(sdpa_ref(q, q, q, causal=True).sum(), q)
+    assert rel_rms(gq, gr) < 1e-5
+    with torch.no_grad():
+        assert libattn.attention(q, q, q).grad_fn is None
