@@ -438,6 +438,26 @@ ATTN_API attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn
                                        const attn_tensor *k, const attn_tensor *v,
                                        attn_tensor *o);
 
+/* SpAtten's cascade pruning.
+ * attn_token_importance: importance[b][j] += sum over query heads and rows i
+ *   of the attention probability P[i][j] of the call (p's causal/window rule;
+ *   lse from attn_forward of the same inputs). Accumulates across heads and
+ *   calls (layers): importance f64 [B, M], zero it before the first layer.
+ * attn_top_tokens: the `keep` most important tokens of sequence b, ascending
+ *   (idx int64 [keep]): gather them with attn_select_tokens, and pass the kept
+ *   positions on so that later layers prune from what is left (the cascade).
+ * attn_select_tokens: out[:, t] = x[:, idx[t]] for t < keep (a subset).
+ * attn_head_importance: out f64 [B, H] = the L2 norm of each head's output o
+ *   [B, N, H, Dv]; prune the heads with the smallest. */
+ATTN_API attn_status attn_token_importance(attn_ctx *ctx, const attn_params *p,
+                                           const attn_tensor *q, const attn_tensor *k,
+                                           const attn_tensor *lse, double *importance);
+ATTN_API attn_status attn_top_tokens(const double *importance, int64_t m, int64_t keep,
+                                     int64_t *idx);
+ATTN_API attn_status attn_select_tokens(attn_ctx *ctx, const int64_t *idx, int64_t keep,
+                                        const attn_tensor *x, attn_tensor *out);
+ATTN_API attn_status attn_head_importance(attn_ctx *ctx, const attn_tensor *o, double *out);
+
 /* ---------------------------------------------------------------- linear-time attention */
 
 /* The chunked-recurrence engine. Per sequence and query head h, a state
