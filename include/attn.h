@@ -428,6 +428,17 @@ ATTN_API attn_status attn_grid_window_index(attn_grid grid, attn_grid win, int64
  * 1 = h, 2 = w; e.g. {1, 2, 0}: h, w, f as PARO does): idx [F H W]. */
 ATTN_API attn_status attn_grid_axis_index(attn_grid grid, const int32_t perm[3], int64_t *idx);
 
+/* PAROAttention's choice of token order per head: for each of the six axis
+ * orders, `samples` query rows (evenly spaced) of the reordered sequence get
+ * their exact attention over all keys; the order whose rows put the most mass
+ * into their best `keep` key blocks of `block` tokens wins (attention made
+ * block-shaped, ready for a block-sparse plan). q, k [1, F H W, H | Hk, D]
+ * self-attention on the grid; perm_out int32 [H][3]. */
+ATTN_API attn_status attn_paro_choose(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                      const attn_tensor *q, const attn_tensor *k,
+                                      int64_t block, int64_t keep, int64_t samples,
+                                      int32_t *perm_out);
+
 /* HiLo attention (LITv2), self-attention on an H x W (x F) grid, H == Hk:
  * the first H - lo_heads heads (Hi) attend within non-overlapping windows
  * `win`; the last lo_heads heads (Lo) attend from every query to keys and

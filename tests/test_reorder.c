@@ -108,11 +108,41 @@ static void test_hilo(attn_ctx *cpu, attn_ctx *ref) {
     tu_free(&o64), tu_free(&o), tu_free(&q), tu_free(&k), tu_free(&v);
 }
 
+/* Planted: a video whose tokens attend along time (the same (y, x) in every
+ * frame), which the default f, h, w order scatters F positions apart; PARO
+ * must choose an order with f last, which makes those runs contiguous. */
+static void test_paro(attn_ctx *cpu) {
+    attn_grid g = {8, 4, 4};
+    const int64_t T = 128, H = 2, D = 16;
+    tu_rng rng = {tu_seed(SALT, 3)};
+    tu_buf q = tu_alloc(ATTN_F32, 1, T, H, D), k = tu_alloc(ATTN_F32, 1, T, H, D);
+    tu_fill(&q.t, &rng, -0.1, 0.1), tu_fill(&k.t, &rng, -0.1, 0.1);
+    for (int64_t t = 0; t < T; t++) { /* a one-hot code of the spatial cell */
+        int64_t cell = t % 16;
+        for (int64_t h = 0; h < H; h++) {
+            tu_store(&q.t, tu_off4(&q.t, 0, t, h, cell), 8.0);
+            tu_store(&k.t, tu_off4(&k.t, 0, t, h, cell), 8.0);
+        }
+    }
+    tu_case("PARO chooses an order with time last for temporal attention");
+    attn_params p = attn_params_default();
+    int32_t perm[2 * 3];
+    CHECK_OK(attn_paro_choose(cpu, &p, g, &q.t, &k.t, 8, 1, 16, perm));
+    for (int64_t h = 0; h < H; h++)
+        CHECK(perm[3 * h + 2] == 0, "head %lld chose (%d, %d, %d); f must come last", (long long)h,
+              perm[3 * h], perm[3 * h + 1], perm[3 * h + 2]);
+    CHECK(attn_paro_choose(cpu, &p, g, &q.t, &k.t, 8, 99, 16, perm) == ATTN_ERR_ARG &&
+              strstr(attn_last_error(), "keep"),
+          "keep beyond the blocks must be named: %s", attn_last_error());
+    tu_free(&q), tu_free(&k);
+}
+
 int main(void) {
     attn_ctx *cpu = tu_ctx("test_reorder", ATTN_BACKEND_CPU, 2);
     attn_ctx *ref = tu_ctx("test_reorder", ATTN_BACKEND_REF, 1);
     test_orders(ref);
     test_hilo(cpu, ref);
+    test_paro(cpu);
     attn_ctx_free(cpu);
     attn_ctx_free(ref);
     return tu_finish("test_reorder");

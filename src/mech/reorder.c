@@ -184,3 +184,77 @@ attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid gri
     free(idx);
     return st;
 }
+
+/* ------------------------------------------------------------ PARO */
+
+static int by_desc(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x < y) - (x > y);
+}
+
+attn_status attn_paro_choose(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                             const attn_tensor *q, const attn_tensor *k, int64_t block,
+                             int64_t keep, int64_t samples, int32_t *perm_out) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    if (!perm_out) return attn_err(ATTN_ERR_NULL, "perm_out must not be NULL");
+    CHECK(attn_check_tensor("q", q, 4, true, false));
+    CHECK(attn_check_tensor("k", k, 4, true, false));
+    attn_problem pr;
+    CHECK(attn_check_params(p, q, k, k, &pr));
+    const int64_t T = q->shape[1];
+    if (q->shape[0] != 1 || k->shape[1] != T)
+        return attn_err(ATTN_ERR_SHAPE, "PARO takes one sequence of self-attention on the grid");
+    if (grid.f < 1 || grid.h < 1 || grid.w < 1 || grid.f * grid.h * grid.w != T)
+        return attn_err(ATTN_ERR_SHAPE, "q->shape[1] must be grid.f * grid.h * grid.w");
+    if (pr.causal || pr.window_left != -1 || pr.window_right != -1 || pr.plan)
+        return attn_err(ATTN_ERR_ARG, "params: PARO scores full attention (scale and softcap only)");
+    if (block < 1 || block > T) return attn_err(ATTN_ERR_ARG, "block must be in 1..tokens");
+    const int64_t nb = (T + block - 1) / block;
+    if (keep < 1 || keep > nb) return attn_err(ATTN_ERR_ARG, "keep must be in 1..(tokens / block)");
+    if (samples < 1 || samples > T) return attn_err(ATTN_ERR_ARG, "samples must be in 1..tokens");
+    static const int32_t perms[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
+    const int64_t g = pr.h / pr.hk;
+    int64_t *idx = malloc((size_t)T * sizeof(int64_t));
+    double *s = malloc((size_t)T * sizeof(double)), *mass = malloc((size_t)nb * sizeof(double));
+    double *qr = malloc((size_t)pr.d * sizeof(double));
+    if (!idx || !s || !mass || !qr) {
+        free(idx), free(s), free(mass), free(qr);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory for PARO");
+    }
+    for (int64_t h = 0; h < pr.h; h++) {
+        double best = -1.0;
+        int best_perm = 0;
+        for (int pi = 0; pi < 6; pi++) {
+            attn_grid_axis_index(grid, perms[pi], idx);
+            double conc = 0.0;
+            for (int64_t a = 0; a < samples; a++) {
+                int64_t row = a * T / samples; /* position in the reordered sequence */
+                for (int64_t e = 0; e < pr.d; e++) qr[e] = attn_load_f64(q, attn_off4(q, 0, idx[row], h, e));
+                double mx = -INFINITY, sum = 0.0;
+                for (int64_t t = 0; t < T; t++) { /* key at reordered position t */
+                    double dot = 0.0;
+                    for (int64_t e = 0; e < pr.d; e++) dot += qr[e] * attn_load_f64(k, attn_off4(k, 0, idx[t], h / g, e));
+                    double x = (double)pr.scale * dot;
+                    if (pr.softcap > 0.0f) x = (double)pr.softcap * tanh(x / (double)pr.softcap);
+                    s[t] = x;
+                    mx = x > mx ? x : mx;
+                }
+                for (int64_t b = 0; b < nb; b++) mass[b] = 0.0;
+                for (int64_t t = 0; t < T; t++) {
+                    double e = exp(s[t] - mx);
+                    mass[t / block] += e;
+                    sum += e;
+                }
+                qsort(mass, (size_t)nb, sizeof(double), by_desc);
+                double top = 0.0;
+                for (int64_t b = 0; b < keep; b++) top += mass[b];
+                conc += top / sum;
+            }
+            if (conc > best + 1e-12) best = conc, best_perm = pi; /* ties: the earlier order */
+        }
+        memcpy(perm_out + 3 * h, perms[best_perm], sizeof perms[0]);
+    }
+    free(idx), free(s), free(mass), free(qr);
+    return ATTN_OK;
+}
