@@ -91,13 +91,6 @@ static attn_status engine_out(attn_ctx *ctx, const attn_linear_params *p, la_in 
     return attn_linear_forward(ctx, p, &m->tq, &m->tk, &m->tv, NULL, NULL, &to, NULL);
 }
 
-static attn_status check_like(const char *name, const attn_tensor *t, const attn_tensor *like,
-                              bool ref, bool varlen) {
-    CHECK(attn_check_tensor(name, t, 4, ref, varlen));
-    return attn_check_shape(name, t, like->shape[0], like->shape[1], like->shape[2],
-                            like->shape[3]);
-}
-
 attn_status attn_linear_attention(attn_ctx *ctx, const attn_linear_params *p,
                                   attn_feature_map phi, int32_t normalize, float eps,
                                   const attn_tensor *q, const attn_tensor *k,
@@ -142,12 +135,8 @@ attn_status attn_linear_attention_backward(attn_ctx *ctx, const attn_linear_para
     const char *names[] = {"q", "k", "v", "dout", "dq", "dk", "dv"};
     attn_status st = attn_check_tensor("dout", dout, 4, ref, varlen);
     if (st == ATTN_OK) st = attn_check_shape("dout", dout, m.B, m.T, m.H, m.Dv);
-    if (st == ATTN_OK) st = check_like("dq", dq, q, ref, varlen);
-    if (st == ATTN_OK) st = check_like("dk", dk, k, ref, varlen);
-    if (st == ATTN_OK) st = check_like("dv", dv, v, ref, varlen);
-    if (st == ATTN_OK) st = attn_check_output("dq", dq, all, names, 4);
-    if (st == ATTN_OK) st = attn_check_output("dk", dk, all, names, 5);
-    if (st == ATTN_OK) st = attn_check_output("dv", dv, all, names, 6);
+    attn_tensor *const grads[] = {dq, dk, dv};
+    if (st == ATTN_OK) st = mech_check_grads(ref, 3, grads, all, names + 4, 3, all, names, 4);
     const int64_t rows = m.B * m.T * m.H, Dv = m.Dv, dvx = m.dvx;
     float *fo = NULL, *fdo = NULL, *fdq = NULL, *fdk = NULL, *fdv = NULL, *raw = NULL;
     if (st == ATTN_OK && normalize) st = engine_out(ctx, p, &m, &fo);

@@ -30,11 +30,6 @@ static void mamba_free(mamba_in *m) {
     free(m->fx), free(m->fdl), free(m->fa), free(m->fds), free(m->fv), free(m->fg);
 }
 
-static attn_status check_1d(const char *name, const attn_tensor *t, bool ref, int64_t n) {
-    CHECK(attn_check_tensor(name, t, 1, ref, false));
-    return attn_check_shape(name, t, n, -1, -1, -1);
-}
-
 /* Validate the inputs, copy them, and (engine) build the engine's q, k, v, g. */
 static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn_tensor *delta,
                            const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
@@ -52,7 +47,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
     CHECK(attn_check_shape("bm", bm, B, T, N, -1));
     CHECK(attn_check_tensor("cm", cm, 3, ref, false));
     CHECK(attn_check_shape("cm", cm, B, T, N, -1));
-    if (dskip) CHECK(check_1d("dskip", dskip, ref, E));
+    if (dskip) CHECK(mech_check_1d("dskip", dskip, ref, E));
     m->B = B, m->T = T, m->E = E, m->N = N;
     m->fx = mech_alloc(B, T, E, 1), m->fdl = mech_alloc(B, T, E, 1), m->fa = mech_alloc(E, N, 1, 1);
     m->fds = dskip ? mech_alloc(E, 1, 1, 1) : NULL;
@@ -219,27 +214,12 @@ attn_status attn_mamba_scan_backward(attn_ctx *ctx, const attn_tensor *x,
     const int64_t B = m.B, T = m.T, E = m.E, N = m.N, rows = B * T * E;
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
     attn_status st = check_y(ctx, "dy", dy, &m);
-    struct {
-        const char *name;
-        attn_tensor *t;
-        int nd;
-        int64_t s0, s1, s2;
-    } outs[] = {{"dx", dx, 3, B, T, E},   {"ddelta", ddelta, 3, B, T, E}, {"da", da, 2, E, N, -1},
-                {"dbm", dbm, 3, B, T, N}, {"dcm", dcm, 3, B, T, N},       {"ddskip", ddskip, 1, E, -1, -1}};
     const attn_tensor *all[] = {x, delta, a, bm, cm, dskip, state_in, dy, dstate_out,
                                 dx, ddelta, da, dbm, dcm, ddskip, dstate_in};
     const char *names[] = {"x", "delta", "a", "bm", "cm", "dskip", "state_in", "dy", "dstate_out",
                            "dx", "ddelta", "da", "dbm", "dcm", "ddskip", "dstate_in"};
-    for (int i = 0; i < 6 && st == ATTN_OK; i++) {
-        if (!outs[i].t) {
-            if (i < 5) st = attn_err(ATTN_ERR_NULL, "%s must not be NULL", outs[i].name);
-            continue;
-        }
-        st = attn_check_tensor(outs[i].name, outs[i].t, outs[i].nd, ref, false);
-        if (st == ATTN_OK)
-            st = attn_check_shape(outs[i].name, outs[i].t, outs[i].s0, outs[i].s1, outs[i].s2, -1);
-        if (st == ATTN_OK) st = attn_check_output(outs[i].name, outs[i].t, all, names, 9 + i);
-    }
+    attn_tensor *const grads[] = {dx, ddelta, da, dbm, dcm, ddskip};
+    if (st == ATTN_OK) st = mech_check_grads(ref, 6, grads, all, names + 9, 5, all, names, 9);
     float *fdy = mech_alloc(B, T, E, 1), *fdq = mech_alloc(B, T, E, N), *fdk = mech_alloc(B, T, E, N);
     float *fdv = mech_alloc(B, T, E, 1), *fdg = mech_alloc(B, T, E, N);
     float *o1 = mech_alloc(B, T, E, 1), *o2 = mech_alloc(B, T, E, 1), *on = mech_alloc(B, T, N, 1);

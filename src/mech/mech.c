@@ -65,6 +65,33 @@ float *mech_contiguous_f32(const attn_tensor *t) {
     return t->data;
 }
 
+attn_status mech_check_1d(const char *name, const attn_tensor *t, bool ref, int64_t n) {
+    attn_status st = attn_check_tensor(name, t, 1, ref, false);
+    return st != ATTN_OK ? st : attn_check_shape(name, t, n, -1, -1, -1);
+}
+
+attn_status mech_check_grads(bool ref, int n, attn_tensor *const *grads,
+                             const attn_tensor *const *likes, const char *const *names,
+                             int required, const attn_tensor *const *all,
+                             const char *const *all_names, int n_before) {
+    for (int i = 0; i < n; i++) {
+        const attn_tensor *l = likes[i];
+        if (!grads[i]) {
+            if (i < required) return attn_err(ATTN_ERR_NULL, "%s must not be NULL", names[i]);
+            continue;
+        }
+        if (!l) return attn_err(ATTN_ERR_ARG, "%s must be NULL: its input is not given", names[i]);
+        attn_status st = attn_check_tensor(names[i], grads[i], l->ndim, ref,
+                                           l->ndim > 1 && l->shape[1] == 0);
+        if (st == ATTN_OK)
+            st = attn_check_shape(names[i], grads[i], l->shape[0], l->ndim > 1 ? l->shape[1] : -1,
+                                  l->ndim > 2 ? l->shape[2] : -1, l->ndim > 3 ? l->shape[3] : -1);
+        if (st == ATTN_OK) st = attn_check_output(names[i], grads[i], all, all_names, n_before + i);
+        if (st != ATTN_OK) return st;
+    }
+    return ATTN_OK;
+}
+
 attn_tensor mech_view(float *buf, const attn_tensor *t) {
     attn_tensor v = *t;
     v.data = buf;

@@ -22,6 +22,18 @@ void mech_store_dense(attn_tensor *t, const float *src);
  * itself), else NULL. */
 float *mech_contiguous_f32(const attn_tensor *t);
 
+/* A 1-D tensor of n elements. */
+attn_status mech_check_1d(const char *name, const attn_tensor *t, bool ref, int64_t n);
+
+/* Gradients grads[0..n) shaped like likes[i] (same dims and sizes); the
+ * first `required` must be given, the others only when their like is; each
+ * may not overlap itself or all[0 .. n_before + i) (the inputs, then the
+ * gradients before it). */
+attn_status mech_check_grads(bool ref, int n, attn_tensor *const *grads,
+                             const attn_tensor *const *likes, const char *const *names,
+                             int required, const attn_tensor *const *all,
+                             const char *const *all_names, int n_before);
+
 /* Dense contiguous f32 view of buffer buf with t's shape. */
 attn_tensor mech_view(float *buf, const attn_tensor *t);
 

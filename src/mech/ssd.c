@@ -16,11 +16,6 @@
         if (st_ != ATTN_OK) return st_; \
     } while (0)
 
-static attn_status check_1d(const char *name, const attn_tensor *t, bool ref, int64_t n) {
-    CHECK(attn_check_tensor(name, t, 1, ref, false));
-    return attn_check_shape(name, t, n, -1, -1, -1);
-}
-
 /* The inputs shaped for the engine. */
 typedef struct ssd_in {
     int64_t B, T, H, P, G, N;
@@ -44,7 +39,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
     const int64_t B = x->shape[0], T = x->shape[1], H = x->shape[2], P = x->shape[3];
     CHECK(attn_check_tensor("dt", dt, 3, ref, false));
     CHECK(attn_check_shape("dt", dt, B, T, H, -1));
-    CHECK(check_1d("a", a, ref, H));
+    CHECK(mech_check_1d("a", a, ref, H));
     CHECK(attn_check_tensor("bm", bm, 4, ref, false));
     const int64_t G = bm->shape[2], N = bm->shape[3];
     CHECK(attn_check_shape("bm", bm, B, T, -1, -1));
@@ -53,7 +48,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
                         (long long)G, (long long)H);
     CHECK(attn_check_tensor("cm", cm, 4, ref, false));
     CHECK(attn_check_shape("cm", cm, B, T, G, N));
-    if (dskip) CHECK(check_1d("dskip", dskip, ref, H));
+    if (dskip) CHECK(mech_check_1d("dskip", dskip, ref, H));
     s->B = B, s->T = T, s->H = H, s->P = P, s->G = G, s->N = N;
     /* B and C per head: with one group, or one group per head, views of the
      * caller's tensors (head stride 0 or theirs); else copies per head */
@@ -166,30 +161,14 @@ attn_status attn_ssd_backward(attn_ctx *ctx, const attn_tensor *x, const attn_te
     CHECK(prepare(ctx, x, dt, a, bm, cm, dskip, &s));
     const int64_t B = s.B, T = s.T, H = s.H, P = s.P, G = s.G, N = s.N, rows = B * T * H;
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
-    struct {
-        const char *name;
-        attn_tensor *t;
-        const attn_tensor *like; /* same shape as */
-    } outs[] = {{"dx", dx, x}, {"ddt", ddt, dt}, {"da", da, a},
-                {"dbm", dbm, bm}, {"dcm", dcm, cm}, {"ddskip", ddskip, dskip}};
     const attn_tensor *all[] = {x, dt, a, bm, cm, dskip, state_in, dy, dstate_out,
                                 dx, ddt, da, dbm, dcm, ddskip, dstate_in};
     const char *names[] = {"x", "dt", "a", "bm", "cm", "dskip", "state_in", "dy", "dstate_out",
                            "dx", "ddt", "da", "dbm", "dcm", "ddskip", "dstate_in"};
+    attn_tensor *const grads[] = {dx, ddt, da, dbm, dcm, ddskip};
     attn_status st = attn_check_tensor("dy", dy, 4, ref, false);
     if (st == ATTN_OK) st = attn_check_shape("dy", dy, B, T, H, P);
-    for (int i = 0; i < 6 && st == ATTN_OK; i++) {
-        if (!outs[i].t) {
-            if (i < 5) st = attn_err(ATTN_ERR_NULL, "%s must not be NULL", outs[i].name);
-            continue;
-        }
-        const attn_tensor *l = outs[i].like;
-        st = attn_check_tensor(outs[i].name, outs[i].t, l->ndim, ref, false);
-        if (st == ATTN_OK)
-            st = attn_check_shape(outs[i].name, outs[i].t, l->shape[0], l->ndim > 1 ? l->shape[1] : -1,
-                                  l->ndim > 2 ? l->shape[2] : -1, l->ndim > 3 ? l->shape[3] : -1);
-        if (st == ATTN_OK) st = attn_check_output(outs[i].name, outs[i].t, all, names, 9 + i);
-    }
+    if (st == ATTN_OK) st = mech_check_grads(ref, 6, grads, all, names + 9, 5, all, names, 9);
     float *fdy = mech_alloc(B, T, H, P), *fdq = mech_alloc(B, T, H, N), *fdk = mech_alloc(B, T, H, N);
     float *fdv = mech_alloc(B, T, H, P), *fdg = mech_alloc(B, T, H, 1);
     float *o1 = mech_alloc(B, T, H, P), *o2 = mech_alloc(B, T, H, 1), *og = mech_alloc(B, T, G, N);
