@@ -469,6 +469,22 @@ ATTN_API attn_status attn_select_tokens(attn_ctx *ctx, const int64_t *idx, int64
                                         const attn_tensor *x, attn_tensor *out);
 ATTN_API attn_status attn_head_importance(attn_ctx *ctx, const attn_tensor *o, double *out);
 
+/* CATANet's content-aware token aggregation, one sequence:
+ *   each token t joins the group of its nearest centre (L2 between feats[t]
+ *   and centres[g]; ties to the lower g);
+ *   o_intra: attention among the tokens of the token's own group;
+ *   o_inter: cross-attention from every token to the G group means of k and v
+ *     (each mean's logit + ln(group size), so it weighs as its tokens; empty
+ *     groups are left out).
+ * feats [1, N, 1, Df], centres [1, G, 1, Df], q [1, N, H, D], k/v [1, N, Hk, *],
+ * o_intra, o_inter [1, N, H, Dv]; group_out int64 [N] (may be NULL): each
+ * token's group. p: scale only. */
+ATTN_API attn_status attn_catanet_forward(attn_ctx *ctx, const attn_params *p,
+                                          const attn_tensor *feats, const attn_tensor *centres,
+                                          const attn_tensor *q, const attn_tensor *k,
+                                          const attn_tensor *v, attn_tensor *o_intra,
+                                          attn_tensor *o_inter, int64_t *group_out);
+
 /* ---------------------------------------------------------------- linear-time attention */
 
 /* The chunked-recurrence engine. Per sequence and query head h, a state
