@@ -1,7 +1,8 @@
 /* The chunked-recurrence engine, decode: the recurrence itself, token by
  * token, on the state held in the caller's tensor,
  *   S = G_t ⊙ S + k_tᵀ v_t,   o_t = scale · q_t S.
- * One task per (sequence, query head); row updates through kr->axpy. */
+ * One task per (sequence, query head); per token a row-vector GEMM for o
+ * and a rank-1 GEMM with the row scale for S. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -39,14 +40,17 @@ static void run_task(const attn_kernels *kr, const lin_problem *p, int64_t b, in
             float a = expf((float)lin_gate_at(p, g, b, t, h, 0));
             for (int64_t x = 0; x < d; x++) bf->a[x] = a;
         }
-        for (int64_t e = 0; e < dv; e++) bf->o[e] = 0.0f;
+        /* o = q (diag(a) S + kᵀ v) = (q ⊙ a) S + (q · k) v from the old S,
+         * then S = diag(a) S + kᵀ v: two passes over S, both GEMMs */
+        const int gated = p->gate != ATTN_GATE_NONE;
+        float qk = 0.0f;
         for (int64_t x = 0; x < d; x++) {
-            float *sx = bf->s + x * dv;
-            if (p->gate != ATTN_GATE_NONE)
-                for (int64_t e = 0; e < dv; e++) sx[e] *= bf->a[x];
-            kr->axpy(dv, bf->k[x], bf->v, sx);
-            kr->axpy(dv, p->scale * bf->q[x], sx, bf->o);
+            qk += bf->q[x] * bf->k[x];
+            bf->q[x] *= p->scale * (gated ? bf->a[x] : 1.0f);
         }
+        kr->gemm(1, dv, d, bf->q, d, 1, bf->s, dv, bf->o, dv, 0, NULL);
+        kr->axpy(dv, p->scale * qk, bf->v, bf->o);
+        kr->gemm(d, dv, 1, bf->k, 1, 0, bf->v, dv, bf->s, dv, 1, gated ? bf->a : NULL);
         rows_store(kr, o, attn_off4(o, b, t, h, 0), dv, bf->o);
     }
     lin_state_store(kr, state, b, h, d, dv, bf->s);
