@@ -1,4 +1,4 @@
-/* attn: the libattn command-line tool (info, bench). Uses only attn.h. */
+/* attn: the libattn command-line tool (info, bench, cab). Uses only attn.h. */
 #include "cli.h"
 
 #include <stdio.h>
@@ -12,6 +12,8 @@ static const char usage[] =
     "             context chooses, and what is supported here\n"
     "  bench      the quick benchmark suite, or one op with --op\n"
     "             (attn bench --help for its options)\n"
+    "  cab        every mechanism x 4 patterns (causal/non-causal, self/cross)\n"
+    "             x lengths: time, peak RSS, error, efficiency length\n"
     "  version    print the library version\n"
     "  help       this text\n"
     "\n"
@@ -26,6 +28,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(cmd, "cab")) return cmd_cab(argc - 2, argv + 2);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("%s\n", attn_version());
         return CLI_EXIT_OK;

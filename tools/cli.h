@@ -22,6 +22,7 @@
 
 int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_cab(int argc, char **argv); /* cab.c: the CAB grid of every mechanism */
 
 /* ------------------------------------------------------------- one case */
 
