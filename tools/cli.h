@@ -4,7 +4,8 @@
  * pieces: attn.c (main, dispatch), info.c (attn info), bench.c (attn bench:
  * arguments, suite, timing), bench_ops.c (setting up and running one op),
  * counts.c (FLOP and byte counts), ceilings.c (FMA peak, memory bandwidth),
- * report.c (table and JSON output), sysutil.c (clock, peak RSS, random fill). */
+ * report.c (table and JSON output), sysutil.c (clock, peak RSS, random fill),
+ * cab.c (attn cab: every mechanism x the four CAB patterns x lengths). */
 #ifndef ATTN_CLI_H
 #define ATTN_CLI_H
 
