@@ -499,8 +499,9 @@ ATTN_API attn_status attn_catanet_forward(attn_ctx *ctx, const attn_params *p,
  *   HEAD_TOKEN  scalar per head and token (Mamba-2/SSD) g: [B, T, H]
  *   KEY         per key dim and token (GLA)             g: [B, T, H, D]
  * Chunked: inside a chunk a masked tile product, between chunks the state;
- * the decays come from the log gates cumulated in double (a gate of 0 and
- * gates near 1 over long sequences stay exact to f32). K/V heads Hk divide H (GQA:
+ * the decays come from the log gates cumulated in double per chunk (no
+ * cancellation after a strongly decaying token; g = -inf cuts cleanly).
+ * K/V heads Hk divide H (GQA:
  * query head h reads kv head h / (H / Hk)); the state and the gates are per
  * query head. Results are bitwise identical for any thread count.
  * Shapes: q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv]
