@@ -449,6 +449,19 @@ ATTN_API attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn
                                        const attn_tensor *k, const attn_tensor *v,
                                        attn_tensor *o);
 
+/* Global Context ViT's attention on an H x W (x F) grid cut into windows
+ * `win`: o_local, each token attends to the keys of its own window; o_global,
+ * the same windows but queried by global query tokens shared across windows
+ * (q_global [B, wtok, H, D], wtok = win.f win.h win.w: row r queries position
+ * r of every window). q, k, v [B, F H W, H, *] (H == Hk), o_local and
+ * o_global [B, F H W, H, Dv]. p: scale and softcap. */
+ATTN_API attn_status attn_global_context_forward(attn_ctx *ctx, const attn_params *p,
+                                                 attn_grid grid, attn_grid win,
+                                                 const attn_tensor *q,
+                                                 const attn_tensor *q_global,
+                                                 const attn_tensor *k, const attn_tensor *v,
+                                                 attn_tensor *o_local, attn_tensor *o_global);
+
 /* SpAtten's cascade pruning.
  * attn_token_importance: importance[b][j] += sum over query heads and rows i
  *   of the attention probability P[i][j] of the call (p's causal/window rule;

@@ -137,12 +137,50 @@ static void test_paro(attn_ctx *cpu) {
     tu_free(&q), tu_free(&k);
 }
 
+/* Global context: o_local equals HiLo with only Hi heads (bitwise), and
+ * o_global, with every window's global queries set to that window's own
+ * tokens' queries in one window, equals local attention there. Checked
+ * against the reference composition too. */
+static void test_global_context(attn_ctx *cpu, attn_ctx *ref) {
+    attn_grid g = {1, 4, 6}, w = {1, 2, 3};
+    const int64_t T = 24, H = 2, D = 8, Dv = 4, wtok = 6;
+    tu_rng rng = {tu_seed(SALT, 4)};
+    tu_buf q = tu_alloc(ATTN_F32, 1, T, H, D), k = tu_alloc(ATTN_F32, 1, T, H, D), v = tu_alloc(ATTN_F32, 1, T, H, Dv);
+    tu_buf qg = tu_alloc(ATTN_F32, 1, wtok, H, D);
+    tu_fill(&q.t, &rng, -1, 1), tu_fill(&k.t, &rng, -1, 1), tu_fill(&v.t, &rng, -1, 1);
+    int64_t idx[24];
+    CHECK_OK(attn_grid_window_index(g, w, idx));
+    for (int64_t r = 0; r < wtok; r++) /* window 0's own queries become the global ones */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t e = 0; e < D; e++)
+                tu_store(&qg.t, tu_off4(&qg.t, 0, r, h, e), tu_load(&q.t, tu_off4(&q.t, 0, idx[r], h, e)));
+    tu_buf ol = tu_alloc(ATTN_F32, 1, T, H, Dv), og = tu_alloc(ATTN_F32, 1, T, H, Dv), oh = tu_alloc(ATTN_F32, 1, T, H, Dv);
+    attn_params p = attn_params_default();
+    tu_case("global context: local part = window attention; global part in window 0 = local");
+    CHECK_OK(attn_global_context_forward(cpu, &p, g, w, &q.t, &qg.t, &k.t, &v.t, &ol.t, &og.t));
+    CHECK_OK(attn_hilo_forward(cpu, &p, g, w, 0, &q.t, &k.t, &v.t, &oh.t));
+    CHECK(tu_same_bits(&ol, &oh), "o_local differs from window attention");
+    int same = 1;
+    for (int64_t r = 0; r < wtok; r++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t e = 0; e < Dv; e++)
+                same &= tu_load(&og.t, tu_off4(&og.t, 0, idx[r], h, e)) == tu_load(&ol.t, tu_off4(&ol.t, 0, idx[r], h, e));
+    CHECK(same, "o_global of window 0 differs from its local attention");
+    tu_buf rl = tu_alloc(ATTN_F64, 1, T, H, Dv), rg = tu_alloc(ATTN_F64, 1, T, H, Dv);
+    CHECK_OK(attn_global_context_forward(ref, &p, g, w, &q.t, &qg.t, &k.t, &v.t, &rl.t, &rg.t));
+    CHECK_CLOSE("o_local", &ol.t, &rl.t, 1e-5, 1e-4);
+    CHECK_CLOSE("o_global", &og.t, &rg.t, 1e-5, 1e-4);
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&qg), tu_free(&ol), tu_free(&og), tu_free(&oh);
+    tu_free(&rl), tu_free(&rg);
+}
+
 int main(void) {
     attn_ctx *cpu = tu_ctx("test_reorder", ATTN_BACKEND_CPU, 2);
     attn_ctx *ref = tu_ctx("test_reorder", ATTN_BACKEND_REF, 1);
     test_orders(ref);
     test_hilo(cpu, ref);
     test_paro(cpu);
+    test_global_context(cpu, ref);
     attn_ctx_free(cpu);
     attn_ctx_free(ref);
     return tu_finish("test_reorder");

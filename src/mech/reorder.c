@@ -107,6 +107,32 @@ static attn_tensor heads(const attn_tensor *t, int64_t h0, int64_t n) {
     return v;
 }
 
+/* Attention inside non-overlapping windows, on tensors already in
+ * window-major order (T tokens, windows of wtok): a block-diagonal plan. */
+static attn_status windows_forward(attn_ctx *ctx, const attn_params *p, int64_t T, int64_t wtok,
+                                   const attn_tensor *wq, const attn_tensor *wk,
+                                   const attn_tensor *wv, attn_tensor *wo) {
+    const int64_t nb = T / wtok;
+    int64_t *off = calloc((size_t)nb + 1, sizeof(int64_t));
+    attn_plan_entry *en = calloc((size_t)nb + 1, sizeof(attn_plan_entry));
+    attn_plan *plan = NULL;
+    attn_status st = off && en ? ATTN_OK : attn_err(ATTN_ERR_NOMEM, "out of memory for window attention");
+    for (int64_t b = 0; b < nb && st == ATTN_OK; b++) {
+        attn_plan_entry e = {(int32_t)b, 0, ATTN_BLOCK_FULL, 0};
+        en[b] = e;
+        off[b + 1] = b + 1;
+    }
+    if (st == ATTN_OK) st = attn_plan_create(&plan, T, T, wtok, wtok, 1, off, en);
+    if (st == ATTN_OK) {
+        attn_params pw = *p;
+        pw.plan = plan;
+        st = attn_forward(ctx, &pw, wq, wk, wv, wo, NULL);
+    }
+    attn_plan_free(plan);
+    free(off), free(en);
+    return st;
+}
+
 attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
                               attn_grid win, int64_t lo_heads, const attn_tensor *q,
                               const attn_tensor *k, const attn_tensor *v, attn_tensor *o) {
@@ -138,17 +164,14 @@ attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid gri
         st = attn_err(ATTN_ERR_SHAPE, "q->shape[1] must be grid.f * grid.h * grid.w");
     /* Hi heads are computed into a buffer first and the Lo heads (which write
      * o directly) only then, so that no failure leaves half an output. */
-    const int64_t hi = H - lo_heads, nb = T / wtok;
+    const int64_t hi = H - lo_heads;
     attn_dtype dt = ref ? ATTN_F64 : ATTN_F32;
     size_t es = attn_dtype_size(dt);
     void *mq = calloc((size_t)(B * T * hi * q->shape[3]) + 1, es);
     void *mk = calloc((size_t)(B * T * hi * k->shape[3]) + 1, es);
     void *mv = calloc((size_t)(B * T * hi * v->shape[3]) + 1, es);
     void *mo = calloc((size_t)(B * T * hi * v->shape[3]) + 1, es);
-    int64_t *off = calloc((size_t)nb + 1, sizeof(int64_t));
-    attn_plan_entry *en = calloc((size_t)nb + 1, sizeof(attn_plan_entry));
-    attn_plan *plan = NULL;
-    if (st == ATTN_OK && (!mq || !mk || !mv || !mo || !off || !en))
+    if (st == ATTN_OK && (!mq || !mk || !mv || !mo))
         st = attn_err(ATTN_ERR_NOMEM, "out of memory for HiLo");
     attn_tensor wq = attn_tensor_4d(mq, dt, B, T, hi, q->shape[3]);
     attn_tensor wk = attn_tensor_4d(mk, dt, B, T, hi, k->shape[3]);
@@ -159,19 +182,7 @@ attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid gri
         st = attn_gather_tokens(ctx, idx, &qh, &wq);
         if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, &kh, &wk);
         if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, &vh, &wv);
-        if (st == ATTN_OK) { /* each window's queries see their own window: block diagonal */
-            for (int64_t b = 0; b < nb; b++) {
-                attn_plan_entry e = {(int32_t)b, 0, ATTN_BLOCK_FULL, 0};
-                en[b] = e;
-                off[b + 1] = b + 1;
-            }
-            st = attn_plan_create(&plan, T, T, wtok, wtok, 1, off, en);
-        }
-        if (st == ATTN_OK) {
-            attn_params pw = *p;
-            pw.plan = plan;
-            st = attn_forward(ctx, &pw, &wq, &wk, &wv, &wo, NULL);
-        }
+        if (st == ATTN_OK) st = windows_forward(ctx, p, T, wtok, &wq, &wk, &wv, &wo);
     }
     if (st == ATTN_OK && lo_heads > 0) { /* Lo: pooled keys and values */
         attn_tensor ql = heads(q, hi, lo_heads), kl = heads(k, hi, lo_heads), vl = heads(v, hi, lo_heads);
@@ -179,8 +190,65 @@ attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid gri
         st = attn_sra_forward(ctx, p, grid, win, &ql, &kl, &vl, &ol, NULL);
     }
     if (st == ATTN_OK && hi > 0) st = attn_scatter_tokens(ctx, idx, &wo, &oh);
-    attn_plan_free(plan);
-    free(mq), free(mk), free(mv), free(mo), free(off), free(en);
+    free(mq), free(mk), free(mv), free(mo);
+    free(idx);
+    return st;
+}
+
+attn_status attn_global_context_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                        attn_grid win, const attn_tensor *q,
+                                        const attn_tensor *q_global, const attn_tensor *k,
+                                        const attn_tensor *v, attn_tensor *o_local,
+                                        attn_tensor *o_global) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
+    if (p->causal || p->plan || p->cu_seqlens_q || p->window_left != -1 || p->window_right != -1)
+        return attn_err(ATTN_ERR_ARG, "params: global context attention takes scale and softcap only");
+    bool ref = ctx->backend == ATTN_BACKEND_REF;
+    const attn_tensor *all[] = {q, q_global, k, v, o_local, o_global};
+    static const char *const names[] = {"q", "q_global", "k", "v", "o_local", "o_global"};
+    for (int x = 0; x < 6; x++) CHECK(attn_check_tensor(names[x], all[x], 4, ref, false));
+    const int64_t B = q->shape[0], T = q->shape[1], H = q->shape[2], wtok = win.f * win.h * win.w;
+    if (k->shape[2] != H || k->shape[1] != T || v->shape[1] != T)
+        return attn_err(ATTN_ERR_SHAPE, "q, k and v must hold the same tokens and heads");
+    if (wtok > 512) return attn_err(ATTN_ERR_ARG, "a window holds at most 512 tokens");
+    CHECK(attn_check_shape("q_global", q_global, B, wtok, H, q->shape[3]));
+    CHECK(attn_check_shape("o_local", o_local, B, T, H, v->shape[3]));
+    CHECK(attn_check_shape("o_global", o_global, B, T, H, v->shape[3]));
+    CHECK(attn_check_output("o_local", o_local, all, names, 4));
+    CHECK(attn_check_output("o_global", o_global, all, names, 5));
+    int64_t *idx = malloc((size_t)T * sizeof(int64_t));
+    if (!idx) return attn_err(ATTN_ERR_NOMEM, "out of memory for the window order");
+    attn_status st = attn_grid_window_index(grid, win, idx);
+    if (st == ATTN_OK && grid.f * grid.h * grid.w != T)
+        st = attn_err(ATTN_ERR_SHAPE, "q->shape[1] must be grid.f * grid.h * grid.w");
+    attn_dtype dt = ref ? ATTN_F64 : ATTN_F32;
+    size_t es = attn_dtype_size(dt);
+    const int64_t D = q->shape[3], Dv = v->shape[3];
+    void *m[6];
+    const int64_t sz[6] = {D, D, D, Dv, Dv, Dv};
+    for (int x = 0; x < 6; x++) m[x] = calloc((size_t)(B * T * H * sz[x]) + 1, es);
+    for (int x = 0; x < 6; x++)
+        if (!m[x] && st == ATTN_OK) st = attn_err(ATTN_ERR_NOMEM, "out of memory for global context attention");
+    attn_tensor wq = attn_tensor_4d(m[0], dt, B, T, H, D), wg = attn_tensor_4d(m[1], dt, B, T, H, D);
+    attn_tensor wk = attn_tensor_4d(m[2], dt, B, T, H, D), wv = attn_tensor_4d(m[3], dt, B, T, H, Dv);
+    attn_tensor wl = attn_tensor_4d(m[4], dt, B, T, H, Dv), wgo = attn_tensor_4d(m[5], dt, B, T, H, Dv);
+    if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, q, &wq);
+    if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, k, &wk);
+    if (st == ATTN_OK) st = attn_gather_tokens(ctx, idx, v, &wv);
+    if (st == ATTN_OK) /* window-major row r holds position r % wtok of its window */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t r = 0; r < T; r++)
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t e = 0; e < D; e++)
+                        attn_store_f64(&wg, attn_off4(&wg, b, r, h, e),
+                                       attn_load_f64(q_global, attn_off4(q_global, b, r % wtok, h, e)));
+    if (st == ATTN_OK) st = windows_forward(ctx, p, T, wtok, &wq, &wk, &wv, &wl);
+    if (st == ATTN_OK) st = windows_forward(ctx, p, T, wtok, &wg, &wk, &wv, &wgo);
+    if (st == ATTN_OK) st = attn_scatter_tokens(ctx, idx, &wl, o_local);
+    if (st == ATTN_OK) st = attn_scatter_tokens(ctx, idx, &wgo, o_global);
+    for (int x = 0; x < 6; x++) free(m[x]);
     free(idx);
     return st;
 }
