@@ -413,6 +413,27 @@ ATTN_API attn_status attn_pooled_cross_forward(attn_ctx *ctx, const attn_params 
                                                const attn_tensor *v, attn_tensor *o,
                                                attn_tensor *lse);
 
+/* 2-D / 3-D neighbourhood attention (CLEAR): self-attention on a token grid
+ * where query (f, y, x) sees the keys within `radius` on every axis
+ * (|f - f'| <= radius.f, ...; radius.f = 0 for images). The blocks that hold
+ * visible pairs form a plan (attn_plan_neighborhood, block sizes bq x bk);
+ * the rule is applied exactly inside them. q, k, v [B, F H W, H | Hk, *],
+ * o [B, F H W, H, Dv], lse [B, H, F H W] or NULL; p: scale and softcap. */
+ATTN_API attn_status attn_plan_neighborhood(attn_grid grid, attn_grid radius, int64_t block_q,
+                                            int64_t block_k, attn_plan **out);
+ATTN_API attn_status attn_neighborhood_forward(attn_ctx *ctx, const attn_params *p,
+                                               attn_grid grid, attn_grid radius,
+                                               const attn_plan *plan, const attn_tensor *q,
+                                               const attn_tensor *k, const attn_tensor *v,
+                                               attn_tensor *o, attn_tensor *lse);
+ATTN_API attn_status attn_neighborhood_backward(attn_ctx *ctx, const attn_params *p,
+                                                attn_grid grid, attn_grid radius,
+                                                const attn_plan *plan, const attn_tensor *q,
+                                                const attn_tensor *k, const attn_tensor *v,
+                                                const attn_tensor *o, const attn_tensor *lse,
+                                                const attn_tensor *dout, attn_tensor *dq,
+                                                attn_tensor *dk, attn_tensor *dv);
+
 /* Token reorderings (PAROAttention, window attention, grouping): a
  * permutation idx int64 [T] of the tokens; gather: out[:, t] = x[:, idx[t]];
  * scatter: out[:, idx[t]] = x[:, t] (the inverse). x, out [B, T, heads, D]. */

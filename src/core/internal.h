@@ -45,6 +45,11 @@ typedef struct attn_problem {
      * position i + key_positions - n) sees it once all of them are past:
      * causal only, no window. Set by mechanisms, never by the public API. */
     int64_t key_stride, key_span, key_positions;
+    /* Neighbourhoods on a token grid (CLEAR; 0 = off): self-attention over
+     * F x H x W tokens (row-major), query (f, y, x) sees key (f', y', x') iff
+     * |f - f'| <= rad_f, |y - y'| <= rad_h and |x - x'| <= rad_w. Set by the
+     * neighbourhood mechanism with a plan of the blocks it reaches. */
+    int64_t grid_f, grid_h, grid_w, rad_f, rad_h, rad_w;
 } attn_problem;
 
 /* Where sequence b lives in the tensors. */
@@ -77,8 +82,26 @@ static inline attn_seq attn_problem_seq(const attn_problem *p, int64_t b) {
 /* Keys visible to query i of a sequence with n queries and m keys under the
  * causal/window rule: the inclusive range [*lo, *hi] clipped to [0, m-1]
  * (empty when *lo > *hi). Explicit plans restrict this further. */
+/* The first and last token of the grid box around token t (a bounding range:
+ * the keys in between are visible only if attn_key_visible says so). */
+static inline void attn_grid_box(const attn_problem *p, int64_t t, int64_t *lo, int64_t *hi) {
+    int64_t f = t / (p->grid_h * p->grid_w), y = (t / p->grid_w) % p->grid_h, x = t % p->grid_w;
+    int64_t f0 = f - p->rad_f > 0 ? f - p->rad_f : 0, y0 = y - p->rad_h > 0 ? y - p->rad_h : 0;
+    int64_t x0 = x - p->rad_w > 0 ? x - p->rad_w : 0;
+    int64_t f1 = f + p->rad_f < p->grid_f - 1 ? f + p->rad_f : p->grid_f - 1;
+    int64_t y1 = y + p->rad_h < p->grid_h - 1 ? y + p->rad_h : p->grid_h - 1;
+    int64_t x1 = x + p->rad_w < p->grid_w - 1 ? x + p->rad_w : p->grid_w - 1;
+    *lo = (f0 * p->grid_h + y0) * p->grid_w + x0;
+    *hi = (f1 * p->grid_h + y1) * p->grid_w + x1;
+}
+
 static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t m,
                                       int64_t i, int64_t *lo, int64_t *hi) {
+    if (p->grid_w > 0) { /* a bounding range; attn_key_visible has the rule */
+        (void)n, (void)m;
+        attn_grid_box(p, i, lo, hi);
+        return;
+    }
     if (p->key_stride > 0) { /* compressed keys: whole span in the past */
         int64_t last = i + (p->key_positions - n) - p->key_span + 1; /* first position >= 0 */
         *lo = 0;
@@ -100,6 +123,10 @@ static inline void attn_visible_range(const attn_problem *p, int64_t n, int64_t 
  * to [0, n-1]) that see key j under the causal/window rule. */
 static inline void attn_visible_queries(const attn_problem *p, int64_t n, int64_t m,
                                         int64_t j, int64_t *lo, int64_t *hi) {
+    if (p->grid_w > 0) { /* the rule is symmetric: the same bounding range */
+        attn_grid_box(p, j, lo, hi);
+        return;
+    }
     if (p->key_stride > 0) { /* compressed key j: queries at or after its span's end */
         int64_t first = j * p->key_stride + p->key_span - 1 - (p->key_positions - n);
         *lo = first > 0 ? first : 0;
@@ -114,6 +141,21 @@ static inline void attn_visible_queries(const attn_problem *p, int64_t n, int64_
         r = j - off + p->window_left;                          /* j >= i + off - left */
     *lo = l;
     *hi = r;
+}
+
+/* Whether query i sees key j under the problem's rule (any rule). */
+static inline bool attn_key_visible(const attn_problem *p, int64_t n, int64_t m, int64_t i,
+                                    int64_t j) {
+    if (p->grid_w > 0) {
+        int64_t hw = p->grid_h * p->grid_w;
+        int64_t df = i / hw - j / hw, dy = (i / p->grid_w) % p->grid_h - (j / p->grid_w) % p->grid_h;
+        int64_t dx = i % p->grid_w - j % p->grid_w;
+        return (df < 0 ? -df : df) <= p->rad_f && (dy < 0 ? -dy : dy) <= p->rad_h &&
+               (dx < 0 ? -dx : dx) <= p->rad_w;
+    }
+    int64_t lo, hi;
+    attn_visible_range(p, n, m, i, &lo, &hi);
+    return j >= lo && j <= hi;
 }
 
 /* Plan row of query head hq: index into plan->row_offsets' head dimension. */

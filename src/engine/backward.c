@@ -109,12 +109,9 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
         for (int64_t r = 0; r < nq; r++)
             for (int64_t c = 0; c < nk; c++) b->p[r * bk + c] += ko->bonus[c];
     if (masked)
-        for (int64_t r = 0; r < nq; r++) {
-            int64_t lo, hi;
-            attn_visible_range(p, sq->n, sq->m, i0 + r, &lo, &hi);
+        for (int64_t r = 0; r < nq; r++)
             for (int64_t c = 0; c < nk; c++)
-                if (j0 + c < lo || j0 + c > hi) b->p[r * bk + c] = -INFINITY;
-        }
+                if (!attn_key_visible(p, sq->n, sq->m, i0 + r, j0 + c)) b->p[r * bk + c] = -INFINITY;
     kr->exp2_rows(b->p, nq, nk, bk, p->softcap > 0.0f ? LOG2E : p->scale * LOG2E, lse2);
 
     /* dV += P^T dO */
@@ -234,8 +231,8 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                     const attn_plan_entry *en = plan_lists(p->plan, ph, i0 / bq, kb);
                     if (!en) continue;
                     level = en->level;
-                    masked = false;
-                    if (en->mask == ATTN_BLOCK_PARAMS) { /* a rule cuts through the block? */
+                    masked = en->mask == ATTN_BLOCK_PARAMS && p->grid_w > 0;
+                    if (en->mask == ATTN_BLOCK_PARAMS && !masked) { /* a rule cuts through the block? */
                         int64_t lo0, hi0, lo1, hi1;
                         attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
                         attn_visible_range(p, n, sq.m, i0 + nq - 1, &lo1, &hi1);

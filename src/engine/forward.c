@@ -17,6 +17,12 @@
  * one run, so each row masks a prefix and a suffix. */
 static void mask_tile(const attn_problem *p, const attn_seq *sq, float *s, int64_t ld,
                       int64_t i0, int64_t nq, int64_t j0, int64_t nk) {
+    if (p->grid_w > 0) { /* grid neighbourhoods: no runs, element by element */
+        for (int64_t r = 0; r < nk; r++)
+            for (int64_t c = 0; c < nq; c++)
+                if (!attn_key_visible(p, sq->n, sq->m, i0 + c, j0 + r)) s[r * ld + c] = -INFINITY;
+        return;
+    }
     for (int64_t r = 0; r < nk; r++) {
         int64_t lo, hi;
         attn_visible_queries(p, sq->n, sq->m, j0 + r, &lo, &hi);
@@ -32,6 +38,7 @@ static void mask_tile(const attn_problem *p, const attn_seq *sq, float *s, int64
 /* Whether every key in [j0, j1) is visible to every query in [i0, i1). */
 static bool block_fully_visible(const attn_problem *p, const attn_seq *sq, int64_t i0,
                                 int64_t i1, int64_t j0, int64_t j1) {
+    if (p->grid_w > 0) return false; /* a grid rule cuts every block it does not skip */
     int64_t lo_last, hi_last, lo_first, hi_first;
     attn_visible_range(p, sq->n, sq->m, i1 - 1, &lo_last, &hi_last);
     attn_visible_range(p, sq->n, sq->m, i0, &lo_first, &hi_first);
@@ -88,10 +95,9 @@ static void masked_pv(const attn_kernels *kr, const attn_problem *p, const attn_
     for (int64_t c = 0; c < nq; c++) {
         float *orow = o + c * dv;
         for (int64_t x = 0; x < dv; x++) orow[x] *= alpha[c];
-        int64_t lo, hi;
-        attn_visible_range(p, sq->n, sq->m, i0 + c, &lo, &hi);
         for (int64_t r = 0; r < nk; r++)
-            if (j0 + r >= lo && j0 + r <= hi) kr->axpy(dv, s[r * lds + c], vb + r * ldv, orow);
+            if (attn_key_visible(p, sq->n, sq->m, i0 + c, j0 + r))
+                kr->axpy(dv, s[r * lds + c], vb + r * ldv, orow);
     }
 }
 
@@ -214,7 +220,7 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     /* Only the queries that see some key of the block: on the causal diagonal
      * (and window edges) the others are skipped, not computed and masked. */
     int64_t c0 = 0, c1 = nq;
-    if (masked) {
+    if (masked && p->grid_w == 0) { /* (grid boxes are not monotone in the token) */
         int64_t lo, hi, lo2, hi2;
         attn_visible_queries(p, sq->n, sq->m, j0, &lo, &hi);
         attn_visible_queries(p, sq->n, sq->m, j1 - 1, &lo2, &hi2);

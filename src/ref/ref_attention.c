@@ -70,7 +70,8 @@ static int64_t visible_keys(const attn_problem *p, const attn_seq *s, int64_t hq
     int64_t lo, hi, c = 0;
     attn_visible_range(p, s->n, s->m, i, &lo, &hi);
     if (!p->plan) {
-        for (int64_t j = lo; j <= hi; j++) idx[c] = j, cnt[c++] = 1;
+        for (int64_t j = lo; j <= hi; j++)
+            if (attn_key_visible(p, s->n, s->m, i, j)) idx[c] = j, cnt[c++] = 1;
         return c;
     }
     const attn_plan *pl = p->plan;
@@ -91,7 +92,9 @@ static int64_t visible_keys(const attn_problem *p, const attn_seq *s, int64_t hq
             if (a < lo) a = lo;
             if (z > hi) z = hi;
         }
-        for (int64_t j = a; j <= z; j++) idx[c] = j, cnt[c++] = 1;
+        for (int64_t j = a; j <= z; j++)
+            if (en->mask != ATTN_BLOCK_PARAMS || attn_key_visible(p, s->n, s->m, i, j))
+                idx[c] = j, cnt[c++] = 1;
     }
     return c;
 }
