@@ -235,6 +235,15 @@ ATTN_API attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_te
                                    const attn_tensor *k, const attn_select_opts *opt,
                                    int32_t levels, const float *quota);
 
+/* PSA levels by thresholds: the ranked key blocks of each query block take
+ * level 0 until their estimated mass (as attn_plan_select's mass, calibrated
+ * by opt->lse when given) reaches threshold[0], level 1 until threshold[1],
+ * ...; the rest are skipped. Thresholds ascend in (0, 1]. */
+ATTN_API attn_status attn_plan_psa_thresholds(attn_ctx *ctx, attn_plan **out,
+                                              const attn_tensor *q, const attn_tensor *k,
+                                              const attn_select_opts *opt, int32_t levels,
+                                              const float *threshold);
+
 
 /* ---------------------------------------------------------------- params */
 

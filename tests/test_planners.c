@@ -181,6 +181,24 @@ static void planted_selection(attn_ctx *cpu) {
     tu_fwd_free(&a), tu_fwd_free(&b);
     attn_plan_free(psa);
 
+    tu_case("PSA by thresholds: the planted blocks hold the mass, so one level suffices");
+    float thr[2] = {0.9f, 0.99f};
+    CHECK_OK(attn_plan_psa_thresholds(cpu, &psa, &q.t, &k.t, &po, 2, thr));
+    /* the two planted blocks reach 0.9 at level 0; level 1 takes the blocks
+     * up to 0.99: the density sits between the planted one and that plus half */
+    CHECK(attn_plan_density(psa) >= attn_plan_density(hand) - 1e-12 &&
+              attn_plan_density(psa) <= attn_plan_density(hand) + 0.5,
+          "density %g (planted %g)", attn_plan_density(psa), attn_plan_density(hand));
+    a = run(cpu, psa, 0, &q, &k, &v);
+    b = run(cpu, hand, 0, &q, &k, &v);
+    CHECK_CLOSE("psa thresholds vs planted", &a.o.t, &b.o.t, 2e-2, 2e-1);
+    tu_fwd_free(&a), tu_fwd_free(&b);
+    attn_plan_free(psa);
+    float bad_thr[2] = {0.9f, 0.5f};
+    CHECK(attn_plan_psa_thresholds(cpu, &psa, &q.t, &k.t, &po, 2, bad_thr) == ATTN_ERR_ARG &&
+              strstr(attn_last_error(), "threshold"),
+          "descending thresholds must be refused: %s", attn_last_error());
+
     tu_case("PSA: one level with quota 1 equals dense");
     float all[1] = {1.0f};
     CHECK_OK(attn_plan_psa(cpu, &psa, &q.t, &k.t, &po, 1, all));

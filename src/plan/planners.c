@@ -358,3 +358,58 @@ attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
     scorer_free(&s);
     return builder_finish(&b, out, q->shape[1], k->shape[1], o.block_q, o.block_k, q->shape[2]);
 }
+
+attn_status attn_plan_psa_thresholds(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
+                                     const attn_tensor *k, const attn_select_opts *opt,
+                                     int32_t levels, const float *threshold) {
+    attn_clear_error();
+    attn_select_opts o = opt ? *opt : (attn_select_opts){0};
+    o.top_k = 1; /* selection rule unused here; keeps check_select quiet */
+    attn_status st = check_select(ctx, out, q, k, opt ? &o : NULL);
+    if (st != ATTN_OK) return st;
+    if (levels < 1 || levels > 16) return attn_err(ATTN_ERR_ARG, "levels must be in 1..16");
+    if (!threshold) return attn_err(ATTN_ERR_NULL, "threshold must not be NULL");
+    for (int32_t l = 0; l < levels; l++) {
+        if (!(threshold[l] > 0.0f && threshold[l] <= 1.0f) || (l && threshold[l] < threshold[l - 1]))
+            return attn_err(ATTN_ERR_ARG, "threshold[%d] must be in (0, 1] and ascend", l);
+        if (((int64_t)1 << l) > o.block_k)
+            return attn_err(ATTN_ERR_ARG, "level %d needs 2^%d <= block_k", l, l);
+    }
+    o.top_k = 0;
+    scorer s;
+    if ((st = scorer_init(&s, ctx, q, k, &o)) != ATTN_OK) return st;
+    builder b;
+    if ((st = builder_init(&b, s.h * s.nqb, s.nkb)) != ATTN_OK) {
+        scorer_free(&s);
+        return st;
+    }
+    int32_t *level_of = malloc((size_t)s.nkb * sizeof *level_of);
+    if (!level_of) {
+        scorer_free(&s);
+        free(b.off), free(b.e);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory assigning levels");
+    }
+    for (int64_t h = 0; h < s.h; h++)
+        for (int64_t qb = 0; qb < s.nqb; qb++) {
+            int64_t c = score_row(&s, ctx, q, h, qb);
+            for (int64_t kb = 0; kb < s.nkb; kb++) level_of[kb] = -1;
+            /* estimated masses: calibrated (lse) or the softmax of the scores */
+            double mx = c ? s.row[0].s : 0.0, total = 0.0, run = 0.0;
+            if (!o.lse)
+                for (int64_t i = 0; i < c; i++) total += exp(s.row[i].s - mx);
+            int32_t l = 0;
+            for (int64_t i = 0; i < c && l < levels; i++) {
+                level_of[s.row[i].kb] = l;
+                run += o.lse ? s.row[i].s : exp(s.row[i].s - mx) / total;
+                while (l < levels && run >= (double)threshold[l]) l++;
+            }
+            for (int64_t i = 0; i < c; i++)
+                if (forced(&s, qb, s.row[i].kb)) level_of[s.row[i].kb] = 0;
+            for (int64_t kb = 0; kb < s.nkb; kb++)
+                if (level_of[kb] >= 0) builder_add(&b, kb, level_of[kb]);
+            b.off[h * s.nqb + qb + 1] = b.count;
+        }
+    free(level_of);
+    scorer_free(&s);
+    return builder_finish(&b, out, q->shape[1], k->shape[1], o.block_q, o.block_k, q->shape[2]);
+}
