@@ -182,7 +182,7 @@ static const bcase k_engine[] = {
     {1, 41, 2, 2, 8, 8, ATTN_GATE_HEAD_TOKEN, 1, 1, 0},
     {1, 1, 1, 1, 1, 1, ATTN_GATE_KEY, 1, 0, 0},
     {1, 200, 2, 1, 128, 128, ATTN_GATE_KEY, 1, 0, 0},
-    /* strong per-key gates: cumulated logs beyond ±80 in a chunk take the
+    /* strong per-key gates: cumulated logs beyond ±20 in a chunk take the
      * product walk instead of the split GEMM */
     {1, 90, 2, 1, 16, 8, ATTN_GATE_KEY, 1, 0, -40},
     {1, 90, 2, 1, 16, 8, ATTN_GATE_HEAD_TOKEN, 1, 0, -40},

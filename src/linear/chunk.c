@@ -42,8 +42,10 @@ static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
  * keeps differences of cumulated logs finite when g = -inf. */
 #define GATE_FLOOR (-1e4)
 #define LOG2E 1.4426950408889634f
-/* |cumulated log gate| below which e^{±b} and their products stay normal f32 */
-#define KEYFAST_RANGE 80.0
+/* |cumulated log gate| below which the split e^{b_i} e^{-b_j} is used: both
+ * factors stay normal f32 (e^{±20}), and b rounded to f32 before the
+ * exponential costs at most 20 x 2^-24 = 1.2e-6 relative per factor */
+#define KEYFAST_RANGE 20.0
 
 /* Ask for rows [r0, r0 + n) of head h of t: rows of one head lie H x D
  * elements apart, a stride the hardware prefetchers do not follow. */
@@ -152,20 +154,20 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
     }
 }
 
-void lin_chunk_decay_tile(const lin_problem *p, int64_t n, const lin_chunk *c, float *m,
-                          int64_t ldm) {
-    for (int64_t i = 0; i < n; i++) {
-        float *mi = m + i * ldm;
-        for (int64_t j = i + 1; j < n; j++) mi[j] = 0.0f;
-        if (p->gate == ATTN_GATE_NONE) continue;
-        const float *wi = c->wt + i * c->c;
-        for (int64_t j = 0; j < i; j++) mi[j] *= wi[j];
-    }
-}
-
 void lin_chunk_mask(int64_t n, float *m, int64_t ldm) {
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = i + 1; j < n; j++) m[i * ldm + j] = 0.0f;
+}
+
+void lin_chunk_decay_tile(const lin_problem *p, int64_t n, const lin_chunk *c, float *m,
+                          int64_t ldm) {
+    lin_chunk_mask(n, m, ldm);
+    if (p->gate == ATTN_GATE_NONE) return;
+    for (int64_t i = 0; i < n; i++) {
+        float *mi = m + i * ldm;
+        const float *wi = c->wt + i * c->c;
+        for (int64_t j = 0; j < i; j++) mi[j] *= wi[j];
+    }
 }
 
 void lin_chunk_scores(const attn_kernels *kr, const lin_problem *p, int64_t n, lin_chunk *c) {
