@@ -682,6 +682,12 @@ ATTN_API attn_status attn_ssd_backward(
 ATTN_API attn_status attn_lightnet_forward(attn_ctx *ctx, const attn_linear_params *p,
                                            const attn_tensor *q, const attn_tensor *k,
                                            const attn_tensor *v, attn_tensor *o);
+/* Its backward: dout like o; dq, dk, dv like q, k, v (dk, dv summed over the
+ * heads of a GQA group). */
+ATTN_API attn_status attn_lightnet_backward(attn_ctx *ctx, const attn_linear_params *p,
+                                            const attn_tensor *q, const attn_tensor *k,
+                                            const attn_tensor *v, const attn_tensor *dout,
+                                            attn_tensor *dq, attn_tensor *dk, attn_tensor *dv);
 
 /* Random-feature attention (RFA / Performer FAVOR+ positive features): the
  * softmax kernel e^{q·k / sqrt(D)} approximated by φ(x) = e^{w_i·x' - |x'|²/2}

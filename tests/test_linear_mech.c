@@ -446,6 +446,78 @@ static void test_linear_attention_grad(attn_feature_map phi, int normalize, int 
     tu_free(&dout);
 }
 
+/* Naive LightNet on dense doubles, one sequence: q [T][H][D], k [T][Hk][D],
+ * v [T][Hk][Dv], o [T][H][Dv]. */
+static void lightnet_naive(int64_t T, int64_t H, int64_t Hk, int64_t D, int64_t Dv,
+                           const double *q, const double *k, const double *v, double *o) {
+    const double scale = 1.0 / sqrt((double)D);
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t hk = h / (H / Hk);
+        for (int64_t i = 0; i < T; i++)
+            for (int64_t e = 0; e < Dv; e++) {
+                double acc = 0;
+                for (int64_t x = 0; x < D; x++) {
+                    double num = 0, den = 0;
+                    for (int64_t j = 0; j <= i; j++) {
+                        double w = exp(k[(j * Hk + hk) * D + x]);
+                        num += w * v[(j * Hk + hk) * Dv + e];
+                        den += w;
+                    }
+                    acc += q[(i * H + h) * D + x] * num / den;
+                }
+                o[(i * H + h) * Dv + e] = scale * acc;
+            }
+    }
+}
+
+/* attn_lightnet_backward against central differences of lightnet_naive.
+ * Tolerance: |fd - got| <= 1e-3 * (|fd| + 1) (f32 engine). */
+static void test_lightnet_grad(void) {
+    tu_case("lightnet backward");
+    tu_rng r = {tu_seed(SALT, 800)};
+    enum { T = 23, H = 4, Hk = 2, D = 3, Dv = 2 };
+    const int64_t sizes[3] = {T * H * D, T * Hk * D, T * Hk * Dv};
+    static double in[3][T * H * D];
+    double w[T * H * Dv];
+    tu_buf bufs[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, Hk, D),
+                      tu_alloc(ATTN_F32, 1, T, Hk, Dv)};
+    tu_buf grads[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, Hk, D),
+                       tu_alloc(ATTN_F32, 1, T, Hk, Dv)};
+    for (int i = 0; i < 3; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            ((float *)bufs[i].mem)[j] = (float)tu_uniform(&r, i == 1 ? -3 : -1, i == 1 ? 3 : 1);
+            in[i][j] = ((float *)bufs[i].mem)[j];
+        }
+    tu_buf dout = tu_alloc(ATTN_F32, 1, T, H, Dv);
+    for (int64_t j = 0; j < T * H * Dv; j++) ((float *)dout.mem)[j] = (float)(w[j] = tu_uniform(&r, -1, 1));
+    attn_linear_params p = attn_linear_params_default();
+    for (int c = 0; c < 3; c += 2) { /* the CPU and the reference backend */
+        tu_prefix = c ? "ref" : "";
+        CHECK_OK(attn_lightnet_backward(g_ctx[c], &p, &bufs[0].t, &bufs[1].t, &bufs[2].t, &dout.t,
+                                        &grads[0].t, &grads[1].t, &grads[2].t));
+        static const char *const names[3] = {"dq", "dk", "dv"};
+        for (int i = 0; i < 3; i++) {
+            double worst = 0;
+            for (int64_t j = 0; j < sizes[i]; j++) {
+                double keep = in[i][j], o1[T * H * Dv], o2[T * H * Dv], l1 = 0, l2 = 0;
+                in[i][j] = keep + 1e-6;
+                lightnet_naive(T, H, Hk, D, Dv, in[0], in[1], in[2], o1);
+                in[i][j] = keep - 1e-6;
+                lightnet_naive(T, H, Hk, D, Dv, in[0], in[1], in[2], o2);
+                in[i][j] = keep;
+                for (int64_t t = 0; t < T * H * Dv; t++) l1 += o1[t] * w[t], l2 += o2[t] * w[t];
+                double fd = (l1 - l2) / 2e-6, got = ((float *)grads[i].mem)[j];
+                double err = fabs(fd - got) / (fabs(fd) + 1);
+                if (err > worst) worst = err;
+            }
+            CHECK(worst <= 1e-3, "%s: finite differences differ by %.3g", names[i], worst);
+        }
+    }
+    tu_prefix = "";
+    for (int i = 0; i < 3; i++) tu_free(&bufs[i]), tu_free(&grads[i]);
+    tu_free(&dout);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -461,6 +533,7 @@ int main(void) {
     test_lightnet(0);
     test_lightnet(1);
     test_rfa();
+    test_lightnet_grad();
     test_mamba_grad();
     test_ssd_grad(1);
     test_ssd_grad(2);
