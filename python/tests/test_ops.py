@@ -264,6 +264,11 @@ def test_lse_merge_is_attention_over_union():
     o, lse = libattn.lse_merge(o1, l1, o2, l2)
     of, lf = libattn.attention(q, k, k, return_lse=True)
     assert rel_rms(o, of) < 1e-6 and np.allclose(lse, lf, atol=1e-5)
+    kt = torch.from_numpy(k)
+    assert rel_rms(o, sdpa_ref(torch.from_numpy(q), kt, kt)) < 1e-5
+    s = torch.einsum("bnhd,bmhd->bhnm", torch.from_numpy(q).double(),
+                     kt.double()) / 4.0
+    assert np.allclose(lse, torch.logsumexp(s, -1).numpy(), atol=1e-5)
     ot, lt = libattn.lse_merge(*(torch.from_numpy(x) for x in (o1, l1, o2, l2)))
     assert torch.is_tensor(ot) and rel_rms(ot, of) < 1e-6
 
