@@ -700,6 +700,14 @@ ATTN_API attn_status attn_rfa_forward(attn_ctx *ctx, const attn_linear_params *p
                                       int32_t features, const attn_tensor *q,
                                       const attn_tensor *k, const attn_tensor *v,
                                       attn_tensor *o);
+/* Its backward (the same seed, so the same features): dout like o; dq, dk,
+ * dv like q, k, v. The features' max shifts (for range) are constants that
+ * cancel in the normaliser and get no gradient. */
+ATTN_API attn_status attn_rfa_backward(attn_ctx *ctx, const attn_linear_params *p,
+                                       int32_t features, const attn_tensor *q,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       const attn_tensor *dout, attn_tensor *dq,
+                                       attn_tensor *dk, attn_tensor *dv);
 
 /* Mamba selective scan (Mamba-1, diagonal A): per channel c of E,
  *   h_t = e^{Δ_tc A_c} ⊙ h_{t-1} + Δ_tc B_t x_tc,  y_tc = C_t · h_t + Dskip_c x_tc,

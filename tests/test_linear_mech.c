@@ -518,6 +518,53 @@ static void test_lightnet_grad(void) {
     tu_free(&dout);
 }
 
+/* attn_rfa_backward against central differences of attn_rfa_forward on the
+ * reference backend (the same seed, so the same features; the features are
+ * formed in f32, so the step is 1e-2 and the tolerance 1e-2 * (|fd| + 1)). */
+static void test_rfa_grad(void) {
+    tu_case("random-feature attention backward");
+    tu_rng r = {tu_seed(SALT, 900)};
+    enum { T = 9, H = 2, D = 4, Dv = 3, F = 16 };
+    tu_buf x[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, H, D),
+                   tu_alloc(ATTN_F32, 1, T, H, Dv)};
+    tu_buf g[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, H, D),
+                   tu_alloc(ATTN_F32, 1, T, H, Dv)};
+    for (int i = 0; i < 3; i++) tu_fill(&x[i].t, &r, -1, 1);
+    tu_buf dout = tu_alloc(ATTN_F32, 1, T, H, Dv), o = tu_alloc(ATTN_F64, 1, T, H, Dv);
+    tu_fill(&dout.t, &r, -1, 1);
+    attn_linear_params p = attn_linear_params_default();
+    CHECK_OK(attn_rfa_backward(g_ctx[2], &p, F, &x[0].t, &x[1].t, &x[2].t, &dout.t, &g[0].t, &g[1].t,
+                               &g[2].t));
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        double worst = 0;
+        for (int64_t j = 0; j < tu_numel(&x[i].t); j++) {
+            float *e = (float *)x[i].mem + j, keep = *e;
+            double l[2];
+            for (int s = 0; s < 2; s++) {
+                *e = keep + (s ? -1e-2f : 1e-2f);
+                CHECK_OK(attn_rfa_forward(g_ctx[2], &p, F, &x[0].t, &x[1].t, &x[2].t, &o.t));
+                l[s] = 0;
+                for (int64_t t = 0; t < tu_numel(&o.t); t++)
+                    l[s] += ((double *)o.mem)[t] * ((float *)dout.mem)[t];
+            }
+            *e = keep;
+            double fd = (l[0] - l[1]) / 2e-2, got = ((float *)g[i].mem)[j];
+            double err = fabs(fd - got) / (fabs(fd) + 1);
+            if (err > worst) worst = err;
+        }
+        CHECK(worst <= 1e-2, "%s: finite differences differ by %.3g", names[i], worst);
+    }
+    /* the CPU backend gives the same gradients */
+    tu_buf gc[3] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, H, D),
+                    tu_alloc(ATTN_F32, 1, T, H, Dv)};
+    CHECK_OK(attn_rfa_backward(g_ctx[0], &p, F, &x[0].t, &x[1].t, &x[2].t, &dout.t, &gc[0].t,
+                               &gc[1].t, &gc[2].t));
+    for (int i = 0; i < 3; i++) CHECK_CLOSE(names[i], &gc[i].t, &g[i].t, 1e-4, 1e-3);
+    for (int i = 0; i < 3; i++) tu_free(&x[i]), tu_free(&g[i]), tu_free(&gc[i]);
+    tu_free(&dout), tu_free(&o);
+}
+
 int main(void) {
     g_ctx[0] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 2);
     g_ctx[1] = tu_ctx("test_linear_mech", ATTN_BACKEND_CPU, 1);
@@ -534,6 +581,7 @@ int main(void) {
     test_lightnet(1);
     test_rfa();
     test_lightnet_grad();
+    test_rfa_grad();
     test_mamba_grad();
     test_ssd_grad(1);
     test_ssd_grad(2);

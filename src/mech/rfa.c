@@ -5,6 +5,7 @@
  * same features on every backend and thread count. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "mech.h"
 
@@ -64,11 +65,18 @@ static void features(float *u, int64_t rows, int64_t f, int per_row) {
     }
 }
 
-attn_status attn_rfa_forward(attn_ctx *ctx, const attn_linear_params *p, int32_t nfeat,
-                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
-                             attn_tensor *o) {
-    attn_clear_error();
-    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+/* The features of q and k and what the backward needs to go through them. */
+typedef struct rfa_in {
+    int64_t D, F, rq, rk;
+    float *w, *xq, *xk, *fq, *fk; /* w [F][D]; raw q, k [rows][D]; φ(q), φ(k) [rows][F] */
+    attn_tensor tq, tk;
+} rfa_in;
+
+static void rfa_free(rfa_in *m) { free(m->w), free(m->xq), free(m->xk), free(m->fq), free(m->fk); }
+
+static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int32_t nfeat,
+                           const attn_tensor *q, const attn_tensor *k, rfa_in *m) {
+    memset(m, 0, sizeof *m);
     if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
     if (nfeat < 1 || nfeat > 4096)
         return attn_err(ATTN_ERR_ARG, "features is %d; it must be in 1..4096", (int)nfeat);
@@ -77,28 +85,97 @@ attn_status attn_rfa_forward(attn_ctx *ctx, const attn_linear_params *p, int32_t
     CHECK(attn_check_tensor("k", k, 4, ref, varlen));
     const int64_t D = q->shape[3], F = nfeat;
     CHECK(attn_check_shape("k", k, -1, -1, -1, D));
-    const int64_t rq = q->shape[0] * q->shape[1] * q->shape[2];
-    const int64_t rk = k->shape[0] * k->shape[1] * k->shape[2];
-    float *w = mech_alloc(F, D, 1, 1), *xq = mech_alloc(rq, D, 1, 1), *xk = mech_alloc(rk, D, 1, 1);
-    float *fq = mech_alloc(rq, F, 1, 1), *fk = mech_alloc(rk, F, 1, 1);
-    attn_status st = ATTN_OK;
-    if (!w || !xq || !xk || !fq || !fk) {
-        st = attn_err(ATTN_ERR_NOMEM, "attn_rfa_forward: out of memory for the features");
-        goto done;
+    m->D = D, m->F = F;
+    m->rq = q->shape[0] * q->shape[1] * q->shape[2];
+    m->rk = k->shape[0] * k->shape[1] * k->shape[2];
+    m->w = mech_alloc(F, D, 1, 1), m->xq = mech_alloc(m->rq, D, 1, 1);
+    m->xk = mech_alloc(m->rk, D, 1, 1);
+    m->fq = mech_alloc(m->rq, F, 1, 1), m->fk = mech_alloc(m->rk, F, 1, 1);
+    if (!m->w || !m->xq || !m->xk || !m->fq || !m->fk) {
+        rfa_free(m);
+        return attn_err(ATTN_ERR_NOMEM, "random-feature attention: out of memory for the features");
     }
-    draw(ctx->seed, F, D, w);
-    mech_dense(q, xq);
-    mech_dense(k, xk);
-    project(xq, rq, D, w, F, fq);
-    project(xk, rk, D, w, F, fk);
-    features(fq, rq, F, 1); /* a per-query constant cancels in the normaliser */
-    features(fk, rk, F, 0); /* keys share one constant */
-    attn_tensor tq = attn_tensor_4d(fq, ATTN_F32, q->shape[0], q->shape[1], q->shape[2], F);
-    attn_tensor tk = attn_tensor_4d(fk, ATTN_F32, k->shape[0], k->shape[1], k->shape[2], F);
+    draw(ctx->seed, F, D, m->w);
+    mech_dense(q, m->xq);
+    mech_dense(k, m->xk);
+    project(m->xq, m->rq, D, m->w, F, m->fq);
+    project(m->xk, m->rk, D, m->w, F, m->fk);
+    features(m->fq, m->rq, F, 1); /* a per-query constant cancels in the normaliser */
+    features(m->fk, m->rk, F, 0); /* keys share one constant */
+    m->tq = attn_tensor_4d(m->fq, ATTN_F32, q->shape[0], q->shape[1], q->shape[2], F);
+    m->tk = attn_tensor_4d(m->fk, ATTN_F32, k->shape[0], k->shape[1], k->shape[2], F);
+    return ATTN_OK;
+}
+
+attn_status attn_rfa_forward(attn_ctx *ctx, const attn_linear_params *p, int32_t nfeat,
+                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                             attn_tensor *o) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    rfa_in m;
+    CHECK(prepare(ctx, p, nfeat, q, k, &m));
     attn_linear_params pf = *p;
     pf.scale = 1.0f;
-    st = attn_linear_attention(ctx, &pf, ATTN_PHI_IDENTITY, 1, 1e-6f, &tq, &tk, v, o);
-done:
-    free(w), free(xq), free(xk), free(fq), free(fk);
+    attn_status st = attn_linear_attention(ctx, &pf, ATTN_PHI_IDENTITY, 1, 1e-6f, &m.tq, &m.tk, v, o);
+    rfa_free(&m);
+    return st;
+}
+
+/* dx [rows][D] from dφ [rows][F]: φ_i = e^{w_i·x' - |x'|²/2 - m} / sqrt(F),
+ * x' = c x, so dx = c (Wᵀ (dφ ⊙ φ) - x' Σ_i dφ_i φ_i); the shift m is a
+ * constant that cancels in the normaliser (up to eps) and gets no gradient.
+ * acc: D doubles of scratch. */
+static void through_features(const rfa_in *m, const float *x, const float *phi, const float *dphi,
+                             int64_t rows, double *acc, float *dx) {
+    const int64_t D = m->D, F = m->F;
+    const double c = pow((double)D, -0.25);
+    for (int64_t r = 0; r < rows; r++) {
+        double tot = 0.0;
+        for (int64_t e = 0; e < D; e++) acc[e] = 0.0;
+        for (int64_t i = 0; i < F; i++) {
+            const double g = (double)dphi[r * F + i] * phi[r * F + i];
+            tot += g;
+            for (int64_t e = 0; e < D; e++) acc[e] += g * m->w[i * D + e];
+        }
+        for (int64_t e = 0; e < D; e++) dx[r * D + e] = (float)(c * (acc[e] - c * x[r * D + e] * tot));
+    }
+}
+
+attn_status attn_rfa_backward(attn_ctx *ctx, const attn_linear_params *p, int32_t nfeat,
+                              const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                              const attn_tensor *dout, attn_tensor *dq, attn_tensor *dk,
+                              attn_tensor *dv) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    rfa_in m;
+    CHECK(prepare(ctx, p, nfeat, q, k, &m));
+    const bool ref = ctx->backend == ATTN_BACKEND_REF;
+    const attn_tensor *all[] = {q, k, v, dout, dq, dk, dv};
+    const char *names[] = {"q", "k", "v", "dout", "dq", "dk", "dv"};
+    attn_tensor *const grads[] = {dq, dk};
+    attn_status st = mech_check_grads(ref, 2, grads, all, names + 4, 2, all, names, 4);
+    if (st == ATTN_OK && dv) st = attn_check_output("dv", dv, all, names, 6);
+    float *dfq = mech_alloc(m.rq, m.F, 1, 1), *dfk = mech_alloc(m.rk, m.F, 1, 1);
+    float *oq = mech_alloc(m.rq, m.D, 1, 1), *ok = mech_alloc(m.rk, m.D, 1, 1);
+    double *acc = malloc((size_t)m.D * sizeof(double));
+    if (st == ATTN_OK && (!dfq || !dfk || !oq || !ok || !acc))
+        st = attn_err(ATTN_ERR_NOMEM, "attn_rfa_backward: out of memory");
+    if (st == ATTN_OK) {
+        attn_tensor tdq = m.tq, tdk = m.tk;
+        tdq.data = dfq;
+        tdk.data = dfk;
+        attn_linear_params pf = *p;
+        pf.scale = 1.0f;
+        st = attn_linear_attention_backward(ctx, &pf, ATTN_PHI_IDENTITY, 1, 1e-6f, &m.tq, &m.tk, v,
+                                            dout, &tdq, &tdk, dv);
+    }
+    if (st == ATTN_OK) {
+        through_features(&m, m.xq, m.fq, dfq, m.rq, acc, oq);
+        through_features(&m, m.xk, m.fk, dfk, m.rk, acc, ok);
+        mech_store_dense(dq, oq);
+        mech_store_dense(dk, ok);
+    }
+    free(dfq), free(dfk), free(oq), free(ok), free(acc);
+    rfa_free(&m);
     return st;
 }
