@@ -442,6 +442,27 @@ def linear_attention(q, k, v, g=None, *, gate="none", causal=True, scale=None, c
     return (o, state) if return_state else o
 
 
+def linear_attention_backward(q, k, v, dout, *, causal=True, scale=None, chunk=0, ctx=None):
+    """Backward of linear_attention without gate and state: dout [B, T, H, Dv]
+    -> (dq, dk, dv) shaped like q, k, v (dk, dv summed over a GQA group)."""
+    if not _lib.HAS_LINEAR:
+        raise NotImplementedError("this libattn build has no linear-time attention")
+    pq, oq, sq, dq_, tq = _view(q, "q")
+    pk, ok, sk, dk_, _ = _view(k, "k")
+    pv, ov, sv, dv_, _ = _view(v, "v")
+    pd, od, _, _, _ = _view(dout, "dout")
+    gq, pgq = _empty(tq, sq, dq_)
+    gk, pgk = _empty(tq, sk, dk_)
+    gv, pgv = _empty(tq, sv, dv_)
+    params = _lib.LINEAR_PARAMS.pack(0.0 if scale is None else float(scale), 1 if causal else 0,
+                                     0, int(chunk), 0, 0)
+    st = _lib.attn_linear_backward(_ctx_for(ctx, dq_), params, pq, pk, pv, None, None, pd,
+                                   None, pgq, pgk, pgv, None, None)
+    if st:
+        _lib.raise_status(st)
+    return gq, gk, gv
+
+
 def feature_map_attention(q, k, v, *, feature_map="elu1", normalize=True, eps=1e-6,
                           causal=True, scale=None, cu_seqlens=None, ctx=None):
     """Linear attention with a feature map (Katharopoulos et al.; CAB), on
@@ -471,4 +492,4 @@ def feature_map_attention(q, k, v, *, feature_map="elu1", normalize=True, eps=1e
     return o
 
 
-__all__ += ["linear_attention", "feature_map_attention"]
+__all__ += ["linear_attention", "linear_attention_backward", "feature_map_attention"]

@@ -308,18 +308,23 @@ def run_suite(mechanisms, patterns, lengths, heads, dim, backward, progress=True
                 rec["fwd_ms"], rec["repeats"] = t * 1e3, reps
                 pk = peak_extra_bytes(lambda: m.fn(q, k, v, causal))
                 rec["peak_mib"] = None if pk is None else pk / 2**20
-                if backward and m.backward is not None:
-                    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-                    do = torch.randn(q.shape[:3] + (v.shape[3],))
-
-                    def fb():
-                        o = m.backward(qg, kg, vg, causal)
-                        torch.autograd.grad(o, (qg, kg, vg), do)
-
-                    t, _ = time_median(fb, min_time=0.3, max_reps=10)
-                    rec["fwdbwd_ms"] = t * 1e3
             except (libattn.AttnError, ValueError, NotImplementedError) as e:
                 rec["note"] = f"error: {e}"
+            if backward and m.backward is not None and rec["fwd_ms"] is not None:
+                qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+                do = torch.randn(q.shape[:3] + (v.shape[3],))
+
+                def fb():
+                    o = m.backward(qg, kg, vg, causal)
+                    torch.autograd.grad(o, (qg, kg, vg), do)
+
+                try:
+                    t, _ = time_median(fb, min_time=0.3, max_reps=10)
+                    rec["fwdbwd_ms"] = t * 1e3
+                except NotImplementedError as e:
+                    rec["note"] = f"fwd only: {e}"
+                except (libattn.AttnError, ValueError) as e:
+                    rec["note"] = f"backward error: {e}"
         records.append(rec)
         if bar:
             bar.step(f"{name} {p} L={L}")

@@ -198,10 +198,23 @@ def _linear_state(k, va, heads):
     return S
 
 
+def _linear_elu_grad(q, k, v, causal):
+    """The same, differentiable (self patterns: the feature map in PyTorch,
+    the recurrence through attn_linear_forward / attn_linear_backward)."""
+    from . import torch as lat
+
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("linear_elu backward: self patterns only")
+    qp, kp = torch.nn.functional.elu(q) + 1.0, torch.nn.functional.elu(k) + 1.0
+    va = torch.cat([v, torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)], -1)
+    oa = lat.linear_attention(qp, kp, va, causal=causal, scale=1.0)
+    return oa[..., :-1] / (oa[..., -1:] + 1e-6)
+
+
 register(Mechanism("linear_elu", "linear", _linear_elu,
                    "linear attention, phi = elu + 1 (Katharopoulos 2020), normalised "
                    "(attn_linear_attention; cross patterns through attn_linear_forward's state)",
-                   available=lambda: _lib.HAS_LINEAR))
+                   available=lambda: _lib.HAS_LINEAR, backward=_linear_elu_grad))
 
 
 def get(name: str) -> Mechanism:

@@ -122,6 +122,33 @@ class PlannedAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+class LinearAttentionFunction(torch.autograd.Function):
+    """Linear-time attention without gate and state (libattn.linear_attention),
+    forward attn_linear_forward, backward attn_linear_backward (eager)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal):
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (scale, causal)
+        return _ops.linear_attention(q, k, v, causal=causal, scale=scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        scale, causal = ctx.args
+        dq, dk, dv = _ops.linear_attention_backward(q, k, v, do, causal=causal, scale=scale)
+        return dq, dk, dv, None, None
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                     scale: Optional[float] = None) -> Tensor:
+    """Differentiable linear-time attention: o_t = scale q_t S_t with
+    S_t = sum_{j<=t} k_j^T v_j (all j when not causal). q [B, T, H, D],
+    k [B, T, Hk, D], v [B, T, Hk, Dv] -> o [B, T, H, Dv]; float64 on the
+    reference backend (gradcheck)."""
+    return LinearAttentionFunction.apply(q, k, v, scale, bool(causal))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, softcap: float = 0.0,
               window: Optional[Tuple[int, int]] = None, return_lse: bool = False,
@@ -165,4 +192,4 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: f
 
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction",
-           "PlannedAttentionFunction", "sdpa"]
+           "PlannedAttentionFunction", "LinearAttentionFunction", "linear_attention", "sdpa"]

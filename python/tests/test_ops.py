@@ -430,3 +430,20 @@ def test_top_level_attention_is_differentiable_for_torch():
     assert rel_rms(gq, gr) < 1e-5
     with torch.no_grad():
         assert libattn.attention(q, q, q).grad_fn is None
+
+
+@pytest.mark.skipif(not libattn._lib.HAS_LINEAR, reason="no linear engine in this build")
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_autograd(causal):
+    g = torch.Generator().manual_seed(19)
+    q = torch.randn(1, 9, 2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 9, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 9, 1, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: lat.linear_attention(a, b, c, causal=causal),
+                                    (q, k, v))
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    do = torch.randn(1, 9, 2, 3, generator=g)
+    got = torch.autograd.grad(lat.linear_attention(qf, kf, vf, causal=causal), (qf, kf, vf), do)
+    want = torch.autograd.grad(naive_linear(qf, kf, vf, causal=causal), (qf, kf, vf), do.double())
+    for a, b in zip(got, want):
+        assert rel_rms(a, b) < 1e-5
