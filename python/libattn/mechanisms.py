@@ -217,6 +217,35 @@ register(Mechanism("linear_elu", "linear", _linear_elu,
                    available=lambda: _lib.HAS_LINEAR, backward=_linear_elu_grad))
 
 
+def retention_log_decays(heads: int) -> torch.Tensor:
+    """RetNet's per-head decays gamma_h = 1 - 2^(-5 - h), as log gates [H]
+    (Lightning Attention-2 uses one fixed decay per head the same way)."""
+    h = torch.arange(heads, dtype=torch.float64)
+    return torch.log1p(-torch.pow(2.0, -5.0 - h)).float()
+
+
+def _lightning(q, k, v, causal):
+    """Decayed linear attention, causal self: S_t = gamma_h S_{t-1} +
+    phi(k_t)^T [v_t, 1], o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps), phi =
+    elu + 1 (attn_linear_forward with ATTN_GATE_HEAD, the normaliser as an
+    extra value column of ones)."""
+    if not causal or q.shape[1] != k.shape[1]:
+        raise ValueError("lightning: a decay needs the causal self pattern")
+    qp, kp, v = _phi(q), _phi(k), torch.as_tensor(v).float()
+    va = torch.cat([v, torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)], -1)
+    oa = _ops.linear_attention(qp, kp, va, retention_log_decays(q.shape[2]), gate="head",
+                               causal=True, scale=1.0)
+    return oa[..., :-1] / (oa[..., -1:] + 1e-6)
+
+
+register(Mechanism("lightning", "linear", _lightning,
+                   "decayed linear attention (Lightning Attention-2 / RetNet decays "
+                   "1 - 2^(-5-h) per head), phi = elu + 1, normalised (attn_linear_forward, "
+                   "ATTN_GATE_HEAD); causal self only",
+                   patterns=("causal-self",), encoder=False,
+                   available=lambda: _lib.HAS_LINEAR))
+
+
 def get(name: str) -> Mechanism:
     try:
         return REGISTRY[name]

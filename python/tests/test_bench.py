@@ -17,10 +17,35 @@ def test_every_mechanism_runs_every_pattern_and_exact_is_exact():
         rows = bench.sample_rows(q.shape[1])
         truth = bench.exact_rows(q, k, v, causal, rows)
         for name, m in mechanisms.available().items():
+            if pat not in m.patterns:
+                continue
             o = m.fn(q, k, v, causal)
             assert o.shape == q.shape[:3] + (v.shape[3],)
             err = bench.rel_rms(o[:, rows], truth)
             assert err < (1e-5 if name in ("exact", "window") else 1.5), (name, pat, err)
+
+
+def test_lightning_matches_naive_decayed_linear_attention():
+    import libattn
+    import torch.nn.functional as F
+
+    if not libattn._lib.HAS_LINEAR:
+        pytest.skip("no linear engine in this build")
+    g = torch.Generator().manual_seed(21)
+    B, T, H, D = 1, 77, 3, 16
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    gam = mechanisms.retention_log_decays(H).double().exp()
+    t = torch.arange(T, dtype=torch.float64)
+    decay = gam[:, None, None] ** (t[:, None] - t[None, :]).clamp(min=0)  # [H, T, T]
+    decay = decay * torch.ones(T, T, dtype=torch.bool).tril()
+    phi = lambda x: F.elu(x.double()) + 1  # noqa: E731
+    s = torch.einsum("bthd,bshd->bhts", phi(q), phi(k)) * decay
+    want = torch.einsum("bhts,bshd->bthd", s, v.double()) / (
+        s.sum(-1).transpose(1, 2)[..., None] + 1e-6)
+    o = mechanisms.REGISTRY["lightning"].fn(q, k, v, True)
+    assert bench.rel_rms(o, want) < 1e-5
+    with pytest.raises(ValueError, match="causal self"):
+        mechanisms.REGISTRY["lightning"].fn(q, k, v, False)
 
 
 def test_planners_full_budget_is_exact():
