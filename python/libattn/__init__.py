@@ -6,7 +6,7 @@
 
 Ops (numpy arrays or PyTorch CPU tensors in, the same kind out, no copies,
 the GIL released during compute): attention, attention_backward, decode,
-lse_merge; Plan for block-sparse plans; Context for threads/backend/ISA.
+lse_merge, linear_attention, feature_map_attention, nsa_attention; Plan for block-sparse plans; Context for threads/backend/ISA.
 PyTorch autograd and torch.compile: libattn.torch.attention (imported on
 demand, so numpy users never import torch). Errors raise AttnError with the C
 library's message.
@@ -16,13 +16,14 @@ from ._lib import AttnError, AttnMemoryError, Context, default_context, isa_dete
 from ._lib import library_path
 from ._ops import (attention, attention_backward, decode, feature_map_attention,
                    linear_attention, lse_merge)
+from ._nsa import nsa_attention
 from .plan import BLOCK_FULL, BLOCK_PARAMS, Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnError", "AttnMemoryError", "Context", "Plan", "BLOCK_FULL", "BLOCK_PARAMS",
-    "attention", "attention_backward", "decode", "linear_attention", "feature_map_attention", "lse_merge", "default_context",
+    "attention", "attention_backward", "decode", "linear_attention", "feature_map_attention", "nsa_attention", "lse_merge", "default_context",
     "isa_detected", "version", "library_path",
 ]
 
