@@ -746,7 +746,10 @@ typedef enum attn_op {
     ATTN_OP_FORWARD = 0,
     ATTN_OP_BACKWARD = 1,
     ATTN_OP_DECODE = 2,
-    ATTN_OP_LSE_MERGE = 3
+    ATTN_OP_LSE_MERGE = 3,
+    ATTN_OP_LINEAR_FORWARD = 4,  /* attn_linear_forward */
+    ATTN_OP_LINEAR_BACKWARD = 5, /* attn_linear_backward */
+    ATTN_OP_LINEAR_DECODE = 6    /* attn_linear_decode */
 } attn_op;
 
 typedef struct attn_config {

@@ -565,7 +565,7 @@ static void misc_cases(void) {
 
     tu_case("attn_supports");
     attn_config cfg = {ATTN_F32, ATTN_F32, ATTN_F32, 64, 64, 8, 2, 0};
-    for (int op = ATTN_OP_FORWARD; op <= ATTN_OP_LSE_MERGE; op++)
+    for (int op = ATTN_OP_FORWARD; op <= ATTN_OP_LINEAR_DECODE; op++)
         CHECK(attn_supports(g_cpu, (attn_op)op, &cfg) == ATTN_OK, "f32 op %d: %s", op,
               attn_last_error());
     attn_config f64 = cfg;
@@ -578,6 +578,14 @@ static void misc_cases(void) {
     half.q_dtype = half.kv_dtype = half.o_dtype = ATTN_F16;
     CHECK(attn_supports(g_cpu, ATTN_OP_DECODE, &half) == ATTN_OK, "f16 decode: %s",
           attn_last_error());
+    CHECK(attn_supports(g_cpu, ATTN_OP_LINEAR_FORWARD, &half) == ATTN_OK, "f16 linear: %s",
+          attn_last_error());
+    attn_config planned = cfg;
+    planned.has_plan = 1;
+    CHECK(attn_supports(g_cpu, ATTN_OP_FORWARD, &planned) == ATTN_OK, "planned forward: %s",
+          attn_last_error());
+    expect("linear with a plan", attn_supports(g_cpu, ATTN_OP_LINEAR_BACKWARD, &planned),
+           ATTN_ERR_UNSUPPORTED, "plan");
     expect("supports NULL cfg", attn_supports(g_cpu, ATTN_OP_FORWARD, NULL), ATTN_ERR_NULL,
            "cfg");
     expect("supports NULL ctx", attn_supports(NULL, ATTN_OP_FORWARD, &cfg), ATTN_ERR_NULL,

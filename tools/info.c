@@ -39,7 +39,10 @@ static void print_support(const attn_ctx *ctx) {
     } ops[] = {{ATTN_OP_FORWARD, "forward"},
                {ATTN_OP_BACKWARD, "backward"},
                {ATTN_OP_DECODE, "decode"},
-               {ATTN_OP_LSE_MERGE, "lse_merge"}};
+               {ATTN_OP_LSE_MERGE, "lse_merge"},
+               {ATTN_OP_LINEAR_FORWARD, "linear_fwd"},
+               {ATTN_OP_LINEAR_BACKWARD, "linear_bwd"},
+               {ATTN_OP_LINEAR_DECODE, "linear_dec"}};
     static const int64_t dims[] = {64, 128, 256};
 
     printf("support with this context (Q and O f32, H = Hk = 8; columns: dtype of K and V):\n");

@@ -153,7 +153,7 @@ attn_status attn_lse_merge(attn_ctx *ctx, const attn_tensor *o1, const attn_tens
 attn_status attn_supports(const attn_ctx *ctx, attn_op op, const attn_config *cfg) {
     CHECK(check_ctx(ctx));
     if (!cfg) return attn_err(ATTN_ERR_NULL, "cfg must not be NULL");
-    if (op < ATTN_OP_FORWARD || op > ATTN_OP_LSE_MERGE)
+    if (op < ATTN_OP_FORWARD || op > ATTN_OP_LINEAR_DECODE)
         return attn_err(ATTN_ERR_ARG, "op (%d) is not an attn_op", (int)op);
     const attn_dtype dts[3] = {cfg->q_dtype, cfg->kv_dtype, cfg->o_dtype};
     for (int i = 0; i < 3; i++) {
@@ -169,5 +169,8 @@ attn_status attn_supports(const attn_ctx *ctx, attn_op op, const attn_config *cf
         return attn_err(ATTN_ERR_UNSUPPORTED, "kv_heads must divide heads");
     if (op == ATTN_OP_DECODE && cfg->has_plan)
         return attn_err(ATTN_ERR_UNSUPPORTED, "decode runs no explicit plan");
+    /* The recurrence visits every token once: there are no blocks to plan. */
+    if (op >= ATTN_OP_LINEAR_FORWARD && cfg->has_plan)
+        return attn_err(ATTN_ERR_UNSUPPORTED, "linear-time attention runs no plan");
     return ATTN_OK;
 }
