@@ -93,6 +93,10 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
         s->tq = attn_tensor_4d(s->fq, ATTN_F32, B, T, H, N);
         s->tk = attn_tensor_4d(s->fk, ATTN_F32, B, T, H, N);
     }
+    /* elementwise, so threads change nothing but the time (at long T these
+     * passes stream from memory) */
+    const int threads = ctx->threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < B * T * H; r++) {
         const float d = s->fdt[r];
         s->fg[r] = d * s->fa[r % H]; /* the log gate dt * A */
@@ -135,7 +139,9 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
         attn_linear_params p = engine_params();
         st = attn_linear_forward(ctx, &p, &s.tq, &s.tk, &s.tv, &s.tg, state_in, &to, state_out);
         if (st == ATTN_OK) { /* y = o + Dskip x */
+            const int threads = ctx->threads;
             if (s.fds)
+#pragma omp parallel for num_threads(threads) schedule(static)
                 for (int64_t r = 0; r < rows; r++)
                     for (int64_t e = 0; e < P; e++) os[r * P + e] += s.fds[r % s.H] * s.xs[r * P + e];
             if (!yout) mech_store_dense(y, fo);
