@@ -24,11 +24,6 @@ if HAS_NSA:
                          _P, _P, _P, _P)
 
 
-def _check(st):
-    if st:
-        _lib.raise_status(st)
-
-
 def nsa_attention(q, k, v, gates=None, *, cmp_block=32, cmp_stride=16, sel_block=64,
                   sel_count=16, query_block=64, window=512, scale=None, softcap=0.0, ctx=None):
     """Native Sparse Attention forward (causal, bottom-right aligned).
@@ -80,10 +75,10 @@ def _one(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_count, query_b
     c = _ctx_for(ctx, dq)
     kc, pkc = _empty(tq, (B, mc, Hk, sk[3]), dk)
     vc, pvc = _empty(tq, (B, mc, Hk, sv[3]), dv)
-    _check(_compress(c, opts, pk, pv, pkc, pvc))
+    _lib.check(_compress(c, opts, pk, pv, pkc, pvc))
     params = _params(scale, softcap, True, None)
     out = ctypes.c_void_p()
-    _check(_select(c, params, opts, pq, pkc, M, ctypes.byref(out)))
+    _lib.check(_select(c, params, opts, pq, pkc, M, ctypes.byref(out)))
     sel = Plan._adopt(out, sq[1], M, query_block, sel_block, Hk)
     if gates is None:
         gates = np.full((sq[0], sq[1], sq[2], 3), 1 / 3, dtype=np.float32)
@@ -91,7 +86,7 @@ def _one(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_count, query_b
     if dg != F32:
         raise ValueError("gates: expected float32")
     o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
-    _check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, None, None))
+    _lib.check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, None, None))
     return o
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import _lib, _ops
+from . import _lib, _nsa, _ops
 from .plan import Plan
 
 PATTERNS = {  # name: (causal, cross)
@@ -162,24 +162,21 @@ register(Mechanism("psa", "sparse", _planned(_psa_plan),
 # ---------------------------------------------------------------- sparse: NSA (C)
 
 
-def _nsa(q, k, v, causal):
+def _nsa_fn(q, k, v, causal):
     """NSA with equal gates (no learned gate MLP here): compressed blocks of
     32 keys every 16, the best 1/8 of the 64-key blocks, a 256-key window."""
     if not causal:
         raise ValueError("nsa: causal patterns only")
     m = k.shape[1]
-    return _nsa_mod.nsa_attention(q, k, v, cmp_block=32, cmp_stride=16, sel_block=BLOCK,
+    return _nsa.nsa_attention(q, k, v, cmp_block=32, cmp_stride=16, sel_block=BLOCK,
                                   sel_count=_nkeep(m), query_block=BLOCK, window=WINDOW)
 
-
-from . import _nsa as _nsa_mod  # noqa: E402
-
-register(Mechanism("nsa", "sparse", _nsa,
+register(Mechanism("nsa", "sparse", _nsa_fn,
                    "Native Sparse Attention (attn_nsa_forward), gates 1/3 each: compressed "
                    f"means of 32 keys every 16, the best {KEEP:.3g} of the {BLOCK}-key blocks "
                    f"per {BLOCK}-query block, a {WINDOW}-key window; causal only, forward only",
                    patterns=("causal-self", "causal-cross"), encoder=False,
-                   available=lambda: _nsa_mod.HAS_NSA))
+                   available=lambda: _nsa.HAS_NSA))
 
 # ---------------------------------------------------------------- linear
 

@@ -302,6 +302,76 @@ attn_status attn_plan_select(attn_ctx *ctx, attn_plan **out, const attn_tensor *
     return builder_finish(&b, out, q->shape[1], k->shape[1], opt->block_q, opt->block_k, q->shape[2]);
 }
 
+/* How a pyramid planner turns a query block's ranked key blocks into levels:
+ * by quota (a fraction of the row per level) or by threshold (the estimated
+ * mass at which each level ends). Exactly one of quota and threshold is set. */
+typedef struct level_rule {
+    int32_t levels;
+    const float *quota, *threshold;
+} level_rule;
+
+/* level_of[kb] for the c ranked blocks of s->row (unranked ones stay -1). */
+static void assign_levels(const scorer *s, int64_t c, const level_rule *r, int32_t *level_of) {
+    if (r->quota) { /* ranks [edge_l, edge_{l+1}) get level l: cumulative quotas, rounded up */
+        double cum = 0.0;
+        int64_t start = 0;
+        for (int32_t l = 0; l < r->levels; l++) {
+            cum += r->quota[l];
+            int64_t end = (int64_t)ceil(cum * (double)c - 1e-9);
+            if (end > c) end = c;
+            for (int64_t i = start; i < end; i++) level_of[s->row[i].kb] = l;
+            if (end > start) start = end;
+        }
+        return;
+    }
+    /* estimated masses: calibrated (lse) or the softmax of the scores */
+    const bool calibrated = s->opt->lse != NULL;
+    double mx = c ? s->row[0].s : 0.0, total = 0.0, run = 0.0;
+    if (!calibrated)
+        for (int64_t i = 0; i < c; i++) total += exp(s->row[i].s - mx);
+    int32_t l = 0;
+    for (int64_t i = 0; i < c && l < r->levels; i++) {
+        level_of[s->row[i].kb] = l;
+        run += calibrated ? s->row[i].s : exp(s->row[i].s - mx) / total;
+        while (l < r->levels && run >= (double)r->threshold[l]) l++;
+    }
+}
+
+/* The pyramid plan: every query block's key blocks ranked, given levels by
+ * the rule, the forced blocks (first, diagonal) kept at level 0. */
+static attn_status plan_levels(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
+                               const attn_tensor *k, const attn_select_opts *o,
+                               const level_rule *r) {
+    attn_status st;
+    scorer s;
+    if ((st = scorer_init(&s, ctx, q, k, o)) != ATTN_OK) return st;
+    builder b;
+    if ((st = builder_init(&b, s.h * s.nqb, s.nkb)) != ATTN_OK) {
+        scorer_free(&s);
+        return st;
+    }
+    int32_t *level_of = malloc((size_t)s.nkb * sizeof *level_of);
+    if (!level_of) {
+        scorer_free(&s);
+        free(b.off), free(b.e);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory assigning levels");
+    }
+    for (int64_t h = 0; h < s.h; h++)
+        for (int64_t qb = 0; qb < s.nqb; qb++) {
+            int64_t c = score_row(&s, ctx, q, h, qb);
+            for (int64_t kb = 0; kb < s.nkb; kb++) level_of[kb] = -1;
+            assign_levels(&s, c, r, level_of);
+            for (int64_t i = 0; i < c; i++)
+                if (forced(&s, qb, s.row[i].kb)) level_of[s.row[i].kb] = 0;
+            for (int64_t kb = 0; kb < s.nkb; kb++)
+                if (level_of[kb] >= 0) builder_add(&b, kb, level_of[kb]);
+            b.off[h * s.nqb + qb + 1] = b.count;
+        }
+    free(level_of);
+    scorer_free(&s);
+    return builder_finish(&b, out, q->shape[1], k->shape[1], o->block_q, o->block_k, q->shape[2]);
+}
+
 attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
                           const attn_tensor *k, const attn_select_opts *opt, int32_t levels,
                           const float *quota) {
@@ -321,42 +391,8 @@ attn_status attn_plan_psa(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
         total += quota[l];
     }
     if (total > 1.0 + 1e-6) return attn_err(ATTN_ERR_ARG, "the quotas must sum to at most 1");
-    scorer s;
-    if ((st = scorer_init(&s, ctx, q, k, &o)) != ATTN_OK) return st;
-    builder b;
-    if ((st = builder_init(&b, s.h * s.nqb, s.nkb)) != ATTN_OK) {
-        scorer_free(&s);
-        return st;
-    }
-    int32_t *level_of = malloc((size_t)s.nkb * sizeof *level_of);
-    if (!level_of) {
-        scorer_free(&s);
-        free(b.off), free(b.e);
-        return attn_err(ATTN_ERR_NOMEM, "out of memory assigning levels");
-    }
-    for (int64_t h = 0; h < s.h; h++)
-        for (int64_t qb = 0; qb < s.nqb; qb++) {
-            int64_t c = score_row(&s, ctx, q, h, qb);
-            for (int64_t kb = 0; kb < s.nkb; kb++) level_of[kb] = -1;
-            /* ranks [edge_l, edge_{l+1}) get level l: cumulative quotas, rounded up */
-            double cum = 0.0;
-            int64_t start = 0;
-            for (int32_t l = 0; l < levels; l++) {
-                cum += quota[l];
-                int64_t end = (int64_t)ceil(cum * (double)c - 1e-9);
-                if (end > c) end = c;
-                for (int64_t i = start; i < end; i++) level_of[s.row[i].kb] = l;
-                if (end > start) start = end;
-            }
-            for (int64_t i = 0; i < c; i++)
-                if (forced(&s, qb, s.row[i].kb)) level_of[s.row[i].kb] = 0;
-            for (int64_t kb = 0; kb < s.nkb; kb++)
-                if (level_of[kb] >= 0) builder_add(&b, kb, level_of[kb]);
-            b.off[h * s.nqb + qb + 1] = b.count;
-        }
-    free(level_of);
-    scorer_free(&s);
-    return builder_finish(&b, out, q->shape[1], k->shape[1], o.block_q, o.block_k, q->shape[2]);
+    const level_rule r = {levels, quota, NULL};
+    return plan_levels(ctx, out, q, k, &o, &r);
 }
 
 attn_status attn_plan_psa_thresholds(attn_ctx *ctx, attn_plan **out, const attn_tensor *q,
@@ -375,41 +411,6 @@ attn_status attn_plan_psa_thresholds(attn_ctx *ctx, attn_plan **out, const attn_
         if (((int64_t)1 << l) > o.block_k)
             return attn_err(ATTN_ERR_ARG, "level %d needs 2^%d <= block_k", l, l);
     }
-    o.top_k = 0;
-    scorer s;
-    if ((st = scorer_init(&s, ctx, q, k, &o)) != ATTN_OK) return st;
-    builder b;
-    if ((st = builder_init(&b, s.h * s.nqb, s.nkb)) != ATTN_OK) {
-        scorer_free(&s);
-        return st;
-    }
-    int32_t *level_of = malloc((size_t)s.nkb * sizeof *level_of);
-    if (!level_of) {
-        scorer_free(&s);
-        free(b.off), free(b.e);
-        return attn_err(ATTN_ERR_NOMEM, "out of memory assigning levels");
-    }
-    for (int64_t h = 0; h < s.h; h++)
-        for (int64_t qb = 0; qb < s.nqb; qb++) {
-            int64_t c = score_row(&s, ctx, q, h, qb);
-            for (int64_t kb = 0; kb < s.nkb; kb++) level_of[kb] = -1;
-            /* estimated masses: calibrated (lse) or the softmax of the scores */
-            double mx = c ? s.row[0].s : 0.0, total = 0.0, run = 0.0;
-            if (!o.lse)
-                for (int64_t i = 0; i < c; i++) total += exp(s.row[i].s - mx);
-            int32_t l = 0;
-            for (int64_t i = 0; i < c && l < levels; i++) {
-                level_of[s.row[i].kb] = l;
-                run += o.lse ? s.row[i].s : exp(s.row[i].s - mx) / total;
-                while (l < levels && run >= (double)threshold[l]) l++;
-            }
-            for (int64_t i = 0; i < c; i++)
-                if (forced(&s, qb, s.row[i].kb)) level_of[s.row[i].kb] = 0;
-            for (int64_t kb = 0; kb < s.nkb; kb++)
-                if (level_of[kb] >= 0) builder_add(&b, kb, level_of[kb]);
-            b.off[h * s.nqb + qb + 1] = b.count;
-        }
-    free(level_of);
-    scorer_free(&s);
-    return builder_finish(&b, out, q->shape[1], k->shape[1], o.block_q, o.block_k, q->shape[2]);
+    const level_rule r = {levels, NULL, threshold};
+    return plan_levels(ctx, out, q, k, &o, &r);
 }
