@@ -709,6 +709,55 @@ ATTN_API attn_status attn_rfa_backward(attn_ctx *ctx, const attn_linear_params *
                                        const attn_tensor *dout, attn_tensor *dq,
                                        attn_tensor *dk, attn_tensor *dv);
 
+/* WERSA (wavelet-enhanced random spectral attention, Dentamaro): q and k
+ * pass through a multi-resolution Haar filter along the tokens, then
+ * random-feature attention (attn_rfa_forward: the same seed, features and
+ * normaliser) runs on the filtered q~, k~. With levels L, per sequence and
+ * head, c_0 = x and c_l[t] = 2^-l sum_{s = t - 2^l + 1}^{t} x_s (zero before
+ * the sequence's first token; the undecimated, causal Haar approximation),
+ * details d_l = c_{l-1} - c_l, and
+ *   x~ = sum_{l=1}^{L} w[l-1] d_l + w[L] c_L    (all w = 1: x~ = x),
+ * so w [L + 1] (f32) weighs the finest detail first and the coarsest
+ * approximation last. Unlike the paper's decimated transform, this one is
+ * shift-invariant and never reads a later token (causal-safe). The paper's
+ * per-token filter MLP and GELU are model layers, not part of this op.
+ * p: scale unused, gate NONE, causal or not, varlen allowed (the filter
+ * restarts at each sequence). features 1..4096, levels 0..20.
+ * Shapes: q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv]. */
+ATTN_API attn_status attn_wersa_forward(attn_ctx *ctx, const attn_linear_params *p,
+                                        int32_t features, int32_t levels,
+                                        const attn_tensor *weights, const attn_tensor *q,
+                                        const attn_tensor *k, const attn_tensor *v,
+                                        attn_tensor *o);
+/* Its backward: dout like o; dq, dk, dv like q, k, v; dweights [levels + 1]
+ * f32 or NULL (the gradient of the level weights, summed in a fixed order). */
+ATTN_API attn_status attn_wersa_backward(attn_ctx *ctx, const attn_linear_params *p,
+                                         int32_t features, int32_t levels,
+                                         const attn_tensor *weights, const attn_tensor *q,
+                                         const attn_tensor *k, const attn_tensor *v,
+                                         const attn_tensor *dout, attn_tensor *dq,
+                                         attn_tensor *dk, attn_tensor *dv,
+                                         attn_tensor *dweights);
+
+/* Local Linear Attention (LLA; Zuo et al., "FlashLLA"): per query a local
+ * linear regression of the values on the keys, weighted by the softmax
+ * kernel, read at the query (softmax attention is the local constant fit):
+ *   s_ij = softmax_j(scale q_i·k_j) over visible keys (causal: j <= i),
+ *   mu_i = sum_j s_ij k_j,  Sigma_i = sum_j s_ij (k_j - mu_i)(k_j - mu_i)ᵀ + lambda I,
+ *   rho_i = Sigma_i^-1 (q_i - mu_i),
+ *   o_i = sum_j s_ij (1 + (k_j - mu_i)·rho_i) v_j.
+ * lambda (finite, > 0) is the ridge on the slope, relative to weights that
+ * sum to 1; lambda -> inf gives softmax attention. Blockwise (FlashLLA's
+ * shape): per query block, one pass over key blocks gathers the online
+ * softmax and the weighted moments of the keys (one GEMM per key block),
+ * a Cholesky solve per query gives rho, a second pass applies the weights.
+ * Cost O(T^2 D^2) per head, memory O(block D^2) per thread. p->chunk: the
+ * block size (0: 32); gate NONE; causal or not; varlen allowed.
+ * Shapes: q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv]. */
+ATTN_API attn_status attn_lla_forward(attn_ctx *ctx, const attn_linear_params *p, float lambda,
+                                      const attn_tensor *q, const attn_tensor *k,
+                                      const attn_tensor *v, attn_tensor *o);
+
 /* Mamba selective scan (Mamba-1, diagonal A): per channel c of E,
  *   h_t = e^{Δ_tc A_c} ⊙ h_{t-1} + Δ_tc B_t x_tc,  y_tc = C_t · h_t + Dskip_c x_tc,
  * h_t in R^N. x, delta [B, T, E]; a [E, N]; bm, cm [B, T, N]; dskip [E] or

@@ -76,7 +76,8 @@ static attn_status check_kv(const attn_ctx *ctx, const attn_linear_params *p,
     return ATTN_OK;
 }
 
-/* params, q, k, v into a problem. */
+/* params, q, k, v into a problem (also the door of mechanisms that take
+ * linear params: lin_check_inputs in linear.h). */
 static attn_status check_problem(const attn_ctx *ctx, const attn_linear_params *p,
                                  const attn_tensor *q, const attn_tensor *k,
                                  const attn_tensor *v, lin_problem *out) {
@@ -138,6 +139,12 @@ static attn_status begin(const attn_ctx *ctx) {
     attn_clear_error();
     if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
     return ATTN_OK;
+}
+
+attn_status lin_check_inputs(const attn_ctx *ctx, const attn_linear_params *p,
+                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                             lin_problem *out) {
+    return check_problem(ctx, p, q, k, v, out);
 }
 
 attn_status attn_linear_forward(attn_ctx *ctx, const attn_linear_params *p,

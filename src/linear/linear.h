@@ -87,6 +87,14 @@ attn_status ref_linear_state_compose(const attn_tensor *decay1, const attn_tenso
                                      const attn_tensor *decay2, const attn_tensor *u2,
                                      attn_tensor *decay_out, attn_tensor *u_out);
 
+/* The door's checks of params, q [B, T, H, D], k [B, T, Hk, D] and
+ * v [B, T, Hk, Dv] (dtypes, shapes, GQA, scale, causal, gate, chunk, varlen)
+ * into a problem, for mechanisms that take attn_linear_params
+ * (src/core/api_linear.c). */
+attn_status lin_check_inputs(const attn_ctx *ctx, const attn_linear_params *p,
+                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                             lin_problem *out);
+
 /* The CPU engine (src/linear/). */
 attn_status linear_engine_forward(const attn_ctx *ctx, const lin_problem *p,
                                   const attn_tensor *q, const attn_tensor *k,

@@ -34,6 +34,23 @@ attn_status mech_check_grads(bool ref, int n, attn_tensor *const *grads,
                              int required, const attn_tensor *const *all,
                              const char *const *all_names, int n_before);
 
+/* Random-feature attention's projections w [f][d] ~ N(0, 1) from a seed
+ * (splitmix64, Box-Muller; rfa.c): WERSA and its reference draw the same. */
+void mech_rfa_draw(uint64_t seed, int64_t f, int64_t d, float *w);
+
+/* References of mechanisms (src/ref/): double precision, outputs written
+ * only on success. WERSA (attn_wersa_forward): the filter by its
+ * definition (box means, details), the features in double from the same
+ * draw and shifts as rfa.c, the normalised quadratic form; w [levels + 1]. */
+struct lin_problem;
+attn_status ref_wersa_forward(const struct lin_problem *pr, uint64_t seed, int32_t features,
+                              int32_t levels, const double *w, const attn_tensor *q,
+                              const attn_tensor *k, const attn_tensor *v, attn_tensor *o);
+/* LLA (attn_lla_forward): per query the weights, moments, a Gaussian
+ * elimination in double and the weighted sum. */
+attn_status ref_lla_forward(const struct lin_problem *pr, double lambda, const attn_tensor *q,
+                            const attn_tensor *k, const attn_tensor *v, attn_tensor *o);
+
 /* Dense contiguous f32 view of buffer buf with t's shape. */
 attn_tensor mech_view(float *buf, const attn_tensor *t);
 

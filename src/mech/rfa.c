@@ -22,8 +22,8 @@ static uint64_t splitmix(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
-/* w [f][d] ~ N(0, 1). */
-static void draw(uint64_t seed, int64_t f, int64_t d, float *w) {
+/* w [f][d] ~ N(0, 1) (mech.h). */
+void mech_rfa_draw(uint64_t seed, int64_t f, int64_t d, float *w) {
     uint64_t s = seed ^ 0x5EEDF00Dull;
     for (int64_t i = 0; i < f * d; i += 2) {
         double u1 = ((double)(splitmix(&s) >> 11) + 0.5) / 9007199254740992.0;
@@ -95,7 +95,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
         rfa_free(m);
         return attn_err(ATTN_ERR_NOMEM, "random-feature attention: out of memory for the features");
     }
-    draw(ctx->seed, F, D, m->w);
+    mech_rfa_draw(ctx->seed, F, D, m->w);
     mech_dense(q, m->xq);
     mech_dense(k, m->xk);
     project(m->xq, m->rq, D, m->w, F, m->fq);

@@ -1,0 +1,199 @@
+/* Local Linear Attention (attn_lla_forward): the blockwise CPU path against
+ * the double reference backend on fresh random inputs (odd lengths, D = 1,
+ * odd D, Dv != D, GQA, blocks that do not divide T, causal and not, varlen),
+ * bitwise equal for 1 and 2 threads; two properties of the estimator
+ * checked from its definition (a large lambda is softmax attention; values
+ * affine in the keys are reproduced at the query: the local linear fit has
+ * no bias there); edge cases and bad arguments.
+ * Tolerances (f32 against double): rel RMS 2e-5, max abs 1e-4 * (max|ref| + 1)
+ * (measured worst: 4.4e-6 and 2.4e-5 at lambda 0.02, inputs in [-2, 2]):
+ * rho solves a D x D system whose condition number reaches (|k|² + lambda) /
+ * lambda on early causal rows, which multiplies the f32 rounding of the
+ * moments. */
+#include "test_util.h"
+
+static attn_ctx *g_ctx[3]; /* cpu 2 threads, cpu 1 thread, ref */
+
+#define SALT 0x11A7u
+
+typedef struct lla_case {
+    int64_t B, T, H, Hk, D, Dv;
+    int causal, blk, varlen;
+    float lambda;
+    double amp; /* inputs uniform in [-amp, amp] */
+} lla_case;
+
+static void check_case(int idx, lla_case c) {
+    tu_case("lla B=%lld T=%lld H=%lld Hk=%lld D=%lld Dv=%lld causal=%d blk=%d varlen=%d lambda=%g",
+            (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.Hk, (long long)c.D,
+            (long long)c.Dv, c.causal, c.blk, c.varlen, (double)c.lambda);
+    tu_rng r = {tu_seed(SALT, (uint64_t)idx)};
+    tu_buf q = tu_alloc(ATTN_F32, c.B, c.T, c.H, c.D), k = tu_alloc(ATTN_F32, c.B, c.T, c.Hk, c.D),
+           v = tu_alloc(ATTN_F32, c.B, c.T, c.Hk, c.Dv), want = tu_alloc(ATTN_F64, c.B, c.T, c.H, c.Dv);
+    tu_fill(&q.t, &r, -c.amp, c.amp);
+    tu_fill(&k.t, &r, -c.amp, c.amp);
+    tu_fill(&v.t, &r, -1, 1);
+    int32_t cu[4] = {0, (int32_t)(c.T / 3), (int32_t)(c.T / 3), (int32_t)c.T}; /* one empty */
+    attn_linear_params p = attn_linear_params_default();
+    p.causal = c.causal;
+    p.chunk = c.blk;
+    if (c.varlen) p.batch = 3, p.cu_seqlens = cu;
+    CHECK_OK(attn_lla_forward(g_ctx[2], &p, c.lambda, &q.t, &k.t, &v.t, &want.t));
+    tu_buf o[2] = {tu_alloc(ATTN_F32, c.B, c.T, c.H, c.Dv), tu_alloc(ATTN_F32, c.B, c.T, c.H, c.Dv)};
+    for (int x = 0; x < 2; x++) {
+        CHECK_OK(attn_lla_forward(g_ctx[x], &p, c.lambda, &q.t, &k.t, &v.t, &o[x].t));
+        CHECK_CLOSE("o against the reference", &o[x].t, &want.t, 2e-5, 1e-4);
+    }
+    CHECK(tu_same_bits(&o[0], &o[1]), "2 threads and 1 thread differ");
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want), tu_free(&o[0]), tu_free(&o[1]);
+}
+
+/* lambda -> inf: rho -> 0 and o is softmax attention. */
+static void test_softmax_limit(void) {
+    tu_case("lla with a large lambda is softmax attention");
+    tu_rng r = {tu_seed(SALT, 100)};
+    const int64_t T = 45, H = 2, D = 8;
+    tu_buf q = tu_alloc(ATTN_F32, 1, T, H, D), k = tu_alloc(ATTN_F32, 1, T, H, D),
+           v = tu_alloc(ATTN_F32, 1, T, H, D), o = tu_alloc(ATTN_F32, 1, T, H, D),
+           sm = tu_alloc(ATTN_F64, 1, T, H, D);
+    tu_fill(&q.t, &r, -1, 1), tu_fill(&k.t, &r, -1, 1), tu_fill(&v.t, &r, -1, 1);
+    attn_params ps = attn_params_default();
+    ps.causal = 1;
+    CHECK_OK(attn_forward(g_ctx[2], &ps, &q.t, &k.t, &v.t, &sm.t, NULL));
+    attn_linear_params p = attn_linear_params_default();
+    CHECK_OK(attn_lla_forward(g_ctx[0], &p, 1e7f, &q.t, &k.t, &v.t, &o.t));
+    CHECK_CLOSE("o against softmax attention", &o.t, &sm.t, 1e-5, 1e-4);
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&sm);
+}
+
+/* v = A k + b exactly: the local linear fit at q is A q + b (up to the
+ * ridge's bias, lambda small against the keys' spread). Softmax attention,
+ * the local constant fit, misses it by far. */
+static void test_affine_values(void) {
+    tu_case("lla reproduces values affine in the keys");
+    tu_rng r = {tu_seed(SALT, 200)};
+    enum { T = 64, D = 3, Dv = 2 };
+    double A[Dv][D], bias[Dv];
+    for (int e = 0; e < Dv; e++) {
+        bias[e] = tu_uniform(&r, -1, 1);
+        for (int x = 0; x < D; x++) A[e][x] = tu_uniform(&r, -1, 1);
+    }
+    tu_buf q = tu_alloc(ATTN_F32, 1, T, 1, D), k = tu_alloc(ATTN_F32, 1, T, 1, D),
+           v = tu_alloc(ATTN_F32, 1, T, 1, Dv), want = tu_alloc(ATTN_F64, 1, T, 1, Dv),
+           o = tu_alloc(ATTN_F32, 1, T, 1, Dv), sm = tu_alloc(ATTN_F32, 1, T, 1, Dv);
+    tu_fill(&q.t, &r, -0.8, 0.8), tu_fill(&k.t, &r, -1, 1);
+    for (int64_t t = 0; t < T; t++)
+        for (int e = 0; e < Dv; e++) {
+            double vk = bias[e], vq = bias[e];
+            for (int x = 0; x < D; x++) {
+                vk += A[e][x] * ((float *)k.mem)[t * D + x];
+                vq += A[e][x] * ((float *)q.mem)[t * D + x];
+            }
+            ((float *)v.mem)[t * Dv + e] = (float)vk;
+            ((double *)want.mem)[t * Dv + e] = vq;
+        }
+    attn_linear_params p = attn_linear_params_default();
+    p.causal = 0;
+    p.scale = 2.0f;
+    for (int c = 0; c < 3; c += 2) {
+        tu_buf *got = c == 2 ? &sm : &o;
+        CHECK_OK(attn_lla_forward(g_ctx[c], &p, 1e-5f, &q.t, &k.t, &v.t, &got->t));
+        CHECK_CLOSE("o against A q + b", &got->t, &want.t, 1e-3, 1e-3);
+    }
+    attn_params ps = attn_params_default();
+    ps.scale = 2.0f;
+    CHECK_OK(attn_forward(g_ctx[0], &ps, &q.t, &k.t, &v.t, &sm.t, NULL));
+    tu_err e = tu_compare(&sm.t, &want.t, 0);
+    CHECK(e.rel_rms > 0.05, "softmax attention also reproduces it (rel RMS %.3g)", e.rel_rms);
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want), tu_free(&o), tu_free(&sm);
+}
+
+/* One token: the fit has one point, o = v_0; large logits stay finite. */
+static void test_edges(void) {
+    tu_case("lla edges");
+    tu_rng r = {tu_seed(SALT, 300)};
+    tu_buf q = tu_alloc(ATTN_F32, 2, 1, 3, 5), k = tu_alloc(ATTN_F32, 2, 1, 3, 5),
+           v = tu_alloc(ATTN_F32, 2, 1, 3, 4), o = tu_alloc(ATTN_F32, 2, 1, 3, 4);
+    tu_fill(&q.t, &r, -1, 1), tu_fill(&k.t, &r, -1, 1), tu_fill(&v.t, &r, -1, 1);
+    attn_linear_params p = attn_linear_params_default();
+    CHECK_OK(attn_lla_forward(g_ctx[0], &p, 0.1f, &q.t, &k.t, &v.t, &o.t));
+    CHECK_CLOSE("one token: o = v", &o.t, &v.t, 1e-6, 1e-6);
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o);
+
+    tu_case("lla large logits");
+    const int64_t T = 40, D = 6;
+    tu_buf q2 = tu_alloc(ATTN_F32, 1, T, 2, D), k2 = tu_alloc(ATTN_F32, 1, T, 2, D),
+           v2 = tu_alloc(ATTN_F32, 1, T, 2, D), o2 = tu_alloc(ATTN_F32, 1, T, 2, D),
+           w2 = tu_alloc(ATTN_F64, 1, T, 2, D);
+    tu_fill(&q2.t, &r, -20, 20), tu_fill(&k2.t, &r, -20, 20), tu_fill(&v2.t, &r, -1, 1);
+    CHECK_OK(attn_lla_forward(g_ctx[2], &p, 1.0f, &q2.t, &k2.t, &v2.t, &w2.t));
+    CHECK_OK(attn_lla_forward(g_ctx[0], &p, 1.0f, &q2.t, &k2.t, &v2.t, &o2.t));
+    /* logits up to ~1e3: their f32 rounding alone moves weights by ~1e-4 */
+    CHECK_CLOSE("o against the reference", &o2.t, &w2.t, 1e-4, 1e-3);
+    tu_free(&q2), tu_free(&k2), tu_free(&v2), tu_free(&o2), tu_free(&w2);
+}
+
+#define EXPECT(call, status, word)                                                        \
+    do {                                                                                  \
+        attn_status st_ = (call);                                                         \
+        CHECK(st_ == (status) && strstr(attn_last_error(), word), "%s: got %s (%s)", #call, \
+              attn_status_str(st_), attn_last_error());                                   \
+    } while (0)
+
+static void test_bad_args(void) {
+    tu_case("lla bad arguments");
+    tu_buf q = tu_alloc(ATTN_F32, 1, 8, 4, 4), k = tu_alloc(ATTN_F32, 1, 8, 2, 4),
+           v = tu_alloc(ATTN_F32, 1, 8, 2, 3), o = tu_alloc(ATTN_F32, 1, 8, 4, 3),
+           k3 = tu_alloc(ATTN_F32, 1, 8, 3, 4), v3 = tu_alloc(ATTN_F32, 1, 8, 3, 3),
+           obad = tu_alloc(ATTN_F32, 1, 8, 4, 4);
+    attn_linear_params p = attn_linear_params_default();
+    attn_ctx *c = g_ctx[0];
+    EXPECT(attn_lla_forward(c, &p, 0.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    EXPECT(attn_lla_forward(c, &p, -1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    EXPECT(attn_lla_forward(c, &p, NAN, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    EXPECT(attn_lla_forward(c, &p, INFINITY, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    EXPECT(attn_lla_forward(NULL, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "ctx");
+    EXPECT(attn_lla_forward(c, NULL, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "params");
+    EXPECT(attn_lla_forward(c, &p, 1.0f, NULL, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "q");
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, NULL), ATTN_ERR_NULL, "o");
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &obad.t), ATTN_ERR_SHAPE, "o");
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k3.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "divide");
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "v->shape");
+    attn_tensor alias = o.t;
+    alias.data = q.mem;
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &alias), ATTN_ERR_ALIAS, "o");
+    p.gate = ATTN_GATE_HEAD;
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "gate");
+    p = attn_linear_params_default();
+    p.chunk = 5000;
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "chunk");
+    p = attn_linear_params_default();
+    p.scale = -1.0f;
+    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "scale");
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&k3), tu_free(&v3), tu_free(&obad);
+}
+
+int main(void) {
+    g_ctx[0] = tu_ctx("test_lla", ATTN_BACKEND_CPU, 2);
+    g_ctx[1] = tu_ctx("test_lla", ATTN_BACKEND_CPU, 1);
+    g_ctx[2] = tu_ctx("test_lla", ATTN_BACKEND_REF, 1);
+    const lla_case cases[] = {
+        /* B  T   H  Hk D   Dv causal blk varlen lambda amp */
+        {2, 75, 4, 2, 16, 12, 1, 0, 0, 0.1f, 1.0},
+        {2, 75, 4, 2, 16, 12, 0, 0, 0, 0.1f, 1.0},
+        {1, 70, 2, 2, 7, 5, 1, 16, 0, 0.5f, 1.0},
+        {1, 33, 3, 1, 1, 3, 1, 8, 0, 0.05f, 1.0},
+        {1, 33, 3, 1, 1, 1, 0, 0, 0, 0.05f, 1.0},
+        {1, 90, 2, 1, 9, 4, 1, 13, 1, 0.2f, 1.0},
+        {1, 90, 2, 1, 9, 4, 0, 13, 1, 0.2f, 1.0},
+        {1, 50, 1, 1, 32, 32, 1, 64, 0, 1.0f, 0.5},
+        {1, 64, 2, 2, 4, 4, 1, 1, 0, 0.02f, 2.0},
+    };
+    for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) check_case(i, cases[i]);
+    test_softmax_limit();
+    test_affine_values();
+    test_edges();
+    test_bad_args();
+    for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
+    return tu_finish("test_lla");
+}
