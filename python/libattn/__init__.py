@@ -6,7 +6,13 @@
 
 Ops (numpy arrays or PyTorch CPU tensors in, the same kind out, no copies,
 the GIL released during compute): attention, attention_backward, decode,
-lse_merge, linear_attention, feature_map_attention, nsa_attention; Plan for block-sparse plans; Context for threads/backend/ISA.
+lse_merge, linear_attention, feature_map_attention, nsa_attention; gated
+recurrences gla_attention, ssd, mamba_scan (with *_backward); grid mechanisms
+sra_attention, pooled_cross_attention, neighborhood_attention, hilo_attention,
+global_context_attention, grid_pool; reorderings gather_tokens,
+scatter_tokens, grid_window_index, grid_axis_index, paro_choose; SpAtten's
+token_importance, top_tokens, select_tokens, head_importance; CATANet's
+catanet_attention. Plan for block-sparse plans; Context for threads/backend/ISA.
 PyTorch autograd and torch.compile: libattn.torch.attention (imported on
 demand, so numpy users never import torch). Errors raise AttnError with the C
 library's message.
@@ -17,14 +23,30 @@ from ._lib import library_path
 from ._ops import (attention, attention_backward, decode, feature_map_attention,
                    linear_attention, lse_merge)
 from ._nsa import nsa_attention
+from ._ssm import (gla_attention, gla_attention_backward, mamba_scan, mamba_scan_backward, ssd,
+                   ssd_backward)
+from ._grid import (gather_tokens, global_context_attention, grid_axis_index, grid_pool,
+                    grid_window_index, hilo_attention, neighborhood_attention,
+                    neighborhood_attention_backward, neighborhood_plan, paro_choose,
+                    pooled_cross_attention, scatter_tokens, sra_attention,
+                    sra_attention_backward)
+from ._tokens import (catanet_attention, head_importance, select_tokens, token_importance,
+                      top_tokens)
 from .plan import BLOCK_FULL, BLOCK_PARAMS, Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnError", "AttnMemoryError", "Context", "Plan", "BLOCK_FULL", "BLOCK_PARAMS",
-    "attention", "attention_backward", "decode", "linear_attention", "feature_map_attention", "nsa_attention", "lse_merge", "default_context",
+    "attention", "attention_backward", "decode", "linear_attention", "feature_map_attention",
+    "nsa_attention", "lse_merge", "default_context",
     "isa_detected", "version", "library_path",
+    "gla_attention", "gla_attention_backward", "ssd", "ssd_backward", "mamba_scan",
+    "mamba_scan_backward", "grid_pool", "sra_attention", "sra_attention_backward",
+    "pooled_cross_attention", "neighborhood_plan", "neighborhood_attention",
+    "neighborhood_attention_backward", "hilo_attention", "global_context_attention",
+    "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index", "paro_choose",
+    "token_importance", "top_tokens", "select_tokens", "head_importance", "catanet_attention",
 ]
 
 

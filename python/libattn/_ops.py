@@ -134,6 +134,24 @@ def _empty(like_torch: bool, shape, dt: int):
     return y, TENSOR.pack(ptr, dt, 3, *shape, 0, d1 * d2, d2, 1, 0)
 
 
+def _empty_nd(like_torch: bool, shape, dt: int):
+    """A new contiguous output of any rank 1..4 and its packed attn_tensor."""
+    if len(shape) >= 3:
+        return _empty(like_torch, tuple(shape), dt)
+    if like_torch:
+        y = _torch.empty(shape, dtype=_TORCH_OF[dt])
+        ptr = y.data_ptr()
+    else:
+        y = np.empty(shape, dtype=_NP_OF[dt] if dt != BF16 else ml_dtypes.bfloat16)  # noqa: F821
+        ptr = _np_ptr(y)
+    nd = len(shape)
+    strides = [1] * nd
+    for i in range(nd - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    pad = (0,) * (4 - nd)
+    return y, TENSOR.pack(ptr, dt, nd, *shape, *pad, *strides, *pad)
+
+
 def _int32_array(x, name):
     if x is None:
         return None
@@ -442,25 +460,50 @@ def linear_attention(q, k, v, g=None, *, gate="none", causal=True, scale=None, c
     return (o, state) if return_state else o
 
 
-def linear_attention_backward(q, k, v, dout, *, causal=True, scale=None, chunk=0, ctx=None):
-    """Backward of linear_attention without gate and state: dout [B, T, H, Dv]
-    -> (dq, dk, dv) shaped like q, k, v (dk, dv summed over a GQA group)."""
+def linear_attention_backward(q, k, v, dout, g=None, *, gate="none", causal=True, scale=None,
+                              chunk=0, state_in=None, dstate_out=None, ctx=None):
+    """Backward of linear_attention with the same q, k, v, g, gate, state_in.
+
+    dout [B, T, H, Dv]; dstate_out [B, H, D, Dv] float32 or None (zero): the
+    gradient reaching the final state. -> (dq, dk, dv) shaped like q, k, v
+    (dk, dv summed over a GQA group); with g given also dg shaped like g
+    ("head": summed over batch and tokens), and with state_in given also
+    dstate_in [B, H, D, Dv] float32: (dq, dk, dv[, dg][, dstate_in]).
+    """
     if not _lib.HAS_LINEAR:
         raise NotImplementedError("this libattn build has no linear-time attention")
+    if gate not in _lib.GATES:
+        raise ValueError(f"gate must be one of {sorted(_lib.GATES)}, got {gate!r}")
     pq, oq, sq, dq_, tq = _view(q, "q")
     pk, ok, sk, dk_, _ = _view(k, "k")
     pv, ov, sv, dv_, _ = _view(v, "v")
     pd, od, _, _, _ = _view(dout, "dout")
+    pg = og = pgg = gg = None
+    if g is not None:
+        pg, og, sg, dg_, _ = _view(g, "g", (1, 3, 4))
+        gg, pgg = _empty_nd(tq, sg, dg_)
+    psi = osi = pdsi = dsi = None
+    if state_in is not None:
+        psi, osi, ssi, _, _ = _view(state_in, "state_in")
+        dsi, pdsi = _empty(tq, ssi, F32)
+    pds = ods = None
+    if dstate_out is not None:
+        pds, ods, _, _, _ = _view(dstate_out, "dstate_out")
     gq, pgq = _empty(tq, sq, dq_)
     gk, pgk = _empty(tq, sk, dk_)
     gv, pgv = _empty(tq, sv, dv_)
     params = _lib.LINEAR_PARAMS.pack(0.0 if scale is None else float(scale), 1 if causal else 0,
-                                     0, int(chunk), 0, 0)
-    st = _lib.attn_linear_backward(_ctx_for(ctx, dq_), params, pq, pk, pv, None, None, pd,
-                                   None, pgq, pgk, pgv, None, None)
+                                     _lib.GATES[gate], int(chunk), 0, 0)
+    st = _lib.attn_linear_backward(_ctx_for(ctx, dq_), params, pq, pk, pv, pg, psi, pd,
+                                   pds, pgq, pgk, pgv, pgg, pdsi)
     if st:
         _lib.raise_status(st)
-    return gq, gk, gv
+    out = (gq, gk, gv)
+    if g is not None:
+        out += (gg,)
+    if state_in is not None:
+        out += (dsi,)
+    return out
 
 
 def feature_map_attention(q, k, v, *, feature_map="elu1", normalize=True, eps=1e-6,

@@ -9,6 +9,15 @@ causal, self / cross), whether it applies to a bidirectional encoder, and an
 availability test (the C library may not have every engine). Adding a
 mechanism is one `register(Mechanism(...))` call; the benchmark, its plots
 and `python -m libattn.minilm` pick it up.
+
+Mechanisms with inputs beyond q, k, v (gates, time steps, token grids,
+centres) derive them here deterministically from q, k, v, as each entry's
+description says, so that every entry runs on the benchmark's inputs and is
+comparable with exact attention. Grid mechanisms (sra, crosslmm,
+neighborhood, hilo, global_context, paro) lay the N tokens of a sequence on
+the near-square grid grid_of(N) = h x w (h the largest divisor of N up to
+sqrt(N): 64 x 64 for 4096, 64 x 128 for 8192, 1 x N for a prime N), with
+windows and pooling ratios clipped to divisors of h and w.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 
-from . import _lib, _nsa, _ops
+from . import _grid, _lib, _nsa, _ops, _ssm, _tokens
 from .plan import Plan
 
 PATTERNS = {  # name: (causal, cross)
@@ -263,6 +273,364 @@ register(Mechanism("lightning", "linear", _lightning,
                    "ATTN_GATE_HEAD); causal self only",
                    patterns=("causal-self",), encoder=False,
                    available=lambda: _lib.HAS_LINEAR))
+
+
+def _expand_heads(x, heads):
+    """[B, T, Hk, D] -> [B, T, heads, D] (GQA: each kv head repeated)."""
+    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], 2)
+
+
+def _normalised(oa):
+    """o from the last value column carried as a normaliser (a column of ones)."""
+    return oa[..., :-1] / (oa[..., -1:] + 1e-6)
+
+
+def _with_ones(v):
+    v = torch.as_tensor(v).float()
+    return torch.cat([v, torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)], -1)
+
+
+# ---------------------------------------------------------------- linear: GLA
+
+GLA_TAU = 16.0  # GLA's alpha = sigmoid(.)^(1/tau)
+
+
+def gla_log_gates(k, heads):
+    """GLA's log gates log alpha = logsigmoid(k) / 16 per key dim (GLA:
+    alpha_t = sigmoid(x_t W_alpha)^(1/16), the keys standing in for x W_alpha:
+    deterministic, no learned weights), per query head: [B, T, H, D]."""
+    return _expand_heads(torch.nn.functional.logsigmoid(torch.as_tensor(k).float()) / GLA_TAU,
+                         heads)
+
+
+def _gla(q, k, v, causal):
+    """GLA, normalised like linear_elu: phi = elu + 1 on q and k, gates from
+    the raw keys (gla_log_gates), the normaliser as a value column of ones.
+    Causal cross (N < M): the first M - N keys folded into a state."""
+    if not causal:
+        raise ValueError("gla: gates need the causal patterns")
+    N, M, H = q.shape[1], k.shape[1], q.shape[2]
+    if N > M:
+        raise ValueError("causal cross attention with N > M has rows without keys")
+    qp, kp, va, g = _phi(q), _phi(k), _with_ones(v), gla_log_gates(k, H)
+    S = None
+    if M > N:  # the keys before the queries' span, as the state they leave
+        qd = torch.zeros(q.shape[0], M - N, H, q.shape[3])
+        _, S = _ssm.gla_attention(qd, kp[:, :M - N], va[:, :M - N], g[:, :M - N], scale=1.0,
+                                  return_state=True)
+        kp, va, g = kp[:, M - N:], va[:, M - N:], g[:, M - N:]
+    return _normalised(_ssm.gla_attention(qp, kp, va, g, scale=1.0, state_in=S))
+
+
+def _gla_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if not causal or q.shape[1] != k.shape[1]:
+        raise NotImplementedError("gla backward: causal self only")
+    qp, kp = torch.nn.functional.elu(q) + 1.0, torch.nn.functional.elu(k) + 1.0
+    g = _expand_heads(torch.nn.functional.logsigmoid(k) / GLA_TAU, q.shape[2])
+    va = torch.cat([v, torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)], -1)
+    return _normalised(lat.gla_attention(qp, kp, va, g, scale=1.0))
+
+
+register(Mechanism("gla", "linear", _gla,
+                   "Gated Linear Attention (attn_linear_forward, ATTN_GATE_KEY): per-key-dim "
+                   "decays log alpha = logsigmoid(k) / 16 derived from the keys, phi = elu + 1, "
+                   "normalised; causal only",
+                   patterns=("causal-self", "causal-cross"), encoder=False,
+                   available=lambda: _lib.HAS_LINEAR, backward=_gla_grad))
+
+# ---------------------------------------------------------------- linear: Mamba-2 SSD
+
+
+def ssd_inputs(q, k, v):
+    """The SSD inputs of a (q, k, v) problem: C = phi(q), B = phi(k) (groups =
+    kv heads, or one per head when they differ), x = [v, 1] per query head
+    (the last column carries the normaliser), dt = softplus(mean_d k) per
+    token and head (data-dependent, deterministic), A_h = the RetNet log
+    decays (so dt = 1 decays by 1 - 2^(-5-h) per token)."""
+    H = q.shape[2]
+    kf = torch.as_tensor(k).float()
+    cm, bm = _phi(q), _phi(k)
+    if bm.shape[2] != H:
+        bm = _expand_heads(bm, H)
+    x = _expand_heads(_with_ones(v), H)
+    dt = _expand_heads(torch.nn.functional.softplus(kf.mean(-1, keepdim=True)), H)[..., 0]
+    return x, dt.contiguous(), retention_log_decays(H), bm, cm
+
+
+def _ssd(q, k, v, causal):
+    if not causal:
+        raise ValueError("ssd: a recurrence needs the causal patterns")
+    N, M = q.shape[1], k.shape[1]
+    if N > M:
+        raise ValueError("causal cross attention with N > M has rows without keys")
+    x, dt, a, bm, cm = ssd_inputs(q, k, v)
+    S = None
+    if M > N:  # the keys before the queries' span, as the state they leave
+        _, S = _ssm.ssd(x[:, :M - N], dt[:, :M - N], a, bm[:, :M - N],
+                        torch.zeros_like(bm[:, :M - N]), return_state=True)
+        x, dt, bm = x[:, M - N:], dt[:, M - N:], bm[:, M - N:]
+    return _normalised(_ssm.ssd(x, dt, a, bm, cm, state_in=S))
+
+
+def _ssd_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if not causal or q.shape[1] != k.shape[1]:
+        raise NotImplementedError("ssd backward: causal self only")
+    H = q.shape[2]
+    cm, bm = torch.nn.functional.elu(q) + 1.0, _expand_heads(torch.nn.functional.elu(k) + 1.0, H)
+    x = _expand_heads(torch.cat([v, torch.ones(v.shape[:-1] + (1,), dtype=v.dtype)], -1), H)
+    dt = _expand_heads(torch.nn.functional.softplus(k.mean(-1, keepdim=True)), H)[..., 0]
+    return _normalised(lat.ssd(x, dt, retention_log_decays(H), bm, cm))
+
+
+register(Mechanism("ssd", "linear", _ssd,
+                   "Mamba-2 SSD as linear attention (attn_ssd_forward): C = phi(q), B = phi(k), "
+                   "x = [v, 1] (normalised), dt = softplus(mean of k) per token, A = RetNet "
+                   "log decays per head; phi = elu + 1; causal only",
+                   patterns=("causal-self", "causal-cross"), encoder=False,
+                   available=lambda: _ssm.HAS_SSD, backward=_ssd_grad))
+
+# ---------------------------------------------------------------- token grids
+
+GRID_WIN = 8    # window side (HiLo, global context): at most 8 x 8 tokens
+SRA_RATIO = 4   # SRA: keys and values pooled by up to 4 x 4
+CROSS_RATIO = 2  # CrossLMM: queries pooled by up to 2 x 2
+NBHD_RADIUS = 7  # neighbourhood: 15 x 15 keys
+
+
+def _divisor_le(n, cap):
+    """The largest divisor of n that is <= cap (>= 1)."""
+    for d in range(max(1, min(n, int(cap))), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def grid_of(n):
+    """The near-square grid (h, w) of n tokens: h the largest divisor of n
+    up to sqrt(n) (1 x n for a prime n)."""
+    h = _divisor_le(n, math.isqrt(n))
+    return h, n // h
+
+
+def _clip(grid, side):
+    """A window or ratio of up to side x side that divides the grid."""
+    return _divisor_le(grid[0], side), _divisor_le(grid[1], side)
+
+
+def _grid_only(name, causal):
+    if causal:
+        raise ValueError(f"{name}: tokens on a grid have no causal order")
+
+
+def _sra(q, k, v, causal):
+    _grid_only("sra", causal)
+    g = grid_of(k.shape[1])
+    return _grid.sra_attention(q, k, v, g, _clip(g, SRA_RATIO))
+
+
+def _sra_grad(q, k, v, causal):
+    from . import torch as lat
+
+    _grid_only("sra", causal)
+    g = grid_of(k.shape[1])
+    return lat.sra_attention(q, k, v, g, _clip(g, SRA_RATIO))
+
+
+_has_grid = lambda: _grid.HAS_GRID  # noqa: E731
+register(Mechanism("sra", "sparse", _sra,
+                   f"spatial-reduction attention (PVT; attn_sra_forward): keys and values "
+                   f"average-pooled by up to {SRA_RATIO}x{SRA_RATIO} on the near-square grid of "
+                   "the keys; non-causal",
+                   patterns=("noncausal-self", "noncausal-cross"), available=_has_grid,
+                   backward=_sra_grad))
+
+
+def _patch_of_token(grid, ratio):
+    """Each token's pooled patch (row-major grid, ratio per axis): int64 [h w]."""
+    y, x = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    return torch.from_numpy((y // ratio[0]) * (grid[1] // ratio[1]) + x // ratio[1])
+
+
+def _crosslmm(q, k, v, causal):
+    """Pooled queries (CrossLMM): every query gets the output of its pooled
+    patch (nearest upsampling back to N rows)."""
+    _grid_only("crosslmm", causal)
+    g = grid_of(q.shape[1])
+    r = _clip(g, CROSS_RATIO)
+    o = _grid.pooled_cross_attention(q, k, v, g, r)
+    return o[:, _patch_of_token(g, r)]
+
+
+register(Mechanism("crosslmm", "sparse", _crosslmm,
+                   f"CrossLMM pooled cross-attention (attn_pooled_cross_forward): queries "
+                   f"average-pooled by up to {CROSS_RATIO}x{CROSS_RATIO} on their near-square "
+                   "grid attend to all keys; each query takes its patch's output; non-causal",
+                   patterns=("noncausal-self", "noncausal-cross"), available=_has_grid))
+
+
+def _nbhd(q, k, v, causal):
+    _grid_only("neighborhood", causal)
+    g = grid_of(q.shape[1])
+    return _grid.neighborhood_attention(q, k, v, g, (NBHD_RADIUS, NBHD_RADIUS), block=BLOCK)
+
+
+def _nbhd_grad(q, k, v, causal):
+    from . import torch as lat
+
+    _grid_only("neighborhood", causal)
+    g = grid_of(q.shape[1])
+    return lat.neighborhood_attention(q, k, v, g, (NBHD_RADIUS, NBHD_RADIUS), block=BLOCK)
+
+
+register(Mechanism("neighborhood", "sparse", _nbhd,
+                   f"2-D neighbourhood attention (CLEAR; attn_neighborhood_forward): the keys "
+                   f"within {NBHD_RADIUS} rows and columns on the near-square grid "
+                   f"({2 * NBHD_RADIUS + 1}x{2 * NBHD_RADIUS + 1}), plan of {BLOCK}-blocks; "
+                   "non-causal self",
+                   patterns=("noncausal-self",), available=_has_grid, backward=_nbhd_grad))
+
+
+def _hilo(q, k, v, causal):
+    """HiLo: the first half of the heads in windows, the rest to pooled keys."""
+    _grid_only("hilo", causal)
+    H = q.shape[2]
+    g = grid_of(q.shape[1])
+    return _grid.hilo_attention(q, _expand_heads(k, H), _expand_heads(v, H), g,
+                                _clip(g, GRID_WIN), H // 2)
+
+
+register(Mechanism("hilo", "sparse", _hilo,
+                   f"HiLo (LITv2; attn_hilo_forward): H - H/2 heads attend within windows of up "
+                   f"to {GRID_WIN}x{GRID_WIN} on the near-square grid, H/2 heads to keys and "
+                   "values pooled by the window; non-causal self",
+                   patterns=("noncausal-self",), available=_has_grid))
+
+
+def _global_context(q, k, v, causal):
+    """GC ViT: local window attention and the same windows queried by global
+    queries (here the mean query of each window position over all windows),
+    mixed evenly: o = (o_local + o_global) / 2."""
+    _grid_only("global_context", causal)
+    B, N, H, D = q.shape
+    g = grid_of(N)
+    w = _clip(g, GRID_WIN)
+    wtok = w[0] * w[1]
+    qw = q[:, torch.from_numpy(_grid.grid_window_index(g, w))]  # window-major
+    qg = qw.reshape(B, N // wtok, wtok, H, D).mean(1)
+    ol, og = _grid.global_context_attention(q, qg, _expand_heads(k, H), _expand_heads(v, H), g, w)
+    return 0.5 * (ol + og)
+
+
+register(Mechanism("global_context", "sparse", _global_context,
+                   f"Global Context ViT (attn_global_context_forward): windows of up to "
+                   f"{GRID_WIN}x{GRID_WIN} on the near-square grid, local queries and global "
+                   "queries (the mean query of each window position), outputs averaged; "
+                   "non-causal self",
+                   patterns=("noncausal-self",), available=_has_grid))
+
+PARO_SAMPLES = 16  # query rows scored per axis order and head
+
+
+def _paro(q, k, v, causal):
+    """PAROAttention: per head the grid axis order that makes attention most
+    block-shaped (attn_paro_choose), tokens gathered into that order, then
+    the same dynamic top-k block plan as `topk`, scattered back."""
+    _grid_only("paro", causal)
+    B, N, H, _ = q.shape
+    g = grid_of(N)
+    k, v = _expand_heads(k, H), _expand_heads(v, H)
+    blk = min(BLOCK, N)
+    keep = _nkeep(N)
+    out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
+    for b in range(B):
+        qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
+        perms = _grid.paro_choose(qb, kb, g, block=blk, keep=min(keep, -(-N // blk)),
+                                  samples=min(PARO_SAMPLES, N))
+        for perm in {tuple(p) for p in perms.tolist()}:
+            heads = torch.tensor([h for h in range(H) if tuple(perms[h]) == perm])
+            idx = _grid.grid_axis_index(g, perm)
+            qh, kh, vh = (_grid.gather_tokens(x[:, :, heads], idx) for x in (qb, kb, vb))
+            plan = Plan.select(qh, kh, BLOCK, BLOCK, top_k=keep)
+            o = _ops.attention(qh, kh, vh, plan=plan)
+            out[b:b + 1, :, heads] = _grid.scatter_tokens(o, idx)
+    return out
+
+
+register(Mechanism("paro", "sparse", _paro,
+                   f"PAROAttention (attn_paro_choose + attn_gather_tokens / attn_scatter_tokens): "
+                   f"per head the axis order of the near-square grid that concentrates attention "
+                   f"({PARO_SAMPLES} sampled rows), then top-k blocks as `topk` in that order; "
+                   "non-causal self",
+                   patterns=("noncausal-self",),
+                   available=lambda: _grid.HAS_GRID and _lib.HAS_PLANNERS))
+
+# ---------------------------------------------------------------- token pruning and grouping
+
+SPATTEN_KEEP = 1 / 2  # fraction of the keys kept (at least 16)
+SPATTEN_SAMPLES = 64  # query rows whose attention ranks the keys
+
+
+def _spatten(q, k, v, causal):
+    """SpAtten token pruning, one layer: the keys ranked by the attention
+    probability they receive from SPATTEN_SAMPLES evenly spaced query rows
+    (attn_token_importance), the top fraction kept (attn_top_tokens,
+    attn_select_tokens), then exact attention over the kept keys."""
+    if causal:
+        raise ValueError("spatten: pruned keys lose their positions; non-causal only")
+    N, M = q.shape[1], k.shape[1]
+    rows = torch.unique(torch.linspace(0, N - 1, min(N, SPATTEN_SAMPLES)).round().long())
+    qs = q[:, rows]
+    _, lse = _ops.attention(qs, k, v, return_lse=True)
+    imp = _tokens.token_importance(qs, k, lse)
+    keep = min(M, max(16, math.ceil(M * SPATTEN_KEEP)))
+    out = []
+    for b in range(q.shape[0]):
+        idx = _tokens.top_tokens(imp[b], keep)
+        kb, vb = (_tokens.select_tokens(x[b:b + 1], idx) for x in (k, v))
+        out.append(_ops.attention(q[b:b + 1], kb, vb))
+    return torch.cat(out)
+
+
+register(Mechanism("spatten", "sparse", _spatten,
+                   f"SpAtten token pruning (attn_token_importance / attn_top_tokens / "
+                   f"attn_select_tokens): the {SPATTEN_KEEP:.3g} of the keys (>= 16) that "
+                   f"{SPATTEN_SAMPLES} sampled query rows attend to most, then exact attention "
+                   "over them; non-causal",
+                   patterns=("noncausal-self", "noncausal-cross"),
+                   available=lambda: _tokens.HAS_SPATTEN))
+
+CATANET_GROUP = 128  # tokens per group, on average
+
+
+def _catanet(q, k, v, causal):
+    """CATANet: tokens grouped by their nearest centre (features: the keys
+    averaged over heads; centres: G evenly spaced tokens, G = N / 128),
+    attention within each group and to the group means, mixed evenly:
+    o = (o_intra + o_inter) / 2."""
+    if causal:
+        raise ValueError("catanet: groups are not causal; non-causal self only")
+    B, N = q.shape[:2]
+    G = max(1, -(-N // CATANET_GROUP))
+    centres = torch.linspace(0, N - 1, G).round().long()
+    out = []
+    for b in range(B):
+        feats = k[b:b + 1].float().mean(2, keepdim=True)
+        oi, ox = _tokens.catanet_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], feats,
+                                           feats[:, centres].contiguous())
+        out.append(0.5 * (oi + ox))
+    return torch.cat(out)
+
+
+register(Mechanism("catanet", "sparse", _catanet,
+                   f"CATANet token aggregation (attn_catanet_forward): groups of ~{CATANET_GROUP} "
+                   "tokens around evenly spaced centres (features: keys averaged over heads), "
+                   "attention within the group and to the group means, averaged; "
+                   "non-causal self",
+                   patterns=("noncausal-self",), available=lambda: _tokens.HAS_CATANET))
 
 
 def get(name: str) -> Mechanism:

@@ -14,6 +14,10 @@ op. `attention` applies a torch.autograd.Function making the same C calls
 (in eager mode) or the forward op itself (under torch.compile). Tensors must
 be on the CPU; float64 runs on the reference backend (for gradcheck). LSE
 is not differentiable (its gradient is ignored).
+
+Eager autograd (torch.autograd.Function over the C forward and backward)
+also for gla_attention, ssd, mamba_scan, sra_attention and
+neighborhood_attention.
 """
 
 from __future__ import annotations
@@ -149,6 +153,156 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     return LinearAttentionFunction.apply(q, k, v, scale, bool(causal))
 
 
+class GLAFunction(torch.autograd.Function):
+    """Gated Linear Attention (libattn.gla_attention, no state), forward
+    attn_linear_forward with gate KEY or HEAD_TOKEN, backward
+    attn_linear_backward (gradients for q, k, v and the log gate g)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale):
+        from ._ssm import gla_attention
+
+        ctx.save_for_backward(q, k, v, g)
+        ctx.scale = scale
+        return gla_attention(q, k, v, g, scale=scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._ssm import gla_attention_backward
+
+        q, k, v, g = ctx.saved_tensors
+        dq, dk, dv, dg = gla_attention_backward(q, k, v, g, do, scale=ctx.scale)
+        return dq, dk, dv, dg, None
+
+
+def gla_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *,
+                  scale: Optional[float] = None) -> Tensor:
+    """Differentiable Gated Linear Attention (causal): g the log gate,
+    [B, T, H, D] per key dim or [B, T, H] per head and token; shapes as
+    libattn.gla_attention. float64 on the reference backend (gradcheck)."""
+    return GLAFunction.apply(q, k, v, g, scale)
+
+
+class SSDFunction(torch.autograd.Function):
+    """Mamba-2 SSD (libattn.ssd, no state), forward attn_ssd_forward,
+    backward attn_ssd_backward (gradients for x, dt, A, B, C and Dskip)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, a, bm, cm, dskip):
+        from ._ssm import ssd
+
+        ctx.save_for_backward(x, dt, a, bm, cm, dskip)
+        return ssd(x, dt, a, bm, cm, dskip)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ._ssm import ssd_backward
+
+        x, dt, a, bm, cm, dskip = ctx.saved_tensors
+        g = ssd_backward(x, dt, a, bm, cm, dy.contiguous(), dskip)
+        return g if dskip is not None else g + (None,)
+
+
+def ssd(x: Tensor, dt: Tensor, a: Tensor, bm: Tensor, cm: Tensor,
+        dskip: Optional[Tensor] = None) -> Tensor:
+    """Differentiable Mamba-2 SSD; shapes as libattn.ssd."""
+    return SSDFunction.apply(x, dt, a, bm, cm, dskip)
+
+
+class MambaScanFunction(torch.autograd.Function):
+    """The Mamba selective scan (libattn.mamba_scan, no state), forward
+    attn_mamba_scan, backward attn_mamba_scan_backward."""
+
+    @staticmethod
+    def forward(ctx, x, delta, a, bm, cm, dskip):
+        from ._ssm import mamba_scan
+
+        ctx.save_for_backward(x, delta, a, bm, cm, dskip)
+        return mamba_scan(x, delta, a, bm, cm, dskip)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ._ssm import mamba_scan_backward
+
+        x, delta, a, bm, cm, dskip = ctx.saved_tensors
+        g = mamba_scan_backward(x, delta, a, bm, cm, dy.contiguous(), dskip)
+        return g if dskip is not None else g + (None,)
+
+
+def mamba_scan(x: Tensor, delta: Tensor, a: Tensor, bm: Tensor, cm: Tensor,
+               dskip: Optional[Tensor] = None) -> Tensor:
+    """Differentiable Mamba selective scan; shapes as libattn.mamba_scan."""
+    return MambaScanFunction.apply(x, delta, a, bm, cm, dskip)
+
+
+class SRAFunction(torch.autograd.Function):
+    """Spatial-reduction attention (libattn.sra_attention), forward
+    attn_sra_forward, backward attn_sra_backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, grid, ratio, scale, softcap):
+        from ._grid import sra_attention
+
+        o, lse = sra_attention(q, k, v, grid, ratio, scale=scale, softcap=softcap,
+                               return_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (grid, ratio, scale, softcap)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._grid import sra_attention_backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        grid, ratio, scale, softcap = ctx.args
+        dq, dk, dv = sra_attention_backward(q, k, v, o, lse, do, grid, ratio, scale=scale,
+                                            softcap=softcap)
+        return dq, dk, dv, None, None, None, None
+
+
+def sra_attention(q: Tensor, k: Tensor, v: Tensor, grid, ratio, *,
+                  scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
+    """Differentiable spatial-reduction attention; as libattn.sra_attention."""
+    return SRAFunction.apply(q, k, v, tuple(grid), tuple(ratio), scale, float(softcap))
+
+
+class NeighborhoodFunction(torch.autograd.Function):
+    """Neighbourhood attention (libattn.neighborhood_attention), forward
+    attn_neighborhood_forward, backward attn_neighborhood_backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, grid, radius, plan, scale, softcap):
+        from ._grid import neighborhood_attention
+
+        o, lse = neighborhood_attention(q, k, v, grid, radius, plan=plan, scale=scale,
+                                        softcap=softcap, return_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (grid, radius, plan, scale, softcap)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._grid import neighborhood_attention_backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        grid, radius, plan, scale, softcap = ctx.args
+        dq, dk, dv = neighborhood_attention_backward(q, k, v, o, lse, do, grid, radius,
+                                                     plan=plan, scale=scale, softcap=softcap)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, grid, radius, *, plan=None,
+                           block: int = 64, scale: Optional[float] = None,
+                           softcap: float = 0.0) -> Tensor:
+    """Differentiable neighbourhood attention; as libattn.neighborhood_attention."""
+    from ._grid import neighborhood_plan
+
+    if plan is None:
+        plan = neighborhood_plan(grid, radius, block, block)
+    return NeighborhoodFunction.apply(q, k, v, tuple(grid), tuple(radius), plan, scale,
+                                      float(softcap))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, softcap: float = 0.0,
               window: Optional[Tuple[int, int]] = None, return_lse: bool = False,
@@ -192,4 +346,7 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: f
 
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction",
-           "PlannedAttentionFunction", "LinearAttentionFunction", "linear_attention", "sdpa"]
+           "PlannedAttentionFunction", "LinearAttentionFunction", "linear_attention", "sdpa",
+           "GLAFunction", "gla_attention", "SSDFunction", "ssd", "MambaScanFunction",
+           "mamba_scan", "SRAFunction", "sra_attention", "NeighborhoodFunction",
+           "neighborhood_attention"]

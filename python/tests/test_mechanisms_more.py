@@ -1,0 +1,454 @@
+"""The bindings of GLA, SSD, the Mamba scan, the grid mechanisms, PARO,
+SpAtten and CATANet against naive PyTorch references (float64), with numpy
+and torch inputs, a non-contiguous input, bad input, and gradients."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import libattn  # noqa: E402
+import libattn.torch as lat  # noqa: E402
+from libattn import _grid, _ssm, _tokens, mechanisms  # noqa: E402
+from torch.autograd import gradcheck  # noqa: E402
+
+F = torch.nn.functional
+need_grid = pytest.mark.skipif(not _grid.HAS_GRID, reason="no grid mechanisms in this build")
+
+
+def rel(a, b):
+    a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).double()
+    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def rnd(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def noncontig(x):
+    """The same values in a layout with dims 1 and 2 swapped in memory."""
+    s = list(x.shape)
+    y = torch.empty([s[0], s[2], s[1]] + s[3:], dtype=x.dtype).transpose(1, 2)
+    y.copy_(x)
+    assert not y.is_contiguous()
+    return y
+
+
+def kinds(fn, args, want, tol=1e-5, nc=0):
+    """fn on torch tensors, on numpy arrays, and with args[nc] non-contiguous:
+    each result (the first, if a tuple) of the input's kind and close to want."""
+    outs = []
+    for case in ("torch", "numpy", "noncontig"):
+        a = list(args)
+        if case == "numpy":
+            a = [x.numpy() if torch.is_tensor(x) else x for x in a]
+        elif case == "noncontig":
+            a[nc] = noncontig(a[nc])
+        o = fn(*a)
+        o0 = o[0] if isinstance(o, tuple) else o
+        assert isinstance(o0, np.ndarray if case == "numpy" else torch.Tensor), case
+        assert rel(o0, want) < tol, (case, rel(o0, want))
+        outs.append(o)
+    return outs[0]
+
+
+def attn_ref(q, k, v, mask=None, bias=None, scale=None):
+    """Softmax attention in float64 with GQA; mask [.., N, M] bool, bias
+    added to the logits; rows with no key give 0."""
+    H, Hk, D = q.shape[2], k.shape[2], q.shape[3]
+    k, v = (x.double().repeat_interleave(H // Hk, 2) for x in (k, v))
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), k) * (scale or D ** -0.5)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1).nan_to_num(), v)
+
+
+# ---------------------------------------------------------------- GLA, SSD, Mamba
+
+
+def gla_ref(q, k, v, g, scale=None, S=None):
+    B, T, H, D = q.shape
+    k, v = (x.double().repeat_interleave(H // k.shape[2], 2) for x in (k, v))
+    g = g.double()
+    if g.dim() == 3:
+        g = g[..., None].expand(B, T, H, D)
+    S = torch.zeros(B, H, D, v.shape[3], dtype=torch.float64) if S is None else S.double()
+    out = []
+    for t in range(T):
+        S = g[:, t].exp()[..., None] * S + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        out.append(torch.einsum("bhd,bhde->bhe", q[:, t].double(), S) * (scale or D ** -0.5))
+    return torch.stack(out, 1), S
+
+
+@pytest.mark.parametrize("per_key", [True, False])
+def test_gla_matches_recurrence(per_key):
+    B, T, H, Hk, D, Dv = 2, 45, 4, 2, 8, 6
+    q, k, v = rnd(B, T, H, D, seed=1), rnd(B, T, Hk, D, seed=2), rnd(B, T, Hk, Dv, seed=3)
+    g = F.logsigmoid(rnd(B, T, H, D, seed=4) + 2) if per_key else F.logsigmoid(rnd(B, T, H, seed=4))
+    want, S = gla_ref(q, k, v, g)
+    kinds(lambda *a: libattn.gla_attention(*a), (q, k, v, g), want, nc=0)
+    # two halves through the state give the whole
+    o1, s1 = libattn.gla_attention(q[:, :20], k[:, :20], v[:, :20], g[:, :20], return_state=True)
+    o2, s2 = libattn.gla_attention(q[:, 20:], k[:, 20:], v[:, 20:], g[:, 20:], state_in=s1,
+                                   return_state=True)
+    assert rel(torch.cat([o1, o2], 1), want) < 1e-5 and rel(s2, S) < 1e-5
+    with pytest.raises(libattn.AttnError, match="g->shape"):
+        libattn.gla_attention(q, k, v, torch.zeros(B, T, H, D + 1))
+    with pytest.raises(ValueError, match="g: expected"):
+        libattn.gla_attention(q, k, v, torch.zeros(T, H))
+
+
+def test_gla_gradcheck():
+    d = dict(dtype=torch.float64)
+    q, k, v = (rnd(1, 9, 2, 3, seed=s, **d).requires_grad_() for s in (1, 2, 3))
+    for g in (F.logsigmoid(rnd(1, 9, 2, 3, seed=4, **d)), F.logsigmoid(rnd(1, 9, 2, seed=5, **d))):
+        assert gradcheck(lat.gla_attention, (q, k, v, g.requires_grad_()), eps=1e-6, atol=1e-6)
+
+
+def ssd_ref(x, dt, a, bm, cm, dskip=None, S=None):
+    B, T, H, P = x.shape
+    G, N = bm.shape[2], bm.shape[3]
+    bm, cm = (z.double().repeat_interleave(H // G, 2) for z in (bm, cm))
+    x, dt, a = x.double(), dt.double(), a.double()
+    S = torch.zeros(B, H, N, P, dtype=torch.float64) if S is None else S.double()
+    ys = []
+    for t in range(T):
+        S = (dt[:, t] * a).exp()[..., None, None] * S + torch.einsum(
+            "bhn,bhp->bhnp", bm[:, t], dt[:, t, :, None] * x[:, t])
+        y = torch.einsum("bhn,bhnp->bhp", cm[:, t], S)
+        if dskip is not None:
+            y = y + dskip.double()[:, None] * x[:, t]
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+def ssd_inputs(B=2, T=33, H=4, P=5, G=2, N=6, dtype=torch.float32):
+    d = dict(dtype=dtype)
+    return (rnd(B, T, H, P, seed=1, **d), F.softplus(rnd(B, T, H, seed=2, **d)),
+            -rnd(H, seed=3, **d).abs() - 0.1, rnd(B, T, G, N, seed=4, **d),
+            rnd(B, T, G, N, seed=5, **d), rnd(H, seed=6, **d))
+
+
+@pytest.mark.skipif(not _ssm.HAS_SSD, reason="no SSD in this build")
+def test_ssd_forward_state_backward():
+    x, dt, a, bm, cm, ds = ssd_inputs()
+    want, S = ssd_ref(x, dt, a, bm, cm, ds)
+    kinds(lambda *z: libattn.ssd(*z), (x, dt, a, bm, cm, ds), want, nc=3)
+    y1, s1 = libattn.ssd(x[:, :10], dt[:, :10], a, bm[:, :10], cm[:, :10], ds, return_state=True)
+    y2, s2 = libattn.ssd(x[:, 10:], dt[:, 10:], a, bm[:, 10:], cm[:, 10:], ds, state_in=s1,
+                         return_state=True)
+    assert rel(torch.cat([y1, y2], 1), want) < 1e-5 and rel(s2, S) < 1e-5
+    # the backward against autograd through the reference (float64)
+    leaves = [z.double().requires_grad_() for z in (x, dt, a, bm, cm, ds)]
+    dy = rnd(*want.shape, seed=9)
+    ssd_ref(*leaves)[0].backward(dy.double())
+    got = libattn.ssd_backward(x, dt, a, bm, cm, dy, ds)
+    assert len(got) == 6
+    for name, gc, leaf in zip("x dt a bm cm dskip".split(), got, leaves):
+        assert gc.shape == leaf.shape and rel(gc, leaf.grad) < 1e-4, name
+    # and through libattn.torch.ssd (no dskip)
+    xs = [z.clone().requires_grad_() for z in (x, dt, a, bm, cm)]
+    leaves = [z.double().requires_grad_() for z in (x, dt, a, bm, cm)]
+    ssd_ref(*leaves)[0].backward(dy.double())
+    lat.ssd(*xs).backward(dy)
+    for gx, leaf in zip(xs, leaves):
+        assert rel(gx.grad, leaf.grad) < 1e-4
+    with pytest.raises(libattn.AttnError, match="dt->shape"):
+        libattn.ssd(x, dt[:, 1:], a, bm, cm)
+    with pytest.raises(libattn.AttnError, match="groups"):
+        libattn.ssd(x, dt, a, bm[:, :, :1].expand(-1, -1, 3, -1), cm[:, :, :1].expand(-1, -1, 3, -1))
+
+
+def mamba_ref(x, delta, a, bm, cm, dskip=None):
+    B, T, E = x.shape
+    x, delta, a, bm, cm = (z.double() for z in (x, delta, a, bm, cm))
+    h = torch.zeros(B, E, a.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(T):
+        h = (delta[:, t, :, None] * a).exp() * h + delta[:, t, :, None] * bm[:, t, None, :] * \
+            x[:, t, :, None]
+        y = (cm[:, t, None, :] * h).sum(-1)
+        if dskip is not None:
+            y = y + dskip.double() * x[:, t]
+        ys.append(y)
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.skipif(not _ssm.HAS_MAMBA, reason="no Mamba scan in this build")
+def test_mamba_scan_forward_state_backward():
+    B, T, E, N = 2, 29, 6, 5
+    x, bm, cm = rnd(B, T, E, seed=1), rnd(B, T, N, seed=2), rnd(B, T, N, seed=3)
+    delta, a, ds = F.softplus(rnd(B, T, E, seed=4)), -rnd(E, N, seed=5).abs(), rnd(E, seed=6)
+    want, h = mamba_ref(x, delta, a, bm, cm, ds)
+    kinds(lambda *z: libattn.mamba_scan(*z), (x, delta, a, bm, cm, ds), want, nc=0)
+    y, s = libattn.mamba_scan(x, delta, a, bm, cm, ds, return_state=True)
+    assert s.shape == (B, E, N, 1) and rel(s[..., 0], h) < 1e-5
+    leaves = [z.double().requires_grad_() for z in (x, delta, a, bm, cm, ds)]
+    dy = rnd(B, T, E, seed=9)
+    mamba_ref(*leaves)[0].backward(dy.double())
+    xs = [z.clone().requires_grad_() for z in (x, delta, a, bm, cm, ds)]
+    lat.mamba_scan(*xs).backward(dy)
+    for name, z, leaf in zip("x delta a bm cm dskip".split(), xs, leaves):
+        assert rel(z.grad, leaf.grad) < 1e-4, name
+    with pytest.raises(libattn.AttnError, match="a->shape"):
+        libattn.mamba_scan(x, delta, a[:3], bm, cm)
+
+
+# ---------------------------------------------------------------- grids
+
+
+def coords(grid):
+    f, h, w = (1,) + tuple(grid) if len(grid) == 2 else grid
+    t = torch.arange(f * h * w)
+    return t // (h * w), (t // w) % h, t % w
+
+
+def pool_ref(x, grid, r):
+    f, h, w = (1,) + tuple(grid) if len(grid) == 2 else grid
+    rf, rh, rw = (1,) + tuple(r) if len(r) == 2 else r
+    B, _, Hh, D = x.shape
+    y = x.double().reshape(B, f // rf, rf, h // rh, rh, w // rw, rw, Hh, D).mean((2, 4, 6))
+    return y.reshape(B, -1, Hh, D)
+
+
+def qkv(B=2, T=24, H=4, Hk=2, D=8, Dv=6, N=None, seed=0, dtype=torch.float32):
+    return (rnd(B, N or T, H, D, seed=seed + 1, dtype=dtype),
+            rnd(B, T, Hk, D, seed=seed + 2, dtype=dtype), rnd(B, T, Hk, Dv, seed=seed + 3,
+                                                              dtype=dtype))
+
+
+@need_grid
+def test_grid_pool_sra_and_pooled_cross():
+    q, k, v = qkv(T=24, N=10)  # cross: 10 queries, keys on a 4 x 6 grid
+    kinds(lambda x: libattn.grid_pool(x, (4, 6), (2, 3)), (k,), pool_ref(k, (4, 6), (2, 3)))
+    want = attn_ref(q, pool_ref(k, (4, 6), (2, 3)), pool_ref(v, (4, 6), (2, 3)))
+    kinds(lambda *a: libattn.sra_attention(*a, (4, 6), (2, 3)), (q, k, v), want, nc=1)
+    o, lse = libattn.sra_attention(q, k, v, (1, 4, 6), (1, 2, 3), return_lse=True)
+    assert lse.shape == (2, 4, 10) and rel(o, want) < 1e-5
+    # CrossLMM: queries on a 2 x 3 x 4 video grid, pooled by (1, 1, 2)
+    q2 = rnd(2, 24, 4, 8, seed=7)
+    want = attn_ref(pool_ref(q2, (2, 3, 4), (1, 1, 2)), k, v)
+    kinds(lambda *a: libattn.pooled_cross_attention(*a, (2, 3, 4), (1, 1, 2)), (q2, k, v), want)
+    with pytest.raises(libattn.AttnError, match="ratio"):
+        libattn.sra_attention(q, k, v, (4, 6), (3, 3))
+    with pytest.raises(libattn.AttnError, match=r"k->shape\[1\]"):
+        libattn.sra_attention(q, k, v, (5, 6), (1, 1))
+    with pytest.raises(TypeError, match="grid"):
+        libattn.pooled_cross_attention(q2, k, v, 24, (1, 1))
+
+
+@need_grid
+def test_sra_gradcheck():
+    q, k, v = (x.requires_grad_() for x in qkv(1, 12, 2, 1, 3, 2, N=5, dtype=torch.float64))
+    assert gradcheck(lambda *a: lat.sra_attention(*a, (3, 4), (1, 2)), (q, k, v), eps=1e-6,
+                     atol=1e-6)
+
+
+def nbhd_mask(grid, radius):
+    f, y, x = coords(grid)
+    rf, rh, rw = (0,) + tuple(radius) if len(radius) == 2 else radius
+    return (((f[:, None] - f[None]).abs() <= rf) & ((y[:, None] - y[None]).abs() <= rh) &
+            ((x[:, None] - x[None]).abs() <= rw))
+
+
+@need_grid
+def test_neighborhood_forward_backward():
+    q, k, v = qkv(T=35)
+    for grid, radius in (((5, 7), (1, 2)), ((5, 7, 1), (2, 0, 0))):
+        want = attn_ref(q, k, v, nbhd_mask(grid, radius))
+        kinds(lambda *a: libattn.neighborhood_attention(*a, grid, radius, block=8), (q, k, v),
+              want, nc=2)
+    plan = libattn.neighborhood_plan((5, 7), (1, 2), 16, 16)
+    assert 0 < plan.density < 1
+    o, lse = libattn.neighborhood_attention(q, k, v, (5, 7), (1, 2), plan=plan, return_lse=True)
+    assert rel(o, attn_ref(q, k, v, nbhd_mask((5, 7), (1, 2)))) < 1e-5
+    dq, dk, dv = libattn.neighborhood_attention_backward(q, k, v, o, lse, torch.ones_like(o),
+                                                         (5, 7), (1, 2), plan=plan)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    attn_ref(*leaves, nbhd_mask((5, 7), (1, 2))).sum().backward()
+    for g, leaf in zip((dq, dk, dv), leaves):
+        assert rel(g, leaf.grad) < 1e-4
+    with pytest.raises(libattn.AttnError, match="radius"):
+        libattn.neighborhood_attention(q, k, v, (5, 7), (-1, 1))
+    d = qkv(1, 12, 2, 2, 3, 2, dtype=torch.float64)
+    assert gradcheck(lambda *a: lat.neighborhood_attention(*a, (3, 4), (1, 1), block=4),
+                     tuple(x.requires_grad_() for x in d), eps=1e-6, atol=1e-6)
+
+
+def window_of(grid, win):
+    f, y, x = coords(grid)
+    G = (1,) + tuple(grid) if len(grid) == 2 else grid
+    W = (1,) + tuple(win) if len(win) == 2 else win
+    wid = ((f // W[0]) * (G[1] // W[1]) + y // W[1]) * (G[2] // W[2]) + x // W[2]
+    pos = ((f % W[0]) * W[1] + y % W[1]) * W[2] + x % W[2]
+    return wid, pos
+
+
+@need_grid
+def test_hilo_and_global_context():
+    grid, win = (4, 6), (2, 3)
+    q, k, v = qkv(T=24, Hk=4)
+    wid, pos = window_of(grid, win)
+    same = wid[:, None] == wid[None]
+    lo = 1
+    hi = attn_ref(q[:, :, :3], k[:, :, :3], v[:, :, :3], same)
+    low = attn_ref(q[:, :, 3:], pool_ref(k[:, :, 3:], grid, win), pool_ref(v[:, :, 3:], grid, win))
+    want = torch.cat([hi, low], 2)
+    kinds(lambda *a: libattn.hilo_attention(*a, grid, win, lo), (q, k, v), want, nc=0)
+    with pytest.raises(libattn.AttnError, match="lo_heads"):
+        libattn.hilo_attention(q, k, v, grid, win, 5)
+    qg = rnd(2, 6, 4, 8, seed=11)
+    want_l = attn_ref(q, k, v, same)
+    want_g = attn_ref(qg[:, pos], k, v, same)
+    ol, og = kinds(lambda *a: libattn.global_context_attention(*a, grid, win), (q, qg, k, v),
+                   want_l, nc=2)
+    assert rel(og, want_g) < 1e-5
+    with pytest.raises(libattn.AttnError, match="q_global"):
+        libattn.global_context_attention(q, qg[:, :5], k, v, grid, win)
+
+
+@need_grid
+def test_reorderings_and_paro():
+    grid = (2, 3, 4)
+    ref = np.arange(24).reshape(grid)
+    for perm in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+        assert np.array_equal(libattn.grid_axis_index(grid, perm), ref.transpose(perm).ravel())
+    widx = libattn.grid_window_index((4, 6), (2, 3))
+    wid, pos = window_of((4, 6), (2, 3))
+    assert np.array_equal(widx, np.lexsort((pos.numpy(), wid.numpy())))
+    x = rnd(2, 24, 3, 5, seed=1)
+    idx = torch.randperm(24, generator=torch.Generator().manual_seed(2))
+    g = kinds(lambda a: libattn.gather_tokens(a, idx), (x,), x[:, idx])
+    kinds(lambda a: libattn.scatter_tokens(a, idx), (g,), x)
+    with pytest.raises(libattn.AttnError, match="idx"):
+        libattn.gather_tokens(x, np.zeros(24))
+    with pytest.raises(libattn.AttnError, match="perm"):
+        libattn.grid_axis_index(grid, (0, 0, 1))
+    # PARO: the axis order whose sampled rows concentrate the most mass
+    T, H, D, block, keep, samples = 24, 3, 4, 4, 2, 5
+    q, k = rnd(1, T, H, D, seed=3), rnd(1, T, 1, D, seed=4)
+    order = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    want = []
+    for h in range(H):
+        conc = []
+        for perm in order:
+            i = torch.from_numpy(ref.transpose(perm).ravel())
+            rows = [a * T // samples for a in range(samples)]
+            s = (q[0, i[rows], h].double() @ k[0, i, 0].double().T / D ** 0.5).softmax(-1)
+            mass = s.reshape(samples, T // block, block).sum(-1).sort(-1, descending=True)[0]
+            conc.append(mass[:, :keep].sum().item())
+        want.append(order[int(np.argmax(conc))])
+    got = libattn.paro_choose(q, k, grid, block=block, keep=keep, samples=samples)
+    assert got.shape == (H, 3) and [tuple(p) for p in got.tolist()] == want
+    assert np.array_equal(libattn.paro_choose(noncontig(q), k.numpy(), grid, block=block,
+                                              keep=keep, samples=samples), got)
+    with pytest.raises(libattn.AttnError, match="block"):
+        libattn.paro_choose(q, k, grid, block=0)
+
+
+# ---------------------------------------------------------------- SpAtten, CATANet
+
+
+@pytest.mark.skipif(not _tokens.HAS_SPATTEN, reason="no SpAtten in this build")
+@pytest.mark.parametrize("causal", [False, True])
+def test_spatten_importance_top_select(causal):
+    q, k, v = qkv(N=17, T=29)
+    o, lse = libattn.attention(q, k, v, causal=causal, return_lse=True)
+    mask = torch.ones(17, 29, dtype=torch.bool).tril(29 - 17) if causal else None
+    kr = k.double().repeat_interleave(2, 2)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), kr) / 8 ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    want = s.softmax(-1).sum((1, 2))  # [B, M]
+    imp = kinds(lambda a, b, c: libattn.token_importance(a, b, c, causal=causal), (q, k, lse),
+                want, tol=1e-6)
+    assert imp.dtype == torch.float64
+    acc = np.zeros((2, 29))
+    libattn.token_importance(q.numpy(), k.numpy(), lse.numpy(), causal=causal, importance=acc)
+    libattn.token_importance(q.numpy(), k.numpy(), lse.numpy(), causal=causal, importance=acc)
+    assert rel(acc, 2 * want) < 1e-6  # accumulates (the cascade across layers)
+    keep = 7
+    top = libattn.top_tokens(imp[0], keep)
+    ref = np.sort(np.argsort(-imp[0].numpy(), kind="stable")[:keep])
+    assert isinstance(top, torch.Tensor) and np.array_equal(top.numpy(), ref)
+    both = libattn.top_tokens(imp.numpy(), keep)
+    assert both.shape == (2, keep) and np.array_equal(both[0], ref)
+    kinds(lambda x: libattn.select_tokens(x, top), (v,), v[:, top])
+    hi = libattn.head_importance(o)
+    assert rel(hi, o.double().pow(2).sum((1, 3)).sqrt()) < 1e-6
+    with pytest.raises(libattn.AttnError, match="lse"):
+        libattn.token_importance(q, k, lse[:, :1])
+    with pytest.raises(ValueError, match="importance"):
+        libattn.token_importance(q, k, lse, importance=np.zeros((2, 28)))
+    with pytest.raises(libattn.AttnError, match="keep"):
+        libattn.top_tokens(imp[0], 30)
+    with pytest.raises(libattn.AttnError, match="idx"):
+        libattn.select_tokens(v, [0, 29])
+
+
+@pytest.mark.skipif(not _tokens.HAS_CATANET, reason="no CATANet in this build")
+def test_catanet_groups_intra_inter():
+    N, G = 40, 5
+    q, k, v = qkv(B=1, T=N, H=4, Hk=2)
+    feats = rnd(1, N, 1, 3, seed=8)
+    centres = rnd(1, G, 1, 3, seed=9)
+    centres[0, 4] = 50.0  # far from every token: an empty group, left out
+    grp = ((feats[0, :, 0, None] - centres[0, None, :, 0]) ** 2).sum(-1).argmin(1)
+    want_i = attn_ref(q, k, v, grp[:, None] == grp[None])
+    live = [g for g in range(G) if (grp == g).any()]
+    km = torch.stack([k[:, grp == g].double().mean(1) for g in live], 1)
+    vm = torch.stack([v[:, grp == g].double().mean(1) for g in live], 1)
+    size = torch.tensor([(grp == g).sum().item() for g in live], dtype=torch.float64)
+    want_x = attn_ref(q, km, vm, bias=size.log())
+    oi, ox, got = kinds(lambda *a: libattn.catanet_attention(*a, return_groups=True),
+                        (q, k, v, feats, centres), want_i, nc=1)
+    assert rel(ox, want_x) < 1e-5 and torch.equal(got, grp)
+    with pytest.raises(libattn.AttnError, match="feats"):
+        libattn.catanet_attention(q, k, v, feats[:, 1:], centres)
+
+
+# ---------------------------------------------------------------- registry entries
+
+
+def test_grid_of_and_clip():
+    assert mechanisms.grid_of(8192) == (64, 128) and mechanisms.grid_of(4096) == (64, 64)
+    assert mechanisms.grid_of(13) == (1, 13) and mechanisms.grid_of(12) == (3, 4)
+    assert mechanisms._clip((64, 128), 8) == (8, 8) and mechanisms._clip((3, 13), 8) == (3, 1)
+
+
+def test_gla_and_ssd_entries_match_their_recurrences():
+    if not libattn._lib.HAS_LINEAR or not _ssm.HAS_SSD:
+        pytest.skip("no linear engine or SSD in this build")
+    B, T, H, D = 1, 50, 2, 8
+    q, k, v = (rnd(B, T, H, D, seed=s) for s in (1, 2, 3))
+    phi = lambda x: F.elu(x.double()) + 1  # noqa: E731
+    va = torch.cat([v, torch.ones(B, T, H, 1)], -1)
+    oa, _ = gla_ref(phi(q), phi(k), va, F.logsigmoid(k.double()) / 16, scale=1.0)
+    want = oa[..., :-1] / (oa[..., -1:] + 1e-6)
+    assert rel(mechanisms.REGISTRY["gla"].fn(q, k, v, True), want) < 1e-5
+    # causal cross: the first keys as a state
+    assert rel(mechanisms.REGISTRY["gla"].fn(q[:, 20:], k, v, True), want[:, 20:]) < 1e-5
+    x, dt, a, bm, cm = mechanisms.ssd_inputs(q, k, v)
+    ya, _ = ssd_ref(x, dt, a, bm, cm)
+    want = ya[..., :-1] / (ya[..., -1:] + 1e-6)
+    assert rel(mechanisms.REGISTRY["ssd"].fn(q, k, v, True), want) < 1e-5
+    assert rel(mechanisms.REGISTRY["ssd"].fn(q[:, 20:], k, v, True), want[:, 20:]) < 1e-5
+    for name in ("gla", "ssd"):
+        with pytest.raises(ValueError, match="causal"):
+            mechanisms.REGISTRY[name].fn(q, k, v, False)
+
+
+def test_new_entries_declare_their_patterns():
+    new = {"gla", "ssd", "sra", "crosslmm", "neighborhood", "hilo", "global_context", "paro",
+           "spatten", "catanet"}
+    assert new <= set(mechanisms.REGISTRY)
+    for name in new:
+        m = mechanisms.REGISTRY[name]
+        assert m.encoder == ("noncausal-self" in m.patterns), name
+        if m.family == "linear":
+            assert all(p.startswith("causal") for p in m.patterns)
