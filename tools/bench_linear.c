@@ -5,6 +5,8 @@
  * Shapes: --n tokens per sequence, --heads H, --kv-heads Hk, --dim D (key
  * dim; SSD and Mamba: the state size N), --dim-v Dv (SSD: the head dim P).
  * Mamba: --heads is the number of channels E. Q, O, gates f32; K, V dtype.
+ * WERSA: F = 2 D features, 3 levels, weights 1, 0.8, 0.6, 0.4; LLA: lambda
+ * 0.1, the library's blocks (its cost grows as n^2 D^2).
  * rel_err: the op on the first min(n, 128) tokens, on this context and on
  * the reference backend (a causal op's prefix is the same computation at
  * a shorter length). */
@@ -26,7 +28,7 @@ struct linear_state {
 int bench_op_is_linear(bench_op op) {
     return op == BENCH_LINEAR || op == BENCH_LIGHTNING || op == BENCH_GLA ||
            op == BENCH_GLA_BWD || op == BENCH_GLA_DECODE || op == BENCH_SSD ||
-           op == BENCH_MAMBA;
+           op == BENCH_MAMBA || op == BENCH_WERSA || op == BENCH_LLA;
 }
 
 static void say(char *err, size_t errlen, const char *fmt, ...) {
@@ -53,6 +55,15 @@ static void fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) 
     }
 }
 
+enum { WERSA_LEVELS = 3 };
+static const float wersa_weights[WERSA_LEVELS + 1] = {1.0f, 0.8f, 0.6f, 0.4f};
+#define LLA_LAMBDA 0.1f
+
+/* Ops whose --causal flag is honoured (the others are causal). */
+static int takes_causal(bench_op op) {
+    return op == BENCH_LINEAR || op == BENCH_WERSA || op == BENCH_LLA;
+}
+
 /* The engine's default chunk (src/linear/linear.h), for the FLOP count. */
 static double chunk_of(bench_op op) {
     (void)op;
@@ -69,6 +80,16 @@ double linear_flops(const bench_case *c) {
     case BENCH_LINEAR:
         if (!c->causal) return t * h * 4.0 * d * dv;
         break;
+    case BENCH_WERSA: { /* features of q and k (2 F D each), then linear attention on F, Dv + 1 */
+        const double f = 2.0 * d, proj = t * (h + (double)c->kv_heads) * 2.0 * f * d;
+        return proj + t * h * (c->causal ? C * (f + dv + 1) + 4.0 * f * (dv + 1) : 4.0 * f * (dv + 1));
+    }
+    case BENCH_LLA: { /* per visible pair: Q Kᵀ twice, rho Kᵀ, the moments' GEMM, Ω V;
+                         per query a Cholesky solve */
+        const double n = (double)c->n, pairs = c->causal ? n * (n + 1) / 2 : n * n;
+        const double w = d + d * (d + 1) / 2;
+        return (double)c->batch * h * (pairs * (2.0 * w + 6.0 * d + 2.0 * dv) + n * d * d * d / 3.0);
+    }
     default: break;
     }
     /* per token and head: causal half of the C x C scores and of A V, then
@@ -108,7 +129,7 @@ attn_status linear_setup(linear_state **out, attn_ctx *ctx, const bench_case *c,
     s->ctx = ctx;
     s->c = *c;
     s->p = attn_linear_params_default();
-    s->p.causal = c->op == BENCH_LINEAR ? c->causal : 1;
+    s->p.causal = takes_causal(c->op) ? c->causal : 1;
     const double t = (double)c->batch * (double)c->n, H = (double)c->heads,
                  Hk = (double)c->kv_heads, D = (double)c->dim, Dv = (double)c->dim_v;
     const size_t kvs = attn_dtype_size(c->dtype);
@@ -141,7 +162,7 @@ attn_status linear_setup(linear_state **out, attn_ctx *ctx, const bench_case *c,
         fill_random(s->v, ATTN_F32, (size_t)(t * D), seed + 5);
         break;
     default:
-        s->p.gate = c->op == BENCH_LINEAR ? ATTN_GATE_NONE
+        s->p.gate = takes_causal(c->op) ? ATTN_GATE_NONE
                     : c->op == BENCH_LIGHTNING ? ATTN_GATE_HEAD : ATTN_GATE_KEY;
         ok = (s->q = zalloc(t * H * D, 4)) && (s->k = zalloc(t * Hk * D, kvs)) &&
              (s->v = zalloc(t * Hk * Dv, kvs)) && (s->o = zalloc(t * H * Dv, 4)) &&
@@ -232,6 +253,13 @@ static attn_status run_on(linear_state *s, attn_ctx *ctx, int64_t tokens, void *
         return attn_linear_backward(ctx, &s->p, &q, &k, &v, gp, NULL, &dout, NULL, &tdq, &tdk,
                                     &tdv, &tdg, NULL);
     }
+    case BENCH_WERSA: {
+        attn_tensor w = attn_tensor_3d((void *)wersa_weights, ATTN_F32, WERSA_LEVELS + 1, 1, 1);
+        w.ndim = 1;
+        return attn_wersa_forward(ctx, &s->p, (int32_t)(2 * D), WERSA_LEVELS, &w, &q, &k, &v, &to);
+    }
+    case BENCH_LLA:
+        return attn_lla_forward(ctx, &s->p, LLA_LAMBDA, &q, &k, &v, &to);
     default:
         return attn_linear_forward(ctx, &s->p, &q, &k, &v, gp, NULL, &to, &st);
     }
@@ -256,7 +284,7 @@ attn_status linear_rel_err(linear_state *s, attn_ctx *ref, double *rel_err, char
                            size_t errlen) {
     const bench_case *c = &s->c;
     *rel_err = NAN;
-    if (c->op == BENCH_LINEAR && !c->causal && c->n > 128) {
+    if (takes_causal(c->op) && !c->causal && c->n > 128) {
         say(err, errlen, "non-causal: a prefix is not the same computation; not checked");
         return ATTN_ERR_UNSUPPORTED;
     }

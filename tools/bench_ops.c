@@ -36,6 +36,8 @@ const char *bench_op_name(bench_op op) {
     case BENCH_SSD: return "ssd";
     case BENCH_MAMBA: return "mamba";
     case BENCH_EFFICIENCY: return "efficiency";
+    case BENCH_WERSA: return "wersa";
+    case BENCH_LLA: return "lla";
     }
     return "?";
 }

@@ -48,7 +48,10 @@ typedef enum bench_op {
     BENCH_EFFICIENCY = 14,   /* linear, lightning, gla against causal attn_forward, N = 16 .. n */
     /* NSA (bench_sparse.c), causal, beside the dense causal forward/backward */
     BENCH_NSA = 15,          /* compression, selection, the three branches */
-    BENCH_NSA_BWD = 16       /* the backward (after one untimed forward) */
+    BENCH_NSA_BWD = 16,      /* the backward (after one untimed forward) */
+    /* linear-time mechanisms beside the engine (bench_linear.c), --causal or not */
+    BENCH_WERSA = 17,        /* attn_wersa_forward: F = 2 D features, 3 levels */
+    BENCH_LLA = 18           /* attn_lla_forward: lambda 0.1, default blocks (quadratic in n) */
 } bench_op;
 
 const char *bench_op_name(bench_op op);

@@ -69,8 +69,11 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p,
     m->tq = mech_view(m->fq, q), m->tk = mech_view(m->fk, k);
     mech_dense(q, m->fq);
     mech_dense(k, m->fk);
-    for (int64_t i = 0; i < mech_numel(&m->tq); i++) m->fq[i] = phi_of(phi, m->fq[i]);
-    for (int64_t i = 0; i < mech_numel(&m->tk); i++) m->fk[i] = phi_of(phi, m->fk[i]);
+    const int64_t nq = mech_numel(&m->tq), nk = mech_numel(&m->tk);
+    if (phi != ATTN_PHI_IDENTITY) {
+        for (int64_t i = 0; i < nq; i++) m->fq[i] = phi_of(phi, m->fq[i]);
+        for (int64_t i = 0; i < nk; i++) m->fk[i] = phi_of(phi, m->fk[i]);
+    }
     m->tv = mech_view(m->fv, v);
     m->tv.shape[3] = dvx;
     m->tv = mech_view(m->fv, &m->tv);
@@ -169,11 +172,11 @@ attn_status attn_linear_attention_backward(attn_ctx *ctx, const attn_linear_para
         if (st == ATTN_OK) {
             /* through φ: the raw inputs again, dense */
             mech_dense(q, raw);
-            for (int64_t i = 0; i < mech_numel(&m.tq); i++) fdq[i] *= dphi_of(phi, raw[i]);
+            for (int64_t i = 0, n = mech_numel(&m.tq); i < n; i++) fdq[i] *= dphi_of(phi, raw[i]);
             mech_dense(k, raw);
-            for (int64_t i = 0; i < mech_numel(&m.tk); i++) fdk[i] *= dphi_of(phi, raw[i]);
+            for (int64_t i = 0, n = mech_numel(&m.tk); i < n; i++) fdk[i] *= dphi_of(phi, raw[i]);
             if (normalize) /* drop the ones column's gradient */
-                for (int64_t r = 0; r < mech_numel(&m.tv) / dvx; r++)
+                for (int64_t r = 0, n = mech_numel(&m.tv) / dvx; r < n; r++)
                     memmove(fdv + r * Dv, fdv + r * dvx, (size_t)Dv * sizeof(float));
             mech_store_dense(dq, fdq);
             mech_store_dense(dk, fdk);

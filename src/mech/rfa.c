@@ -34,10 +34,29 @@ void mech_rfa_draw(uint64_t seed, int64_t f, int64_t d, float *w) {
     }
 }
 
-/* rows [rows][d] -> u [rows][f] = w x' - |x'|²/2, x' = x * d^{-1/4}. */
-static void project(const float *x, int64_t rows, int64_t d, const float *w, int64_t f,
-                    float *u) {
+/* rows [rows][d] -> u [rows][f] = w x' - |x'|²/2, x' = x * d^{-1/4}. The
+ * reference backend sums in double; the CPU backend runs x (c wᵀ) as GEMMs
+ * of 128 rows (the kernels' gemm, wt [d][f] = c wᵀ of scratch), in parallel. */
+static void project(const attn_ctx *ctx, const float *x, int64_t rows, int64_t d, const float *w,
+                    int64_t f, float *wt, float *u) {
     const double c = pow((double)d, -0.25);
+    if (ctx->backend != ATTN_BACKEND_REF) {
+        for (int64_t i = 0; i < f; i++)
+            for (int64_t e = 0; e < d; e++) wt[e * f + i] = (float)(w[i * d + e] * c);
+        const int64_t blk = 128, nblk = (rows + blk - 1) / blk;
+#pragma omp parallel for num_threads(ctx->threads > 0 ? ctx->threads : 1) schedule(static)
+        for (int64_t b = 0; b < nblk; b++) {
+            const int64_t r0 = b * blk, nr = rows - r0 < blk ? rows - r0 : blk;
+            ctx->kernels->gemm(nr, f, d, x + r0 * d, d, 1, wt, f, u + r0 * f, f, 0, NULL);
+            for (int64_t r = r0; r < r0 + nr; r++) {
+                double sq = 0.0;
+                for (int64_t e = 0; e < d; e++) sq += (x[r * d + e] * c) * (x[r * d + e] * c);
+                const float half = (float)(0.5 * sq);
+                for (int64_t i = 0; i < f; i++) u[r * f + i] -= half;
+            }
+        }
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         double sq = 0.0;
@@ -50,18 +69,28 @@ static void project(const float *x, int64_t rows, int64_t d, const float *w, int
     }
 }
 
-/* u -> e^{u - m} / sqrt(f), m the row's max (per_row) or the max of all. */
-static void features(float *u, int64_t rows, int64_t f, int per_row) {
+/* u -> e^{u - m} / sqrt(f), m the row's max (per_row) or the max of all;
+ * rows in parallel (each row's result depends on nothing else). The CPU
+ * backend exponentiates with the kernels' exp2_rows, the reference with expf. */
+static void features(const attn_ctx *ctx, float *u, int64_t rows, int64_t f, int per_row) {
     float gmax = -INFINITY;
-    for (int64_t x = 0; x < rows * f; x++) gmax = u[x] > gmax ? u[x] : gmax;
-    const float inv = (float)(1.0 / sqrt((double)f));
+    if (!per_row)
+        for (int64_t x = 0; x < rows * f; x++) gmax = u[x] > gmax ? u[x] : gmax;
+    const float inv = (float)(1.0 / sqrt((double)f)), half_log2f = (float)(0.5 * log2((double)f));
+    const attn_kernels *kr = ctx->backend == ATTN_BACKEND_REF ? NULL : ctx->kernels;
+#pragma omp parallel for num_threads(ctx->threads > 0 ? ctx->threads : 1) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float *ur = u + r * f, m = gmax;
         if (per_row) {
             m = -INFINITY;
             for (int64_t i = 0; i < f; i++) m = ur[i] > m ? ur[i] : m;
         }
-        for (int64_t i = 0; i < f; i++) ur[i] = expf(ur[i] - m) * inv;
+        if (kr) {
+            for (int64_t i = 0; i < f; i++) ur[i] -= m;
+            kr->exp2_rows(ur, 1, f, f, 1.4426950408889634f, &half_log2f);
+        } else {
+            for (int64_t i = 0; i < f; i++) ur[i] = expf(ur[i] - m) * inv;
+        }
     }
 }
 
@@ -69,10 +98,13 @@ static void features(float *u, int64_t rows, int64_t f, int per_row) {
 typedef struct rfa_in {
     int64_t D, F, rq, rk;
     float *w, *xq, *xk, *fq, *fk; /* w [F][D]; raw q, k [rows][D]; φ(q), φ(k) [rows][F] */
+    float *wt;                    /* scratch of project: [D][F] */
     attn_tensor tq, tk;
 } rfa_in;
 
-static void rfa_free(rfa_in *m) { free(m->w), free(m->xq), free(m->xk), free(m->fq), free(m->fk); }
+static void rfa_free(rfa_in *m) {
+    free(m->w), free(m->xq), free(m->xk), free(m->fq), free(m->fk), free(m->wt);
+}
 
 static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int32_t nfeat,
                            const attn_tensor *q, const attn_tensor *k, rfa_in *m) {
@@ -88,20 +120,20 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
     m->D = D, m->F = F;
     m->rq = q->shape[0] * q->shape[1] * q->shape[2];
     m->rk = k->shape[0] * k->shape[1] * k->shape[2];
-    m->w = mech_alloc(F, D, 1, 1), m->xq = mech_alloc(m->rq, D, 1, 1);
+    m->w = mech_alloc(F, D, 1, 1), m->wt = mech_alloc(F, D, 1, 1), m->xq = mech_alloc(m->rq, D, 1, 1);
     m->xk = mech_alloc(m->rk, D, 1, 1);
     m->fq = mech_alloc(m->rq, F, 1, 1), m->fk = mech_alloc(m->rk, F, 1, 1);
-    if (!m->w || !m->xq || !m->xk || !m->fq || !m->fk) {
+    if (!m->w || !m->wt || !m->xq || !m->xk || !m->fq || !m->fk) {
         rfa_free(m);
         return attn_err(ATTN_ERR_NOMEM, "random-feature attention: out of memory for the features");
     }
     mech_rfa_draw(ctx->seed, F, D, m->w);
     mech_dense(q, m->xq);
     mech_dense(k, m->xk);
-    project(m->xq, m->rq, D, m->w, F, m->fq);
-    project(m->xk, m->rk, D, m->w, F, m->fk);
-    features(m->fq, m->rq, F, 1); /* a per-query constant cancels in the normaliser */
-    features(m->fk, m->rk, F, 0); /* keys share one constant */
+    project(ctx, m->xq, m->rq, D, m->w, F, m->wt, m->fq);
+    project(ctx, m->xk, m->rk, D, m->w, F, m->wt, m->fk);
+    features(ctx, m->fq, m->rq, F, 1); /* a per-query constant cancels in the normaliser */
+    features(ctx, m->fk, m->rk, F, 0); /* keys share one constant */
     m->tq = attn_tensor_4d(m->fq, ATTN_F32, q->shape[0], q->shape[1], q->shape[2], F);
     m->tk = attn_tensor_4d(m->fk, ATTN_F32, k->shape[0], k->shape[1], k->shape[2], F);
     return ATTN_OK;

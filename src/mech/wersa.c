@@ -33,7 +33,7 @@ typedef struct wersa_in {
     int64_t T, rq, rk;              /* tokens (dim 1); rows of q and k */
     float *xq, *xk, *fq, *fk;       /* raw and filtered q, k [B, T, H(k), D] dense */
     attn_tensor tq, tk;             /* views of fq, fk */
-    double *acc, *da;               /* per thread L x D; per (sequence, head) L + 1 */
+    double *acc, *da;               /* per thread (L + 1) x D; per (sequence, head) L + 1 */
 } wersa_in;
 
 static void wersa_free(wersa_in *m) {
@@ -44,32 +44,42 @@ static void wersa_free(wersa_in *m) {
  * Forward (reverse 0): window sums of the 2^l tokens ending at t; reverse 1:
  * of the 2^l tokens starting at t (the adjoint). y (when not NULL) gets
  * sum_l a_l 2^-l sum; da (when not NULL) gets sum_t dy_t · 2^-l sum_l(t)
- * (da[0]: dy · x). acc: L x D doubles of scratch. */
+ * (da[0]: dy · x). acc: (L + 1) x D doubles of scratch. */
 static void haar_seq(const float *x, int64_t n, int64_t ld, int64_t D, int L, const double *a,
                      int reverse, float *y, const float *dy, double *da, double *acc) {
-    memset(acc, 0, (size_t)(L > 0 ? L : 1) * (size_t)D * sizeof(double));
+    double b[WERSA_MAX_LEVELS + 1]; /* a_l 2^-l */
+    for (int l = 0; l <= L; l++) b[l] = ldexp(a[l], -l);
+    double *v = acc + (int64_t)L * D;
+    memset(acc, 0, (size_t)L * (size_t)D * sizeof(double));
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = reverse ? n - 1 - i : i;
         const float *xt = x + t * ld;
         for (int l = 1; l <= L; l++) {
             const int64_t w = (int64_t)1 << l, out = reverse ? t + w : t - w;
-            const float *xo = out >= 0 && out < n ? x + out * ld : NULL;
             double *s = acc + (int64_t)(l - 1) * D;
-            for (int64_t e = 0; e < D; e++) s[e] += (double)xt[e] - (xo ? (double)xo[e] : 0.0);
-        }
-        if (y)
-            for (int64_t e = 0; e < D; e++) {
-                double v = a[0] * xt[e];
-                for (int l = 1; l <= L; l++) v += a[l] * ldexp(acc[(int64_t)(l - 1) * D + e], -l);
-                y[t * ld + e] = (float)v;
+            if (out >= 0 && out < n) {
+                const float *xo = x + out * ld;
+                for (int64_t e = 0; e < D; e++) s[e] += (double)xt[e] - (double)xo[e];
+            } else {
+                for (int64_t e = 0; e < D; e++) s[e] += (double)xt[e];
             }
+        }
+        if (y) {
+            for (int64_t e = 0; e < D; e++) v[e] = b[0] * xt[e];
+            for (int l = 1; l <= L; l++) {
+                const double *s = acc + (int64_t)(l - 1) * D;
+                for (int64_t e = 0; e < D; e++) v[e] += b[l] * s[e];
+            }
+            for (int64_t e = 0; e < D; e++) y[t * ld + e] = (float)v[e];
+        }
         if (da) {
             const float *g = dy + t * ld;
             for (int64_t e = 0; e < D; e++) da[0] += (double)g[e] * xt[e];
             for (int l = 1; l <= L; l++) {
-                double s = 0.0;
-                for (int64_t e = 0; e < D; e++) s += (double)g[e] * acc[(int64_t)(l - 1) * D + e];
-                da[l] += ldexp(s, -l);
+                const double *s = acc + (int64_t)(l - 1) * D;
+                double sum = 0.0;
+                for (int64_t e = 0; e < D; e++) sum += (double)g[e] * s[e];
+                da[l] += ldexp(sum, -l);
             }
         }
     }
@@ -88,7 +98,7 @@ static void haar_all(const attn_ctx *ctx, const wersa_in *m, const float *x, int
     for (int64_t task = 0; task < tasks; task++) {
         const lin_seq s = lin_problem_seq(pr, task / heads);
         const int64_t h = task % heads, off = ((s.tb * m->T + s.t0) * heads + h) * D;
-        double *mine = acc + (int64_t)omp_get_thread_num() * (L > 0 ? L : 1) * D;
+        double *mine = acc + (int64_t)omp_get_thread_num() * (L + 1) * D;
         double *dat = da ? da + task * (L + 1) : NULL;
         if (dat) memset(dat, 0, (size_t)(L + 1) * sizeof(double));
         haar_seq(x + off, s.n, heads * D, D, m->L, m->a, reverse, y ? y + off : NULL,
@@ -128,7 +138,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
     const int64_t heads = m->pr.h > m->pr.hk ? m->pr.h : m->pr.hk;
     m->xq = mech_alloc(m->rq, D, 1, 1), m->fq = mech_alloc(m->rq, D, 1, 1);
     m->xk = mech_alloc(m->rk, D, 1, 1), m->fk = mech_alloc(m->rk, D, 1, 1);
-    m->acc = (double *)mech_alloc(threads_of(ctx), levels > 0 ? levels : 1, D, 2);
+    m->acc = (double *)mech_alloc(threads_of(ctx), levels + 1, D, 2);
     m->da = (double *)mech_alloc(m->pr.batch, heads, levels + 1, 2);
     if (!m->xq || !m->fq || !m->xk || !m->fk || !m->acc || !m->da) {
         wersa_free(m);
