@@ -164,6 +164,22 @@ def test_ssd_forward_state_backward():
         libattn.ssd(x, dt, a, bm[:, :, :1].expand(-1, -1, 3, -1), cm[:, :, :1].expand(-1, -1, 3, -1))
 
 
+@pytest.mark.skipif(not (_ssm.HAS_SSD and _ssm.HAS_MAMBA), reason="no SSD or Mamba scan")
+def test_ssd_and_mamba_gradcheck():
+    """float64 in, but both ops compute in float32 inside (their copies of
+    the inputs are f32, as their C comments say): a coarser step and
+    tolerance than the other gradchecks."""
+    d = dict(dtype=torch.float64)
+    args = [z.requires_grad_() for z in ssd_inputs(1, 7, 2, 3, 1, 4, dtype=torch.float64)]
+    assert gradcheck(lat.ssd, args, eps=1e-3, atol=1e-3, rtol=1e-3)
+    B, T, E, N = 1, 7, 3, 4
+    args = [rnd(B, T, E, seed=1, **d), F.softplus(rnd(B, T, E, seed=2, **d)),
+            -rnd(E, N, seed=3, **d).abs(), rnd(B, T, N, seed=4, **d), rnd(B, T, N, seed=5, **d),
+            rnd(E, seed=6, **d)]
+    assert gradcheck(lat.mamba_scan, [z.requires_grad_() for z in args], eps=1e-3, atol=1e-3,
+                     rtol=1e-3)
+
+
 def mamba_ref(x, delta, a, bm, cm, dskip=None):
     B, T, E = x.shape
     x, delta, a, bm, cm = (z.double() for z in (x, delta, a, bm, cm))
