@@ -161,7 +161,8 @@ def test_ssd_forward_state_backward():
     with pytest.raises(libattn.AttnError, match="dt->shape"):
         libattn.ssd(x, dt[:, 1:], a, bm, cm)
     with pytest.raises(libattn.AttnError, match="groups"):
-        libattn.ssd(x, dt, a, bm[:, :, :1].expand(-1, -1, 3, -1), cm[:, :, :1].expand(-1, -1, 3, -1))
+        three = [z[:, :, :1].expand(-1, -1, 3, -1) for z in (bm, cm)]
+        libattn.ssd(x, dt, a, *three)
 
 
 @pytest.mark.skipif(not (_ssm.HAS_SSD and _ssm.HAS_MAMBA), reason="no SSD or Mamba scan")

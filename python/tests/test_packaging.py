@@ -32,6 +32,7 @@ def test_root_and_python_pyproject_agree():
     assert libattn.__version__ == ps["version"]
     skr, sks = root["tool"]["scikit-build"], sub["tool"]["scikit-build"]
     assert skr["cmake"]["source-dir"] == "." and sks["cmake"]["source-dir"] == ".."
-    assert skr["wheel"]["packages"] == ["python/libattn"] and sks["wheel"]["packages"] == ["libattn"]
+    assert skr["wheel"]["packages"] == ["python/libattn"]
+    assert sks["wheel"]["packages"] == ["libattn"]
     assert skr["wheel"]["install-dir"] == sks["wheel"]["install-dir"] == "libattn"
     assert skr["cmake"]["define"] == sks["cmake"]["define"]
