@@ -133,13 +133,6 @@ static void test_edges(void) {
     tu_free(&q2), tu_free(&k2), tu_free(&v2), tu_free(&o2), tu_free(&w2);
 }
 
-#define EXPECT(call, status, word)                                                        \
-    do {                                                                                  \
-        attn_status st_ = (call);                                                         \
-        CHECK(st_ == (status) && strstr(attn_last_error(), word), "%s: got %s (%s)", #call, \
-              attn_status_str(st_), attn_last_error());                                   \
-    } while (0)
-
 static void test_bad_args(void) {
     tu_case("lla bad arguments");
     tu_buf q = tu_alloc(ATTN_F32, 1, 8, 4, 4), k = tu_alloc(ATTN_F32, 1, 8, 2, 4),
@@ -148,28 +141,28 @@ static void test_bad_args(void) {
            obad = tu_alloc(ATTN_F32, 1, 8, 4, 4);
     attn_linear_params p = attn_linear_params_default();
     attn_ctx *c = g_ctx[0];
-    EXPECT(attn_lla_forward(c, &p, 0.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
-    EXPECT(attn_lla_forward(c, &p, -1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
-    EXPECT(attn_lla_forward(c, &p, NAN, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
-    EXPECT(attn_lla_forward(c, &p, INFINITY, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
-    EXPECT(attn_lla_forward(NULL, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "ctx");
-    EXPECT(attn_lla_forward(c, NULL, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "params");
-    EXPECT(attn_lla_forward(c, &p, 1.0f, NULL, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "q");
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, NULL), ATTN_ERR_NULL, "o");
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &obad.t), ATTN_ERR_SHAPE, "o");
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k3.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "divide");
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "v->shape");
+    CHECK_ERR(attn_lla_forward(c, &p, 0.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    CHECK_ERR(attn_lla_forward(c, &p, -1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    CHECK_ERR(attn_lla_forward(c, &p, NAN, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    CHECK_ERR(attn_lla_forward(c, &p, INFINITY, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "lambda");
+    CHECK_ERR(attn_lla_forward(NULL, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "ctx");
+    CHECK_ERR(attn_lla_forward(c, NULL, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "params");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, NULL, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "q");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, NULL), ATTN_ERR_NULL, "o");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &obad.t), ATTN_ERR_SHAPE, "o");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k3.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "divide");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v3.t, &o.t), ATTN_ERR_SHAPE, "v->shape");
     attn_tensor alias = o.t;
     alias.data = q.mem;
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &alias), ATTN_ERR_ALIAS, "o");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &alias), ATTN_ERR_ALIAS, "o");
     p.gate = ATTN_GATE_HEAD;
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "gate");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "gate");
     p = attn_linear_params_default();
     p.chunk = 5000;
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "chunk");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "chunk");
     p = attn_linear_params_default();
     p.scale = -1.0f;
-    EXPECT(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "scale");
+    CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "scale");
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&k3), tu_free(&v3), tu_free(&obad);
 }
 

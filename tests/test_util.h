@@ -65,6 +65,15 @@ static TU_UNUSED TU_PRINTF(4, 5) int tu_check(int ok, const char *file, int line
               attn_last_error());                                                     \
     } while (0)
 
+/* CHECK_ERR(call, status, word): the call returned that error status and
+ * attn_last_error() names `word` (the argument or the rule). */
+#define CHECK_ERR(call, status, word)                                                     \
+    do {                                                                                  \
+        attn_status st_ = (call);                                                         \
+        CHECK(st_ == (status) && strstr(attn_last_error(), word), "%s: got %s (%s)", #call, \
+              attn_status_str(st_), attn_last_error());                                   \
+    } while (0)
+
 /* Prints "name: P passed, F failed"; returns main()'s exit code. */
 static TU_UNUSED int tu_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, tu_passed, tu_failed);

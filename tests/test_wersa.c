@@ -193,13 +193,6 @@ static void test_grad(int causal) {
     tu_free(&dout), tu_free(&o);
 }
 
-#define EXPECT(call, status, word)                                                        \
-    do {                                                                                  \
-        attn_status st_ = (call);                                                         \
-        CHECK(st_ == (status) && strstr(attn_last_error(), word), "%s: got %s (%s)", #call, \
-              attn_status_str(st_), attn_last_error());                                   \
-    } while (0)
-
 static void test_bad_args(void) {
     tu_case("wersa bad arguments");
     tu_rng r = {tu_seed(SALT, 400)};
@@ -210,31 +203,31 @@ static void test_bad_args(void) {
            dv = tu_alloc(ATTN_F32, 1, 8, 2, 3), dw = weights_of(&r, 2);
     attn_linear_params p = attn_linear_params_default();
     attn_ctx *c = g_ctx[0];
-    EXPECT(attn_wersa_forward(c, &p, 0, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "features");
-    EXPECT(attn_wersa_forward(c, &p, 5000, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "features");
-    EXPECT(attn_wersa_forward(c, &p, 8, -1, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "levels");
-    EXPECT(attn_wersa_forward(c, &p, 8, 21, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "levels");
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, &w3.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_SHAPE, "weights");
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, NULL, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "weights");
+    CHECK_ERR(attn_wersa_forward(c, &p, 0, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "features");
+    CHECK_ERR(attn_wersa_forward(c, &p, 5000, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "features");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, -1, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "levels");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 21, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "levels");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, &w3.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_SHAPE, "weights");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, NULL, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "weights");
     ((float *)w.mem)[1] = NAN;
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "weights[1]");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "weights[1]");
     ((float *)w.mem)[1] = 1.0f;
-    EXPECT(attn_wersa_forward(NULL, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "ctx");
-    EXPECT(attn_wersa_forward(c, NULL, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "params");
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &obad.t), ATTN_ERR_SHAPE, "o");
+    CHECK_ERR(attn_wersa_forward(NULL, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "ctx");
+    CHECK_ERR(attn_wersa_forward(c, NULL, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_NULL, "params");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &obad.t), ATTN_ERR_SHAPE, "o");
     attn_tensor alias = o.t;
     alias.data = v.mem;
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &alias), ATTN_ERR_ALIAS, "o");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &alias), ATTN_ERR_ALIAS, "o");
     p.gate = ATTN_GATE_HEAD;
-    EXPECT(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "gate");
+    CHECK_ERR(attn_wersa_forward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "gate");
     p = attn_linear_params_default();
-    EXPECT(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t, &w3.t),
+    CHECK_ERR(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t, &w3.t),
            ATTN_ERR_SHAPE, "dweights");
-    EXPECT(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t, &w.t),
+    CHECK_ERR(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t, &w.t),
            ATTN_ERR_ALIAS, "dweights");
-    EXPECT(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, NULL, &dk.t, &dv.t, &dw.t),
+    CHECK_ERR(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, NULL, &dk.t, &dv.t, &dw.t),
            ATTN_ERR_NULL, "dq");
-    EXPECT(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &obad.t, &dq.t, &dk.t, &dv.t, &dw.t),
+    CHECK_ERR(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &obad.t, &dq.t, &dk.t, &dv.t, &dw.t),
            ATTN_ERR_SHAPE, "dout");
     CHECK_OK(attn_wersa_backward(c, &p, 8, 2, &w.t, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t, &dw.t));
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&obad), tu_free(&w), tu_free(&w3);
