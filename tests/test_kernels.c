@@ -19,6 +19,11 @@
  *   qk_heads        |err| <= 1e-5 * sum |q||k|  (k as stored: f32, f16 or bf16)
  *   pv_heads        |err| <= 1e-5 * (|o| + sum |p||v|)
  *   axpy            |err| <= 1e-6 * (|a x| + |y|)
+ *   transpose       bit-exact
+ *   key_gate_chunk  the products with e^{±b}: exp_tol(b log2 e) relative (b
+ *                   summed in double and rounded to f32 as the contract
+ *                   says); krt 1e-6 relative to kt * plast; the out-of-range
+ *                   report exact
  *   conversions     bit-exact with attn_f16_to_f32 & co. of attn.h (for NaN
  *                   payloads see STRICT_NAN_PAYLOADS)
  * Exact: -inf logits give p = 0, a column with only -inf logits (and m = -inf)
@@ -710,6 +715,103 @@ static void test_axpy(const table *t) {
         }
 }
 
+/* ------------------------------------------------------------ transpose, key_gate_chunk */
+
+static void test_transpose(const table *t) {
+    static const int64_t shp[][2] = {{1, 1}, {1, 17}, {16, 16}, {5, 128}, {16, 60},
+                                     {17, 33}, {50, 8}, {31, 100}};
+    uint64_t idx = 7500;
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++) {
+        const int64_t rows = shp[i][0], cols = shp[i][1];
+        tu_rng rng = {tu_seed(SALT, idx++)};
+        const int64_t lds = cols + tu_int(&rng, 0, 3), ldd = rows + tu_int(&rng, 0, 3);
+        float *src = falloc((rows - 1) * lds + cols), *dst = falloc(cols * ldd);
+        ffill(src, (rows - 1) * lds + cols, NAN);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++) src[r * lds + c] = frand(&rng, -1, 1);
+        fsent(dst, cols * ldd);
+        t->k->transpose(src, lds, rows, cols, dst, ldd);
+        tu_case("%s transpose %lldx%lld lds=%lld ldd=%lld", t->name, (long long)rows,
+                (long long)cols, (long long)lds, (long long)ldd);
+        int64_t bad = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++) bad += fbits(dst[c * ldd + r]) != fbits(src[r * lds + c]);
+        CHECK(bad == 0, "%lld elements differ", (long long)bad);
+        CHECK(pad_changed(dst, cols, rows, ldd, cols * ldd) == 0, "padding changed");
+        xfree(src), xfree(dst);
+    }
+}
+
+/* Against double: b summed in double from the clamped gates, then the
+ * products with exp2 of b rounded to f32 (tolerance exp_tol of the
+ * exponent, two of them for krt). */
+static void key_gate_case(const table *t, uint64_t idx, int64_t n, int64_t d, double glo,
+                          double ghi, int minus_inf, int expect_ok) {
+    tu_rng rng = {tu_seed(SALT, idx)};
+    const int64_t ldg = d + tu_int(&rng, 0, 3), ldq = d + tu_int(&rng, 0, 3),
+                  ldk = d + tu_int(&rng, 0, 3), ldt = n + tu_int(&rng, 0, 3);
+    const float floor_ = -1e4f, range = 20.0f, scale = 0.3f;
+    float *g = falloc(n * ldg), *q = falloc(n * ldq), *k = falloc(n * ldk);
+    float *qp = falloc(n * d), *kt = falloc(d * ldt), *krt = falloc(d * ldt), *pl = falloc(d);
+    float *ke = falloc(n * d);
+    double *bsum = xmalloc((size_t)d * sizeof(double));
+    ffill(g, n * ldg, NAN), ffill(q, n * ldq, NAN), ffill(k, n * ldk, NAN);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t x = 0; x < d; x++) {
+            g[i * ldg + x] = frand(&rng, glo, ghi);
+            q[i * ldq + x] = frand(&rng, -1, 1);
+            k[i * ldk + x] = frand(&rng, -1, 1);
+        }
+    if (minus_inf) g[(n - 1) * ldg + d / 2] = -INFINITY; /* the floor: out of range */
+    fsent(kt, d * ldt), fsent(krt, d * ldt);
+    int ok = t->k->key_gate_chunk(n, d, g, ldg, q, ldq, k, ldk, scale, floor_, range, qp, kt,
+                                  krt, ldt, pl, ke, bsum);
+    tu_case("%s key_gate_chunk n=%lld d=%lld gates [%g, %g]", t->name, (long long)n,
+            (long long)d, glo, ghi);
+    CHECK(ok == expect_ok, "returned %d, expected %d", ok, expect_ok);
+    if (ok) {
+        int64_t bad = 0;
+        double *b = xmalloc((size_t)d * sizeof(double));
+        for (int64_t x = 0; x < d; x++) b[x] = 0.0;
+        const double l2e = 1.4426950408889634;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t x = 0; x < d; x++) {
+                const double gx = g[i * ldg + x];
+                b[x] += gx < floor_ ? floor_ : gx;
+                const double bl = (double)(float)b[x] * l2e;
+                const double p = exp2(bl), e = exp2(-bl), pn = i == n - 1 ? p : 0;
+                const double rq = scale * (double)q[i * ldq + x] * p, rk = k[i * ldk + x] * e;
+                bad += !(fabs(qp[i * d + x] - rq) <= exp_tol(bl) * fabs(rq) + 1e-30);
+                bad += !(fabs(kt[x * ldt + i] - rk) <= exp_tol(bl) * fabs(rk) + 1e-30);
+                if (i == n - 1) bad += !(fabs(pl[x] - pn) <= exp_tol(bl) * pn);
+            }
+        for (int64_t x = 0; x < d; x++)
+            for (int64_t i = 0; i < n; i++) {
+                const double rk = (double)kt[x * ldt + i] * pl[x];
+                bad += !(fabs(krt[x * ldt + i] - rk) <= 1e-6 * fabs(rk) + 1e-30);
+            }
+        CHECK(bad == 0, "%lld values outside tolerance", (long long)bad);
+        CHECK(pad_changed(kt, d, n, ldt, d * ldt) == 0, "kt padding changed");
+        CHECK(pad_changed(krt, d, n, ldt, d * ldt) == 0, "krt padding changed");
+        xfree(b);
+    }
+    xfree(g), xfree(q), xfree(k), xfree(qp), xfree(kt), xfree(krt), xfree(pl), xfree(ke);
+    xfree(bsum);
+}
+
+static void test_key_gate_chunk(const table *t) {
+    static const int64_t shp[][2] = {{1, 1}, {1, 16}, {16, 128}, {5, 17}, {16, 60},
+                                     {3, 33}, {50, 8}, {24, 100}};
+    uint64_t idx = 7600;
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++) {
+        const int64_t n = shp[i][0], d = shp[i][1];
+        key_gate_case(t, idx++, n, d, -0.3, 0.3, 0, 1);   /* within range, both signs */
+        key_gate_case(t, idx++, n, d, -0.01, 0.0, 0, 1);  /* gates near 1 */
+        key_gate_case(t, idx++, n, d, -0.3, 0.3, 1, 0);   /* a gate of 0 (log -inf) */
+        if (n >= 16) key_gate_case(t, idx++, n, d, -2.5, -1.5, 0, 0); /* decays past e^-20 */
+    }
+}
+
 /* ------------------------------------------------------------ qk_heads, pv_heads */
 
 static const attn_dtype CACHE_KINDS[] = {ATTN_F32, ATTN_F16, ATTN_BF16};
@@ -1035,6 +1137,8 @@ int main(void) {
         test_dot(t);
         test_heads(t);
         test_axpy(t);
+        test_transpose(t);
+        test_key_gate_chunk(t);
         test_conversions(t);
         printf("  %-7s %s\n", t->name, tu_failed == before ? "ok" : "FAILED");
     }

@@ -69,6 +69,26 @@ typedef struct attn_kernels {
     /* y[i] += a * x[i]. */
     void (*axpy)(int64_t n, float a, const float *x, float *y);
 
+    /* dst[c][r] = src[r][c] on a rows x cols tile (leading dims lds, ldd). */
+    void (*transpose)(const float *src, int64_t lds, int64_t rows, int64_t cols, float *dst,
+                      int64_t ldd);
+
+    /* One chunk of per-key-dim gates for the chunked linear engine (GLA):
+     * n rows of log gates g, queries q and keys k ([n][d], leading dims
+     * ldg, ldq, ldk). With b_i = sum_{t<=i} max(g_t, gate_floor), summed
+     * in double and rounded once to f32,
+     *   qp[i][x]  = scale q_ix 2^(b_ix log2 e)      ([n][d], leading dim d)
+     *   kt[x][i]  = k_ix 2^(-b_ix log2 e)           ([d][n], leading dim ldt)
+     *   krt[x][i] = kt[x][i] plast[x],  plast[x] = 2^(b_{n-1,x} log2 e).
+     * Returns 0, the outputs unspecified, when some |b_ix| >= range (the
+     * split e^{b} e^{-b} would leave f32's range: the caller takes its
+     * general path); else 1. A NaN gate passes and propagates.
+     * Scratch: ke [n][d] floats, bsum [d] doubles. */
+    int (*key_gate_chunk)(int64_t n, int64_t d, const float *g, int64_t ldg, const float *q,
+                          int64_t ldq, const float *k, int64_t ldk, float scale,
+                          float gate_floor, float range, float *qp, float *kt, float *krt,
+                          int64_t ldt, float *plast, float *ke, double *bsum);
+
     /* Conversions of contiguous runs. */
     void (*f16_to_f32)(const uint16_t *src, float *dst, int64_t n);
     void (*bf16_to_f32)(const uint16_t *src, float *dst, int64_t n);
@@ -84,6 +104,16 @@ extern const attn_kernels attn_kernels_avx512;
 #if defined(__aarch64__)
 extern const attn_kernels attn_kernels_neon;
 #endif
+
+/* Portable versions (kernels_scalar.c) that the tables without a
+ * specialised one share. */
+void attn_transpose_portable(const float *src, int64_t lds, int64_t rows, int64_t cols,
+                             float *dst, int64_t ldd);
+int attn_key_gate_chunk_portable(int64_t n, int64_t d, const float *g, int64_t ldg,
+                                 const float *q, int64_t ldq, const float *k, int64_t ldk,
+                                 float scale, float gate_floor, float range, float *qp,
+                                 float *kt, float *krt, int64_t ldt, float *plast, float *ke,
+                                 double *bsum);
 
 /* The table for an ISA this build has, or NULL. */
 const attn_kernels *attn_kernels_for(attn_isa isa);

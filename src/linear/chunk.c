@@ -31,6 +31,7 @@ lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p) {
     c.qp = scratch_take(s, (size_t)(C * d));
     c.kr = scratch_take(s, (size_t)(C * d));
     c.w = scratch_take(s, (size_t)d);
+    c.ps = scratch_take(s, (size_t)C);
     return c;
 }
 
@@ -38,14 +39,7 @@ lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p) {
  * denormal arithmetic, and the value they stand for is 0 in f32 anyway. */
 static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
 
-/* Log gates below this are e^g = 0 in f32 and in the products; clamping
- * keeps differences of cumulated logs finite when g = -inf. */
-#define GATE_FLOOR (-1e4)
 #define LOG2E 1.4426950408889634f
-/* |cumulated log gate| below which the split e^{b_i} e^{-b_j} is used: both
- * factors stay normal f32 (e^{±20}), and b rounded to f32 before the
- * exponential costs at most 20 x 2^-24 = 1.2e-6 relative per factor */
-#define KEYFAST_RANGE 20.0
 
 /* Ask for rows [r0, r0 + n) of head h of t: rows of one head lie H x D
  * elements apart, a stride the hardware prefetchers do not follow. */
@@ -54,6 +48,18 @@ static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t 
     const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
     for (int64_t r = 0; r < n; r++)
         for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
+}
+
+void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int64_t r0,
+                        int64_t n, const attn_tensor *q, const attn_tensor *k,
+                        const attn_tensor *v, const attn_tensor *g) {
+    if (r0 + n >= sq->n) return;
+    const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r0 + n;
+    const int64_t n2 = r0 + 2 * n <= sq->n ? n : sq->n - r0 - n;
+    if (q) prefetch_rows(q, sq->tb, row, n2, h);
+    prefetch_rows(k, sq->tb, row, n2, hk);
+    prefetch_rows(v, sq->tb, row, n2, hk);
+    if (p->gate == ATTN_GATE_KEY) prefetch_rows(g, sq->tb, row, n2, h);
 }
 
 void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
@@ -65,19 +71,34 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
     if (q) rows_load_block(kr, q, attn_off4(q, sq->tb, row, h, 0), q->stride[1], n, d, c->q, d);
     rows_load_block(kr, k, attn_off4(k, sq->tb, row, hk, 0), k->stride[1], n, d, c->k, d);
     rows_load_block(kr, v, attn_off4(v, sq->tb, row, hk, 0), v->stride[1], n, dv, c->v, dv);
-    if (r0 + n < sq->n) { /* the next chunk, loaded next */
-        const int64_t n2 = r0 + 2 * n <= sq->n ? n : sq->n - r0 - n;
-        if (q) prefetch_rows(q, sq->tb, row + n, n2, h);
-        prefetch_rows(k, sq->tb, row + n, n2, hk);
-        prefetch_rows(v, sq->tb, row + n, n2, hk);
-        if (p->gate == ATTN_GATE_KEY) prefetch_rows(g, sq->tb, row + n, n2, h);
-    }
+    lin_chunk_prefetch(p, sq, h, r0, n, q, k, v, g);
     if (q)
         for (int64_t x = 0; x < n * d; x++) c->q[x] *= p->scale;
     if (dg == 1)
         for (int64_t i = 0; i < n; i++)
             for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->k[i * d + x];
+    lin_chunk_gates(kr, p, sq, h, r0, n, g, c);
+    if (c->keyfast) { /* K ⊙ e^{-b} and its transpose */
+        for (int64_t x = 0; x < n * d; x++) c->ki[x] = c->k[x] * c->ib[x];
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->ki[i * d + x];
+    }
 
+    /* Q ⊙ P and K ⊙ R, the gate broadcast over d when scalar */
+    const int64_t gs = dg == 1 ? 0 : 1; /* gate stride along x */
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict pi = c->pp + i * dg, *restrict ri = c->rr + i * dg;
+        const float *restrict qi = c->q + i * d, *restrict ki = c->k + i * d;
+        float *restrict qpi = c->qp + i * d, *restrict kri = c->kr + i * d;
+        if (q)
+            for (int64_t x = 0; x < d; x++) qpi[x] = qi[x] * pi[x * gs];
+        for (int64_t x = 0; x < d; x++) kri[x] = ki[x] * ri[x * gs];
+    }
+}
+
+void lin_chunk_gates(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
+                     int64_t h, int64_t r0, int64_t n, const attn_tensor *g, lin_chunk *c) {
+    const int64_t d = p->d, dg = c->dg, C = c->c, row = sq->t0 + r0;
     /* log gates into b (double), clamped at GATE_FLOOR */
     double *b = c->b;
     switch (p->gate) {
@@ -94,14 +115,19 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
         break;
     case ATTN_GATE_KEY:
         rows_load_block(kr, g, attn_off4(g, sq->tb, row, h, 0), g->stride[1], n, d, c->a, d);
-        for (int64_t x = 0; x < n * d; x++) b[x] = c->a[x];
+        for (int64_t x = 0; x < n * d; x++) { /* a max in f32, so that it vectorises */
+            const float ax = c->a[x];
+            c->a[x] = (float)GATE_FLOOR > ax ? (float)GATE_FLOOR : ax; /* NaN stays */
+            b[x] = c->a[x];
+        }
         break;
     }
     for (int64_t i = 0; i < n; i++) c->zero[i] = 0.0f;
-    for (int64_t x = 0; x < n * dg; x++) {
-        if (!(b[x] >= GATE_FLOOR)) b[x] = b[x] != b[x] ? b[x] : GATE_FLOOR; /* NaN stays */
-        c->a[x] = (float)b[x];
-    }
+    if (dg == 1)
+        for (int64_t i = 0; i < n; i++) {
+            if (!(b[i] >= GATE_FLOOR)) b[i] = b[i] != b[i] ? b[i] : GATE_FLOOR; /* NaN stays */
+            c->a[i] = (float)b[i];
+        }
     for (int64_t i = 1; i < n; i++) /* cumulate */
         for (int64_t x = 0; x < dg; x++) b[i * dg + x] += b[(i - 1) * dg + x];
     const double *blast = b + (n - 1) * dg;
@@ -112,6 +138,15 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
             pi[x] = (float)bi[x];
             ri[x] = (float)(blast[x] - bi[x]);
         }
+    }
+    int keyfast = 0;
+    if (dg > 1) {
+        /* on the f32 copy of b (still logs), with an OR of 32-bit flags and
+         * no early exit, so that it vectorises; a NaN fails neither test,
+         * and the products carry it either way */
+        int32_t out = 0;
+        for (int64_t x = 0; x < n * dg; x++) out |= fabsf(c->pp[x]) >= (float)KEYFAST_RANGE;
+        keyfast = !out;
     }
     /* contiguous tiles go to exp2_rows as one row: no per-row tails */
     kr->exp2_rows(c->pp, 1, n * dg, n * dg, LOG2E, c->zero);
@@ -128,29 +163,18 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
     for (int64_t x = 0; x < d; x++) c->plast[x] = c->pp[(n - 1) * dg + (dg == 1 ? 0 : x)];
     c->keyfast = 0;
     if (dg > 1) {
-        int out = 0; /* an OR without early exit, so that it vectorises */
-        for (int64_t x = 0; x < n * dg; x++)
-            out |= (b[x] <= -KEYFAST_RANGE) | (b[x] >= KEYFAST_RANGE);
-        c->keyfast = !out;
+        c->keyfast = keyfast;
         if (!c->keyfast) kr->exp2_rows(c->a, 1, n * dg, n * dg, LOG2E, c->zero); /* a = e^g */
     }
-    if (c->keyfast) { /* K ⊙ e^{-b} and its transpose */
-        for (int64_t x = 0; x < n * d; x++) c->ib[x] = (float)-b[x];
-        kr->exp2_rows(c->ib, 1, n * d, n * d, LOG2E, c->zero);
-        for (int64_t x = 0; x < n * d; x++) c->ki[x] = c->k[x] * c->ib[x];
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t x = 0; x < d; x++) c->kt[x * C + i] = c->ki[i * d + x];
-    }
-
-    /* Q ⊙ P and K ⊙ R, the gate broadcast over d when scalar */
-    const int64_t gs = dg == 1 ? 0 : 1; /* gate stride along x */
-    for (int64_t i = 0; i < n; i++) {
-        const float *restrict pi = c->pp + i * dg, *restrict ri = c->rr + i * dg;
-        const float *restrict qi = c->q + i * d, *restrict ki = c->k + i * d;
-        float *restrict qpi = c->qp + i * d, *restrict kri = c->kr + i * d;
-        if (q)
-            for (int64_t x = 0; x < d; x++) qpi[x] = qi[x] * pi[x * gs];
-        for (int64_t x = 0; x < d; x++) kri[x] = ki[x] * ri[x * gs];
+    if (c->keyfast) { /* e^{-b_i} = R_i e^{-b_last} */
+        float *elast = c->w;
+        for (int64_t x = 0; x < d; x++) elast[x] = (float)-blast[x];
+        kr->exp2_rows(elast, 1, d, d, LOG2E, c->zero);
+        for (int64_t i = 0; i < n; i++) {
+            const float *restrict ri = c->rr + i * d;
+            float *restrict ibi = c->ib + i * d;
+            for (int64_t x = 0; x < d; x++) ibi[x] = ri[x] * elast[x];
+        }
     }
 }
 

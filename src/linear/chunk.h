@@ -26,6 +26,14 @@
 #include "engine/rows.h"
 #include "linear.h"
 
+/* Log gates below this are e^g = 0 in f32 and in the products; clamping
+ * keeps differences of cumulated logs finite when g = -inf. */
+#define GATE_FLOOR (-1e4)
+/* |cumulated log gate| below which the split e^{b_i} e^{-b_j} is used: both
+ * factors stay normal f32 (e^{±20}), and b rounded to f32 before the
+ * exponential costs at most 20 x 2^-24 = 1.2e-6 relative per factor */
+#define KEYFAST_RANGE 20.0
+
 typedef struct lin_chunk {
     int64_t c, d, dv, dg; /* chunk capacity; dims; gate width (1 or d) */
     float *q;   /* [c][d]   scale * q */
@@ -47,6 +55,7 @@ typedef struct lin_chunk {
     float *qp;  /* [c][d]   Q ⊙ P */
     float *kr;  /* [c][d]   K ⊙ R */
     float *w;   /* [d]      running product */
+    float *ps;  /* [c]      row scales (the forward's scale P) */
 } lin_chunk;
 
 /* Carve the chunk buffers (base NULL: only count). */
@@ -59,6 +68,16 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
                     int64_t h, int64_t r0, int64_t n, const attn_tensor *q,
                     const attn_tensor *k, const attn_tensor *v, const attn_tensor *g,
                     lin_chunk *c);
+
+/* The gates of rows [r0, r0 + n) alone: b, a, P, R, W, plast, keyfast and,
+ * when keyfast, ib = e^{-b}. */
+void lin_chunk_gates(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
+                     int64_t h, int64_t r0, int64_t n, const attn_tensor *g, lin_chunk *c);
+
+/* Ask for the rows of the chunk after [r0, r0 + n) of head h (q may be NULL). */
+void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int64_t r0,
+                        int64_t n, const attn_tensor *q, const attn_tensor *k,
+                        const attn_tensor *v, const attn_tensor *g);
 
 /* sc = the masked decayed scores A [n][n] (leading dim c). */
 void lin_chunk_scores(const attn_kernels *kr, const lin_problem *p, int64_t n, lin_chunk *c);

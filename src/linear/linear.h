@@ -34,6 +34,22 @@ static inline int64_t lin_default_chunk(int64_t d, int64_t dv, attn_gate gate) {
     return 16;
 }
 
+/* Query heads per engine task. The rows of consecutive heads of one token
+ * lie next to each other ([T][H][D]), so a task that walks the chunks of a
+ * group of heads together reads contiguous runs of group x D elements: far
+ * fewer pages per chunk than one head's rows H x D apart, and runs the
+ * hardware prefetchers follow. The group's states stay in cache (at most
+ * 256 KiB of them, measured below), and there are at least as many tasks as
+ * threads. */
+static inline int64_t lin_head_group(const lin_problem *p, int threads) {
+    const int64_t state_floats = p->d * p->dv, budget = 65536; /* floats = 256 KiB */
+    int64_t groups = state_floats >= budget ? p->h : (p->h * state_floats + budget - 1) / budget;
+    const int64_t want = (threads + p->batch - 1) / p->batch; /* groups per sequence */
+    if (groups < want) groups = want;
+    if (groups > p->h) groups = p->h;
+    return (p->h + groups - 1) / groups;
+}
+
 /* Where sequence b lives: index along dim 0 of q/k/v/o/g, first row along
  * dim 1, token count; its state is state[b]. */
 typedef struct lin_seq {

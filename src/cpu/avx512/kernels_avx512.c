@@ -499,6 +499,109 @@ static void axpy(int64_t n, float a, const float *x, float *y) {
     }
 }
 
+/* ---------------------------------------------------------------- transpose */
+
+/* t[16] rows in, the 16 columns out: pairs, quads, then 128-bit lanes. */
+static ALWAYS_INLINE void transpose16(__m512 *t) {
+    __m512 a[16], b[16], c[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]);
+    }
+    /* b[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3 */
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        b[4 * i + 0] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+        b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+        b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+        b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        c[j] = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x88);
+        c[4 + j] = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xDD);
+        c[8 + j] = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88);
+        c[12 + j] = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xDD);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; m++) {
+        t[m] = _mm512_shuffle_f32x4(c[m], c[8 + m], 0x88);
+        t[8 + m] = _mm512_shuffle_f32x4(c[m], c[8 + m], 0xDD);
+    }
+}
+
+static void transpose(const float *src, int64_t lds, int64_t rows, int64_t cols, float *dst,
+                      int64_t ldd) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+        const __mmask16 mr = tail_mask(nr);
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+            const int64_t nc = cols - c0 < 16 ? cols - c0 : 16;
+            const __mmask16 mc = tail_mask(nc);
+            __m512 t[16];
+            for (int64_t i = 0; i < 16; i++) {
+                const float *row = src + (r0 + i) * lds + c0;
+                t[i] = i >= nr ? _mm512_setzero_ps()
+                       : nc == 16 ? _mm512_loadu_ps(row) : _mm512_maskz_loadu_ps(mc, row);
+            }
+            transpose16(t);
+            for (int64_t j = 0; j < nc; j++) _mm512_mask_storeu_ps(dst + (c0 + j) * ldd + r0, mr, t[j]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- linear gates */
+
+static int key_gate_chunk(int64_t n, int64_t d, const float *g, int64_t ldg, const float *q,
+                          int64_t ldq, const float *k, int64_t ldk, float scale,
+                          float gate_floor, float range, float *qp, float *kt, float *krt,
+                          int64_t ldt, float *plast, float *ke, double *bsum) {
+    const __m512 vfloor = _mm512_set1_ps(gate_floor), vscale = _mm512_set1_ps(scale);
+    const __m512 l2e = _mm512_set1_ps(1.4426950408889634f), vrange = _mm512_set1_ps(range);
+    __mmask16 bad = 0;
+    for (int64_t x = 0; x < d; x++) bsum[x] = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t x0 = 0; x0 < d; x0 += 16) {
+            const __mmask16 mk = tail_mask(d - x0);
+            const __mmask8 mlo = (__mmask8)mk, mhi = (__mmask8)(mk >> 8);
+            __m512 gv = mk == 0xffff ? _mm512_loadu_ps(g + i * ldg + x0)
+                                     : _mm512_maskz_loadu_ps(mk, g + i * ldg + x0);
+            gv = _mm512_max_ps(vfloor, gv); /* NaN in gv survives (2nd operand) */
+            __m512d lo = _mm512_maskz_loadu_pd(mlo, bsum + x0);
+            __m512d hi = _mm512_maskz_loadu_pd(mhi, bsum + x0 + 8);
+            lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(gv)));
+            hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(
+                                       _mm512_extractf64x4_pd(_mm512_castps_pd(gv), 1))));
+            _mm512_mask_storeu_pd(bsum + x0, mlo, lo);
+            _mm512_mask_storeu_pd(bsum + x0 + 8, mhi, hi);
+            const __m512 b = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
+                                                _mm512_cvtpd_ps(hi), 1);
+            bad |= _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(b), vrange, _CMP_GE_OQ);
+            const __m512 bl = _mm512_mul_ps(b, l2e);
+            const __m512 pb = exp2v(bl), eb = exp2v(_mm512_sub_ps(_mm512_setzero_ps(), bl));
+            const __m512 qv = mk == 0xffff ? _mm512_loadu_ps(q + i * ldq + x0)
+                                           : _mm512_maskz_loadu_ps(mk, q + i * ldq + x0);
+            const __m512 kv = mk == 0xffff ? _mm512_loadu_ps(k + i * ldk + x0)
+                                           : _mm512_maskz_loadu_ps(mk, k + i * ldk + x0);
+            _mm512_mask_storeu_ps(qp + i * d + x0, mk, _mm512_mul_ps(_mm512_mul_ps(vscale, qv), pb));
+            _mm512_mask_storeu_ps(ke + i * d + x0, mk, _mm512_mul_ps(kv, eb));
+            if (i == n - 1) _mm512_mask_storeu_ps(plast + x0, mk, pb);
+        }
+    }
+    if (bad) return 0;
+    transpose(ke, d, n, d, kt, ldt);
+    for (int64_t x = 0; x < d; x++) {
+        const __m512 px = _mm512_set1_ps(plast[x]);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const __mmask16 mk = tail_mask(n - i0);
+            _mm512_mask_storeu_ps(krt + x * ldt + i0, mk,
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, kt + x * ldt + i0), px));
+        }
+    }
+    return 1;
+}
+
 static void f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -560,6 +663,8 @@ const attn_kernels attn_kernels_avx512 = {
     .qk_heads = qk_heads,
     .pv_heads = pv_heads,
     .axpy = axpy,
+    .transpose = transpose,
+    .key_gate_chunk = key_gate_chunk,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,
     .f32_to_f16 = f32_to_f16,

@@ -119,6 +119,39 @@ static void axpy(int64_t n, float a, const float *x, float *y) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+void attn_transpose_portable(const float *src, int64_t lds, int64_t rows, int64_t cols,
+                             float *dst, int64_t ldd) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) /* 16-column strips stay in cache */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = c0; c < cols && c < c0 + 16; c++) dst[c * ldd + r] = src[r * lds + c];
+}
+
+int attn_key_gate_chunk_portable(int64_t n, int64_t d, const float *g, int64_t ldg,
+                                 const float *q, int64_t ldq, const float *k, int64_t ldk,
+                                 float scale, float gate_floor, float range, float *qp,
+                                 float *kt, float *krt, int64_t ldt, float *plast, float *ke,
+                                 double *bsum) {
+    const float log2e = 1.4426950408889634f;
+    int bad = 0;
+    for (int64_t x = 0; x < d; x++) bsum[x] = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t x = 0; x < d; x++) {
+            const float gx = g[i * ldg + x];
+            bsum[x] += gate_floor > gx ? gate_floor : gx; /* NaN stays */
+            const float b = (float)bsum[x];
+            bad |= fabsf(b) >= range;
+            const float pb = exp2f(b * log2e);
+            qp[i * d + x] = scale * q[i * ldq + x] * pb;
+            ke[i * d + x] = k[i * ldk + x] * exp2f(-b * log2e);
+            if (i == n - 1) plast[x] = pb;
+        }
+    if (bad) return 0;
+    attn_transpose_portable(ke, d, n, d, kt, ldt);
+    for (int64_t x = 0; x < d; x++)
+        for (int64_t i = 0; i < n; i++) krt[x * ldt + i] = kt[x * ldt + i] * plast[x];
+    return 1;
+}
+
 static void f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = attn_f16_to_f32(src[i]);
 }
@@ -144,6 +177,8 @@ const attn_kernels attn_kernels_scalar = {
     .qk_heads = qk_heads,
     .pv_heads = pv_heads,
     .axpy = axpy,
+    .transpose = attn_transpose_portable,
+    .key_gate_chunk = attn_key_gate_chunk_portable,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,
     .f32_to_f16 = f32_to_f16,
