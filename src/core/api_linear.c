@@ -147,14 +147,20 @@ attn_status lin_check_inputs(const attn_ctx *ctx, const attn_linear_params *p,
     return check_problem(ctx, p, q, k, v, out);
 }
 
-attn_status attn_linear_forward(attn_ctx *ctx, const attn_linear_params *p,
-                                const attn_tensor *q, const attn_tensor *k,
-                                const attn_tensor *v, const attn_tensor *g,
-                                const attn_tensor *state_in, attn_tensor *o,
-                                attn_tensor *state_out) {
+static attn_status forward(attn_ctx *ctx, const attn_linear_params *p, const attn_tensor *q,
+                           const attn_tensor *k, const attn_tensor *v, const attn_tensor *g,
+                           const attn_tensor *state_in, attn_tensor *o, attn_tensor *state_out,
+                           const float *vrow, const float *skip) {
     CHECK(begin(ctx));
     lin_problem pr;
     CHECK(check_problem(ctx, p, q, k, v, &pr));
+    if (vrow || skip) { /* internal callers only: a misuse is a bug, said plainly */
+        if (is_ref(ctx) || !pr.causal || (vrow && pr.gate == ATTN_GATE_KEY))
+            return attn_err(ATTN_ERR_UNSUPPORTED,
+                            "folded v scales run on the CPU engine, causal, scalar gates only");
+        pr.vrow = vrow;
+        pr.skip = skip;
+    }
     bool ref = is_ref(ctx);
     CHECK(check_gate("g", g, ref, &pr, q));
     if (state_in) CHECK(check_state("state_in", state_in, ref, &pr));
@@ -168,6 +174,22 @@ attn_status attn_linear_forward(attn_ctx *ctx, const attn_linear_params *p,
     }
     if (ref) return ref_linear_forward(&pr, q, k, v, g, state_in, o, state_out);
     return linear_engine_forward(ctx, &pr, q, k, v, g, state_in, o, state_out);
+}
+
+attn_status attn_linear_forward(attn_ctx *ctx, const attn_linear_params *p,
+                                const attn_tensor *q, const attn_tensor *k,
+                                const attn_tensor *v, const attn_tensor *g,
+                                const attn_tensor *state_in, attn_tensor *o,
+                                attn_tensor *state_out) {
+    return forward(ctx, p, q, k, v, g, state_in, o, state_out, NULL, NULL);
+}
+
+attn_status linear_forward_folded(attn_ctx *ctx, const attn_linear_params *p,
+                                  const attn_tensor *q, const attn_tensor *k,
+                                  const attn_tensor *v, const attn_tensor *g,
+                                  const attn_tensor *state_in, attn_tensor *o,
+                                  attn_tensor *state_out, const float *vrow, const float *skip) {
+    return forward(ctx, p, q, k, v, g, state_in, o, state_out, vrow, skip);
 }
 
 attn_status attn_linear_backward(attn_ctx *ctx, const attn_linear_params *p,

@@ -32,6 +32,7 @@ lin_chunk lin_chunk_carve(scratch *s, const lin_problem *p) {
     c.kr = scratch_take(s, (size_t)(C * d));
     c.w = scratch_take(s, (size_t)d);
     c.ps = scratch_take(s, (size_t)C);
+    c.cs = scratch_take(s, (size_t)C);
     return c;
 }
 

@@ -56,6 +56,7 @@ typedef struct lin_chunk {
     float *kr;  /* [c][d]   K ⊙ R */
     float *w;   /* [d]      running product */
     float *ps;  /* [c]      row scales (the forward's scale P) */
+    float *cs;  /* [c]      column scales (the forward's v row scales) */
 } lin_chunk;
 
 /* Carve the chunk buffers (base NULL: only count). */

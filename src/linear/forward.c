@@ -85,34 +85,41 @@ static void causal_chunk(const attn_kernels *kr, const lin_problem *p, const lin
             kr->gemm(n, dv, n, c->sc, C, 1, c->v, dv, od, ldo, 0, NULL);  /* A V */
             kr->gemm(n, dv, d, c->qp, d, 1, s, dv, od, ldo, 1, NULL);     /* + (Q⊙P) S */
             kr->gemm(d, dv, n, c->kr, 1, d, c->v, dv, s, dv, 1, c->plast);
-            if (od == bf->o) store_rows(kr, p, sq, h, r0, n, bf->o, o);
-            return;
+            krt = NULL; /* the state is updated */
+        } else {
+            kr->gemm(n, n, d, c->qp, d, 1, kt, C, c->sc, C, 0, NULL);
+            lin_chunk_mask(n, c->sc, C);
+            kr->gemm(n, dv, n, c->sc, C, 1, vr, ldv, od, ldo, 0, NULL); /* A V */
+            kr->gemm(n, dv, d, c->qp, d, 1, s, dv, od, ldo, 1, NULL);   /* + (Q⊙P) S */
         }
-        kr->gemm(n, n, d, c->qp, d, 1, kt, C, c->sc, C, 0, NULL);
-        lin_chunk_mask(n, c->sc, C);
-        kr->gemm(n, dv, n, c->sc, C, 1, vr, ldv, od, ldo, 0, NULL); /* A V */
-        kr->gemm(n, dv, d, c->qp, d, 1, s, dv, od, ldo, 1, NULL);   /* + (Q⊙P) S */
     } else {
         lin_chunk_prefetch(p, sq, h, r0, n, q, k, v, g);
         lin_chunk_gates(kr, p, sq, h, r0, n, g, c);
         kr->transpose(kk, ldk, n, d, kt, C);
         kr->gemm(n, n, d, qr, ldq, 1, kt, C, c->sc, C, 0, NULL);
         lin_chunk_decay_tile(p, n, c, c->sc, C);
-        float *ps = c->ps; /* scale P_i, the rows' scale of Q S */
+        /* v's row scales (vrow) fold into the columns of A and of (K ⊙ R)ᵀ */
+        float *ps = c->ps, *cs = c->cs; /* scale P_i; the columns' scale */
+        const float *vs = p->vrow ? p->vrow + (sq->tb * p->t + row) * p->h + h : NULL;
+        for (int64_t j = 0; j < n; j++) cs[j] = vs ? vs[j * p->h] : 1.0f;
         for (int64_t i = 0; i < n; i++) {
             ps[i] = p->scale * c->pp[i];
-            for (int64_t j = 0; j <= i; j++) c->sc[i * C + j] *= p->scale;
+            for (int64_t j = 0; j <= i; j++) c->sc[i * C + j] *= p->scale * cs[j];
         }
         kr->gemm(n, dv, d, qr, ldq, 1, s, dv, od, ldo, 0, NULL);  /* Q S */
         kr->gemm(n, dv, n, c->sc, C, 1, vr, ldv, od, ldo, 0, ps); /* scale P ⊙ . + A V */
-        if (p->gate == ATTN_GATE_NONE)
+        if (p->gate == ATTN_GATE_NONE && !vs) {
             krt = kt;
-        else
+        } else {
+            for (int64_t j = 0; j < n; j++) cs[j] *= c->rr[j];
             for (int64_t x = 0; x < d; x++)
-                for (int64_t i = 0; i < n; i++) krt[x * C + i] = kt[x * C + i] * c->rr[i];
+                for (int64_t i = 0; i < n; i++) krt[x * C + i] = kt[x * C + i] * cs[i];
+        }
     }
+    if (p->skip) /* o += skip v, while both are in cache */
+        for (int64_t i = 0; i < n; i++) kr->axpy(dv, p->skip[h], vr + i * ldv, od + i * ldo);
     /* S = diag(P_last) S + (K ⊙ R)ᵀ V */
-    kr->gemm(d, dv, n, krt, C, 1, vr, ldv, s, dv, 1, c->plast);
+    if (krt) kr->gemm(d, dv, n, krt, C, 1, vr, ldv, s, dv, 1, c->plast);
     if (od == bf->o) store_rows(kr, p, sq, h, r0, n, bf->o, o);
 }
 

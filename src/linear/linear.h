@@ -16,6 +16,12 @@ typedef struct lin_problem {
     attn_gate gate;
     int64_t chunk;          /* resolved: >= 1 */
     const int32_t *cu;      /* varlen offsets, or NULL */
+    /* Folded into the CPU forward by mechanisms (SSD), NULL when unused;
+     * causal only, and neither the reference nor the backward takes them:
+     *   vrow [rows][H] (dense f32, a row per tensor row): v row (t, h) is
+     *       taken as vrow[t][h] v[t, h];
+     *   skip [H]: o[t, h] += skip[h] v[t, h] (v as given). */
+    const float *vrow, *skip;
 } lin_problem;
 
 /* Tokens per chunk when the caller leaves it to the engine. Per token the
@@ -110,6 +116,14 @@ attn_status ref_linear_state_compose(const attn_tensor *decay1, const attn_tenso
 attn_status lin_check_inputs(const attn_ctx *ctx, const attn_linear_params *p,
                              const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
                              lin_problem *out);
+
+/* attn_linear_forward on the CPU engine with vrow and skip folded in (see
+ * lin_problem); validates as attn_linear_forward does. Causal only. */
+attn_status linear_forward_folded(attn_ctx *ctx, const attn_linear_params *p,
+                                  const attn_tensor *q, const attn_tensor *k,
+                                  const attn_tensor *v, const attn_tensor *g,
+                                  const attn_tensor *state_in, attn_tensor *o,
+                                  attn_tensor *state_out, const float *vrow, const float *skip);
 
 /* The CPU engine (src/linear/). */
 attn_status linear_engine_forward(const attn_ctx *ctx, const lin_problem *p,

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "linear/linear.h"
 #include "mech.h"
 
 #define CHECK(expr)                     \
@@ -30,9 +31,11 @@ static void ssd_free(ssd_in *s) {
     free(s->fg);
 }
 
+/* fold: the forward on the CPU engine, which takes v = x with dt as its row
+ * scales (lin_problem.vrow): no dt x copy. */
 static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn_tensor *dt,
                            const attn_tensor *a, const attn_tensor *bm, const attn_tensor *cm,
-                           const attn_tensor *dskip, ssd_in *s) {
+                           const attn_tensor *dskip, bool fold, ssd_in *s) {
     memset(s, 0, sizeof *s);
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
     CHECK(attn_check_tensor("x", x, 4, ref, false));
@@ -54,18 +57,18 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
      * caller's tensors (head stride 0 or theirs); else copies per head */
     const bool view = G == 1 || G == H;
     const float *xin = mech_contiguous_f32(x);
-    s->fx = xin ? NULL : mech_alloc(B, T, H, P);
+    s->fx = xin || fold ? NULL : mech_alloc(B, T, H, P);
     s->fdt = mech_alloc(B, T, H, 1), s->fa = mech_alloc(H, 1, 1, 1);
     s->fds = dskip ? mech_alloc(H, 1, 1, 1) : NULL;
     s->fq = view ? NULL : mech_alloc(B, T, H, N), s->fk = view ? NULL : mech_alloc(B, T, H, N);
-    s->fv = mech_alloc(B, T, H, P), s->fg = mech_alloc(B, T, H, 1);
-    if ((!xin && !s->fx) || !s->fdt || !s->fa || (dskip && !s->fds) ||
-        (!view && (!s->fq || !s->fk)) || !s->fv || !s->fg) {
+    s->fv = fold ? NULL : mech_alloc(B, T, H, P), s->fg = mech_alloc(B, T, H, 1);
+    if ((!xin && !fold && !s->fx) || !s->fdt || !s->fa || (dskip && !s->fds) ||
+        (!view && (!s->fq || !s->fk)) || (!fold && !s->fv) || !s->fg) {
         ssd_free(s);
         return attn_err(ATTN_ERR_NOMEM, "ssd: out of memory for its copies");
     }
-    if (!xin) mech_dense(x, s->fx);
-    s->xs = xin ? xin : s->fx;
+    if (s->fx) mech_dense(x, s->fx);
+    s->xs = xin ? xin : s->fx; /* NULL when folding a strided x: the engine reads x */
     mech_dense(dt, s->fdt);
     mech_dense(a, s->fa);
     if (dskip) mech_dense(dskip, s->fds);
@@ -100,9 +103,10 @@ static attn_status prepare(const attn_ctx *ctx, const attn_tensor *x, const attn
     for (int64_t r = 0; r < B * T * H; r++) {
         const float d = s->fdt[r];
         s->fg[r] = d * s->fa[r % H]; /* the log gate dt * A */
-        for (int64_t e = 0; e < P; e++) s->fv[r * P + e] = d * s->xs[r * P + e];
+        if (!fold)
+            for (int64_t e = 0; e < P; e++) s->fv[r * P + e] = d * s->xs[r * P + e];
     }
-    s->tv = attn_tensor_4d(s->fv, ATTN_F32, B, T, H, P);
+    s->tv = fold ? *x : attn_tensor_4d(s->fv, ATTN_F32, B, T, H, P);
     s->tg = attn_tensor_3d(s->fg, ATTN_F32, B, T, H);
     return ATTN_OK;
 }
@@ -126,7 +130,8 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
     const char *names[] = {"x", "dt", "a", "bm", "cm", "dskip", "state_in", "state_out"};
     CHECK(attn_check_output("y", y, ins, names, 8));
     ssd_in s;
-    CHECK(prepare(ctx, x, dt, a, bm, cm, dskip, &s));
+    const bool fold = !ref; /* the CPU engine takes dt and the skip itself */
+    CHECK(prepare(ctx, x, dt, a, bm, cm, dskip, fold, &s));
     const int64_t rows = s.B * s.T * s.H, P = s.P;
     attn_status st = attn_check_shape("y", y, s.B, s.T, s.H, P);
     /* y is written in place when it is contiguous f32 */
@@ -137,15 +142,20 @@ attn_status attn_ssd_forward(attn_ctx *ctx, const attn_tensor *x, const attn_ten
         float *os = yout ? yout : fo;
         attn_tensor to = attn_tensor_4d(os, ATTN_F32, s.B, s.T, s.H, P);
         attn_linear_params p = engine_params();
-        st = attn_linear_forward(ctx, &p, &s.tq, &s.tk, &s.tv, &s.tg, state_in, &to, state_out);
-        if (st == ATTN_OK) { /* y = o + Dskip x */
+        if (fold)
+            st = linear_forward_folded(ctx, &p, &s.tq, &s.tk, &s.tv, &s.tg, state_in, &to,
+                                       state_out, s.fdt, s.fds);
+        else
+            st = attn_linear_forward(ctx, &p, &s.tq, &s.tk, &s.tv, &s.tg, state_in, &to,
+                                     state_out);
+        if (st == ATTN_OK && !fold) { /* y = o + Dskip x */
             const int threads = ctx->threads;
             if (s.fds)
 #pragma omp parallel for num_threads(threads) schedule(static)
                 for (int64_t r = 0; r < rows; r++)
                     for (int64_t e = 0; e < P; e++) os[r * P + e] += s.fds[r % s.H] * s.xs[r * P + e];
-            if (!yout) mech_store_dense(y, fo);
         }
+        if (st == ATTN_OK && !yout) mech_store_dense(y, fo);
     }
     free(fo);
     ssd_free(&s);
@@ -164,7 +174,7 @@ attn_status attn_ssd_backward(attn_ctx *ctx, const attn_tensor *x, const attn_te
     if ((dskip == NULL) != (ddskip == NULL))
         return attn_err(ATTN_ERR_ARG, "dskip and ddskip must be given together");
     ssd_in s;
-    CHECK(prepare(ctx, x, dt, a, bm, cm, dskip, &s));
+    CHECK(prepare(ctx, x, dt, a, bm, cm, dskip, false, &s));
     const int64_t B = s.B, T = s.T, H = s.H, P = s.P, G = s.G, N = s.N, rows = B * T * H;
     const bool ref = ctx->backend == ATTN_BACKEND_REF;
     const attn_tensor *all[] = {x, dt, a, bm, cm, dskip, state_in, dy, dstate_out,
