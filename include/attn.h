@@ -757,6 +757,13 @@ ATTN_API attn_status attn_wersa_backward(attn_ctx *ctx, const attn_linear_params
 ATTN_API attn_status attn_lla_forward(attn_ctx *ctx, const attn_linear_params *p, float lambda,
                                       const attn_tensor *q, const attn_tensor *k,
                                       const attn_tensor *v, attn_tensor *o);
+/* Its backward (the forward's passes recomputed, then a pass for the
+ * regression's adjoint y = Sigma^-1 z and one for the gradients): dout like
+ * o; dq, dk, dv like q, k, v (dk, dv summed over the heads of a GQA group). */
+ATTN_API attn_status attn_lla_backward(attn_ctx *ctx, const attn_linear_params *p, float lambda,
+                                       const attn_tensor *q, const attn_tensor *k,
+                                       const attn_tensor *v, const attn_tensor *dout,
+                                       attn_tensor *dq, attn_tensor *dk, attn_tensor *dv);
 
 /* Mamba selective scan (Mamba-1, diagonal A): per channel c of E,
  *   h_t = e^{Δ_tc A_c} ⊙ h_{t-1} + Δ_tc B_t x_tc,  y_tc = C_t · h_t + Dskip_c x_tc,

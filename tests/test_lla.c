@@ -1,10 +1,13 @@
-/* Local Linear Attention (attn_lla_forward): the blockwise CPU path against
- * the double reference backend on fresh random inputs (odd lengths, D = 1,
- * odd D, Dv != D, GQA, blocks that do not divide T, causal and not, varlen),
- * bitwise equal for 1 and 2 threads; two properties of the estimator
- * checked from its definition (a large lambda is softmax attention; values
- * affine in the keys are reproduced at the query: the local linear fit has
- * no bias there); edge cases and bad arguments.
+/* Local Linear Attention (attn_lla_forward, attn_lla_backward): the
+ * blockwise CPU path against the double reference backend on fresh random
+ * inputs (odd lengths, D = 1, odd D, Dv != D, GQA, blocks that do not divide
+ * T, causal and not, varlen, an empty sequence), bitwise equal for 1 and 2
+ * threads; the reference backward against finite differences of the
+ * reference forward and the CPU backward against it (check_grad); two
+ * properties of the estimator checked from its definition (a large lambda
+ * is softmax attention; values affine in the keys are reproduced at the
+ * query: the local linear fit has no bias there); edge cases and bad
+ * arguments.
  * Tolerances (f32 against double): rel RMS 2e-5, max abs 1e-4 * (max|ref| + 1)
  * (measured worst: 4.4e-6 and 2.4e-5 at lambda 0.02, inputs in [-2, 2]):
  * rho solves a D x D system whose condition number reaches (|k|² + lambda) /
@@ -46,6 +49,71 @@ static void check_case(int idx, lla_case c) {
     }
     CHECK(tu_same_bits(&o[0], &o[1]), "2 threads and 1 thread differ");
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want), tu_free(&o[0]), tu_free(&o[1]);
+}
+
+/* The reference backward against central differences of the reference
+ * forward (when fd; f64 inputs, step 1e-6, within 1e-7 (|fd| + 1), measured
+ * worst 1.2e-9); then the CPU backward against the reference backward on the
+ * same case (f32 inputs; rel RMS 2e-5, max abs 1e-4 (max|ref| + 1), measured
+ * worst 3.1e-7 and 8.4e-7), bitwise equal for 1 and 2 threads. */
+static void check_grad(int idx, lla_case c, int fd) {
+    tu_case("lla backward B=%lld T=%lld H=%lld Hk=%lld D=%lld Dv=%lld causal=%d blk=%d varlen=%d "
+            "lambda=%g", (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.Hk,
+            (long long)c.D, (long long)c.Dv, c.causal, c.blk, c.varlen, (double)c.lambda);
+    tu_rng r = {tu_seed(SALT, 500 + (uint64_t)idx)};
+    const int64_t dims[3][2] = {{c.H, c.D}, {c.Hk, c.D}, {c.Hk, c.Dv}};
+    tu_buf x[3], x32[3], gr[3], gc[2][3];
+    for (int i = 0; i < 3; i++) {
+        x32[i] = tu_alloc(ATTN_F32, c.B, c.T, dims[i][0], dims[i][1]);
+        tu_fill(&x32[i].t, &r, -c.amp, c.amp);
+        if (i == 2) tu_fill(&x32[i].t, &r, -1, 1);
+        x[i] = tu_alloc(ATTN_F64, c.B, c.T, dims[i][0], dims[i][1]);
+        tu_copy(&x[i].t, &x32[i].t);
+        gr[i] = tu_alloc(ATTN_F64, c.B, c.T, dims[i][0], dims[i][1]);
+        for (int t = 0; t < 2; t++) gc[t][i] = tu_alloc(ATTN_F32, c.B, c.T, dims[i][0], dims[i][1]);
+    }
+    tu_buf dout = tu_alloc(ATTN_F32, c.B, c.T, c.H, c.Dv), d64 = tu_alloc(ATTN_F64, c.B, c.T, c.H, c.Dv);
+    tu_buf o = tu_alloc(ATTN_F64, c.B, c.T, c.H, c.Dv);
+    tu_fill(&dout.t, &r, -1, 1);
+    tu_copy(&d64.t, &dout.t);
+    int32_t cu[4] = {0, (int32_t)(c.T / 3), (int32_t)(c.T / 3), (int32_t)c.T};
+    attn_linear_params p = attn_linear_params_default();
+    p.causal = c.causal;
+    p.chunk = c.blk;
+    if (c.varlen) p.batch = 3, p.cu_seqlens = cu;
+    CHECK_OK(attn_lla_backward(g_ctx[2], &p, c.lambda, &x[0].t, &x[1].t, &x[2].t, &d64.t, &gr[0].t,
+                               &gr[1].t, &gr[2].t));
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3 && fd; i++) {
+        double worst = 0;
+        for (int64_t j = 0; j < tu_numel(&x[i].t); j++) {
+            double *e = (double *)x[i].mem + j, keep = *e, l[2];
+            for (int sgn = 0; sgn < 2; sgn++) {
+                *e = keep + (sgn ? -1e-6 : 1e-6);
+                CHECK_OK(attn_lla_forward(g_ctx[2], &p, c.lambda, &x[0].t, &x[1].t, &x[2].t, &o.t));
+                l[sgn] = 0;
+                for (int64_t t = 0; t < tu_numel(&o.t); t++)
+                    l[sgn] += ((double *)o.mem)[t] * ((double *)d64.mem)[t];
+            }
+            *e = keep;
+            double fd = (l[0] - l[1]) / 2e-6, got = ((double *)gr[i].mem)[j];
+            double err = fabs(fd - got) / (fabs(fd) + 1);
+            if (err > worst) worst = err;
+        }
+        CHECK(worst <= 1e-7, "%s: finite differences differ by %.3g", names[i], worst);
+    }
+    for (int t = 0; t < 2; t++) {
+        CHECK_OK(attn_lla_backward(g_ctx[t], &p, c.lambda, &x32[0].t, &x32[1].t, &x32[2].t, &dout.t,
+                                   &gc[t][0].t, &gc[t][1].t, &gc[t][2].t));
+        for (int i = 0; i < 3; i++) CHECK_CLOSE(names[i], &gc[t][i].t, &gr[i].t, 2e-5, 1e-4);
+    }
+    for (int i = 0; i < 3; i++)
+        CHECK(tu_same_bits(&gc[0][i], &gc[1][i]), "%s: 2 threads and 1 thread differ", names[i]);
+    for (int i = 0; i < 3; i++) {
+        tu_free(&x[i]), tu_free(&x32[i]), tu_free(&gr[i]);
+        for (int t = 0; t < 2; t++) tu_free(&gc[t][i]);
+    }
+    tu_free(&dout), tu_free(&d64), tu_free(&o);
 }
 
 /* lambda -> inf: rho -> 0 and o is softmax attention. */
@@ -163,7 +231,24 @@ static void test_bad_args(void) {
     p = attn_linear_params_default();
     p.scale = -1.0f;
     CHECK_ERR(attn_lla_forward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t), ATTN_ERR_ARG, "scale");
+    p = attn_linear_params_default();
+    tu_buf dq = tu_alloc(ATTN_F32, 1, 8, 4, 4), dk = tu_alloc(ATTN_F32, 1, 8, 2, 4),
+           dv = tu_alloc(ATTN_F32, 1, 8, 2, 3);
+    CHECK_OK(attn_lla_backward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t));
+    CHECK_ERR(attn_lla_backward(c, &p, 0.0f, &q.t, &k.t, &v.t, &o.t, &dq.t, &dk.t, &dv.t),
+              ATTN_ERR_ARG, "lambda");
+    CHECK_ERR(attn_lla_backward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t, NULL, &dk.t, &dv.t),
+              ATTN_ERR_NULL, "dq");
+    CHECK_ERR(attn_lla_backward(c, &p, 1.0f, &q.t, &k.t, &v.t, &obad.t, &dq.t, &dk.t, &dv.t),
+              ATTN_ERR_SHAPE, "dout");
+    CHECK_ERR(attn_lla_backward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t, &dq.t, &dq.t, &dv.t),
+              ATTN_ERR_SHAPE, "dk");
+    alias = dk.t;
+    alias.data = dq.mem;
+    CHECK_ERR(attn_lla_backward(c, &p, 1.0f, &q.t, &k.t, &v.t, &o.t, &dq.t, &alias, &dv.t),
+              ATTN_ERR_ALIAS, "dk");
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&k3), tu_free(&v3), tu_free(&obad);
+    tu_free(&dq), tu_free(&dk), tu_free(&dv);
 }
 
 int main(void) {
@@ -183,6 +268,16 @@ int main(void) {
         {1, 64, 2, 2, 4, 4, 1, 1, 0, 0.02f, 2.0},
     };
     for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) check_case(i, cases[i]);
+    const lla_case grads[] = {
+        /* B  T   H  Hk D  Dv causal blk varlen lambda amp */
+        {2, 19, 4, 2, 3, 2, 1, 8, 0, 0.1f, 1.0},
+        {1, 17, 2, 1, 5, 3, 0, 7, 0, 0.3f, 1.0},
+        {1, 21, 2, 2, 1, 2, 1, 0, 1, 0.05f, 1.0},
+        {1, 21, 1, 1, 4, 4, 0, 5, 1, 1.0f, 1.5},
+        {2, 75, 4, 2, 16, 12, 1, 0, 0, 0.1f, 1.0}, /* CPU against the reference only */
+        {1, 90, 2, 1, 9, 4, 0, 13, 1, 0.2f, 1.0},
+    };
+    for (int i = 0; i < (int)(sizeof grads / sizeof grads[0]); i++) check_grad(i, grads[i], i < 4);
     test_softmax_limit();
     test_affine_values();
     test_edges();

@@ -50,6 +50,10 @@ attn_status ref_wersa_forward(const struct lin_problem *pr, uint64_t seed, int32
  * elimination in double and the weighted sum. */
 attn_status ref_lla_forward(const struct lin_problem *pr, double lambda, const attn_tensor *q,
                             const attn_tensor *k, const attn_tensor *v, attn_tensor *o);
+/* Its backward, per query from the definition (the formulas atop lla.c). */
+attn_status ref_lla_backward(const struct lin_problem *pr, double lambda, const attn_tensor *q,
+                             const attn_tensor *k, const attn_tensor *v, const attn_tensor *dout,
+                             attn_tensor *dq, attn_tensor *dk, attn_tensor *dv);
 
 /* Dense contiguous f32 view of buffer buf with t's shape. */
 attn_tensor mech_view(float *buf, const attn_tensor *t);
