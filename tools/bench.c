@@ -29,7 +29,8 @@ static const char bench_usage[] =
     "  ssd            attn_ssd_forward (Mamba-2): --dim-v head dim, --dim state, --kv-heads groups\n"
     "  mamba          attn_mamba_scan: --heads channels, --dim state size\n"
     "  wersa          attn_wersa_forward: 2 D random features, 3 Haar levels (--causal or not)\n"
-    "  lla            attn_lla_forward (Local Linear Attention), lambda 0.1 (--causal or not)\n"
+    "  lla            attn_lla_forward (Local Linear Attention), lambda 0.1 (--causal or not);\n"
+    "                 lla_bwd its backward\n"
     "  efficiency     linear, lightning, gla against causal attention, N = 16 .. --n\n"
     "shape:\n"
     "  --n N           query length (default 1024; decode 1)\n"
@@ -129,12 +130,12 @@ static int parse_op(const char *s, bench_op *op) {
     else {
         static const bench_op lin[] = {BENCH_LINEAR, BENCH_LIGHTNING, BENCH_GLA, BENCH_GLA_BWD,
                                        BENCH_GLA_DECODE, BENCH_SSD, BENCH_MAMBA, BENCH_EFFICIENCY,
-                                       BENCH_WERSA, BENCH_LLA};
+                                       BENCH_WERSA, BENCH_LLA, BENCH_LLA_BWD};
         for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++)
             if (!strcmp(s, bench_op_name(lin[i]))) return *op = lin[i], 0;
         return usage_error("unknown op '%s': use attention, attention_bwd, decode, "
                            "blocksparse, window, psa, topk, linear, lightning, gla, gla_bwd, "
-                           "gla_decode, ssd, mamba, wersa, lla or efficiency", s);
+                           "gla_decode, ssd, mamba, wersa, lla, lla_bwd or efficiency", s);
     }
     return 0;
 }

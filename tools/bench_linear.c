@@ -28,7 +28,7 @@ struct linear_state {
 int bench_op_is_linear(bench_op op) {
     return op == BENCH_LINEAR || op == BENCH_LIGHTNING || op == BENCH_GLA ||
            op == BENCH_GLA_BWD || op == BENCH_GLA_DECODE || op == BENCH_SSD ||
-           op == BENCH_MAMBA || op == BENCH_WERSA || op == BENCH_LLA;
+           op == BENCH_MAMBA || op == BENCH_WERSA || op == BENCH_LLA || op == BENCH_LLA_BWD;
 }
 
 static void say(char *err, size_t errlen, const char *fmt, ...) {
@@ -61,8 +61,11 @@ static const float wersa_weights[WERSA_LEVELS + 1] = {1.0f, 0.8f, 0.6f, 0.4f};
 
 /* Ops whose --causal flag is honoured (the others are causal). */
 static int takes_causal(bench_op op) {
-    return op == BENCH_LINEAR || op == BENCH_WERSA || op == BENCH_LLA;
+    return op == BENCH_LINEAR || op == BENCH_WERSA || op == BENCH_LLA || op == BENCH_LLA_BWD;
 }
+
+/* Backward ops: dout in aux, gradients dq, dk, dv (rel_err on dq). */
+static int is_bwd(bench_op op) { return op == BENCH_GLA_BWD || op == BENCH_LLA_BWD; }
 
 /* The engine's default chunk (src/linear/linear.h), for the FLOP count. */
 static double chunk_of(bench_op op) {
@@ -84,11 +87,15 @@ double linear_flops(const bench_case *c) {
         const double f = 2.0 * d, proj = t * (h + (double)c->kv_heads) * 2.0 * f * d;
         return proj + t * h * (c->causal ? C * (f + dv + 1) + 4.0 * f * (dv + 1) : 4.0 * f * (dv + 1));
     }
-    case BENCH_LLA: { /* per visible pair: Q Kᵀ twice, rho Kᵀ, the moments' GEMM, Ω V;
-                         per query a Cholesky solve */
+    case BENCH_LLA: /* per visible pair: Q Kᵀ twice, rho Kᵀ, the moments' GEMM, Ω V;
+                       per query a Cholesky solve */
+    case BENCH_LLA_BWD: { /* + a pass of Q Kᵀ, G Vᵀ, rho Kᵀ, z and one of Q Kᵀ, G Vᵀ,
+                             rho Kᵀ, y Kᵀ, dv, dk (3), dq */
         const double n = (double)c->n, pairs = c->causal ? n * (n + 1) / 2 : n * n;
         const double w = d + d * (d + 1) / 2;
-        return (double)c->batch * h * (pairs * (2.0 * w + 6.0 * d + 2.0 * dv) + n * d * d * d / 3.0);
+        const double per_pair = c->op == BENCH_LLA ? 2.0 * w + 6.0 * d + 2.0 * dv
+                                                   : 2.0 * w + 24.0 * d + 6.0 * dv;
+        return (double)c->batch * h * (pairs * per_pair + n * d * d * d / 3.0);
     }
     default: break;
     }
@@ -110,7 +117,7 @@ double linear_bytes(const bench_case *c) {
     default: {
         double fwd = t * (h * (d + dv) * 4.0 + hk * (d + dv) * kv);
         if (c->op == BENCH_GLA || c->op == BENCH_GLA_BWD) fwd += t * h * d * 4.0;
-        return c->op == BENCH_GLA_BWD ? 2.0 * fwd + t * hk * (d + dv) * 4.0 : fwd;
+        return is_bwd(c->op) ? 2.0 * fwd + t * hk * (d + dv) * 4.0 : fwd;
     }
     }
 }
@@ -169,7 +176,7 @@ attn_status linear_setup(linear_state **out, attn_ctx *ctx, const bench_case *c,
              (s->s = zalloc(c->batch * H * D * Dv, 4));
         if (ok && s->p.gate == ATTN_GATE_HEAD) ok = (s->g = zalloc(H, 4)) != NULL;
         if (ok && s->p.gate == ATTN_GATE_KEY) ok = (s->g = zalloc(t * H * D, 4)) != NULL;
-        if (ok && c->op == BENCH_GLA_BWD)
+        if (ok && is_bwd(c->op))
             ok = (s->dq = zalloc(t * H * D, 4)) && (s->dk = zalloc(t * Hk * D, 4)) &&
                  (s->dv = zalloc(t * Hk * Dv, 4)) && (s->dg = zalloc(t * H * D, 4)) &&
                  (s->aux = zalloc(t * H * Dv, 4));
@@ -260,6 +267,12 @@ static attn_status run_on(linear_state *s, attn_ctx *ctx, int64_t tokens, void *
     }
     case BENCH_LLA:
         return attn_lla_forward(ctx, &s->p, LLA_LAMBDA, &q, &k, &v, &to);
+    case BENCH_LLA_BWD: {
+        attn_tensor dout = VIEW4(s->aux, ATTN_F32, H, Dv), tdq = VIEW4(dq, ATTN_F32, H, D),
+                    tdk = VIEW4(s->dk, ATTN_F32, Hk, D),
+                    tdv = VIEW4(s->dv, ATTN_F32, Hk, Dv);
+        return attn_lla_backward(ctx, &s->p, LLA_LAMBDA, &q, &k, &v, &dout, &tdq, &tdk, &tdv);
+    }
     default:
         return attn_linear_forward(ctx, &s->p, &q, &k, &v, gp, NULL, &to, &st);
     }
@@ -291,7 +304,7 @@ attn_status linear_rel_err(linear_state *s, attn_ctx *ref, double *rel_err, char
     const int64_t R = c->n < 128 ? c->n : 128;
     /* outputs: o (or dq for the backward) of the full shape, rows [0, R) used */
     const double out_n = (double)c->batch * c->n * c->heads *
-                         (c->op == BENCH_GLA_BWD ? c->dim : c->op == BENCH_MAMBA ? 1 : c->dim_v);
+                         (is_bwd(c->op) ? c->dim : c->op == BENCH_MAMBA ? 1 : c->dim_v);
     const double st_n = (double)c->batch * c->heads * c->dim * (c->op == BENCH_MAMBA ? 1 : c->dim_v);
     float *o1 = zalloc(out_n, 4), *o2 = zalloc(out_n, 4), *s1 = zalloc(st_n, 4), *s2 = zalloc(st_n, 4);
     attn_status st = ATTN_ERR_NOMEM;
@@ -301,7 +314,7 @@ attn_status linear_rel_err(linear_state *s, attn_ctx *ref, double *rel_err, char
     }
     memcpy(s1, s->s, (size_t)st_n * 4); /* decode: both start from the same state */
     memcpy(s2, s->s, (size_t)st_n * 4);
-    const int bwd = c->op == BENCH_GLA_BWD;
+    const int bwd = is_bwd(c->op);
     st = run_on(s, s->ctx, R, bwd ? s->o : o1, s1, o1);
     if (st == ATTN_OK) st = run_on(s, ref, R, bwd ? s->o : o2, s2, o2);
     if (st != ATTN_OK) {

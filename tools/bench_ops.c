@@ -38,6 +38,7 @@ const char *bench_op_name(bench_op op) {
     case BENCH_EFFICIENCY: return "efficiency";
     case BENCH_WERSA: return "wersa";
     case BENCH_LLA: return "lla";
+    case BENCH_LLA_BWD: return "lla_bwd";
     }
     return "?";
 }

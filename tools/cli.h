@@ -51,7 +51,8 @@ typedef enum bench_op {
     BENCH_NSA_BWD = 16,      /* the backward (after one untimed forward) */
     /* linear-time mechanisms beside the engine (bench_linear.c), --causal or not */
     BENCH_WERSA = 17,        /* attn_wersa_forward: F = 2 D features, 3 levels */
-    BENCH_LLA = 18           /* attn_lla_forward: lambda 0.1, default blocks (quadratic in n) */
+    BENCH_LLA = 18,          /* attn_lla_forward: lambda 0.1, default blocks (quadratic in n) */
+    BENCH_LLA_BWD = 19       /* attn_lla_backward, the same problem */
 } bench_op;
 
 const char *bench_op_name(bench_op op);
