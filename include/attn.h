@@ -752,7 +752,10 @@ ATTN_API attn_status attn_wersa_backward(attn_ctx *ctx, const attn_linear_params
  * softmax and the weighted moments of the keys (one GEMM per key block),
  * a Cholesky solve per query gives rho, a second pass applies the weights.
  * Cost O(T^2 D^2) per head, memory O(block D^2) per thread. p->chunk: the
- * block size (0: 64); gate NONE; causal or not; varlen allowed.
+ * block size (0: 64); gate NONE; causal or not; varlen allowed. A NaN or
+ * Inf input makes the rows that see it non-finite, and (causal) also the
+ * earlier rows of its own block (masked products are computed, then
+ * multiplied by 0); rows of earlier blocks are unaffected.
  * Shapes: q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, Dv], o [B, T, H, Dv]. */
 ATTN_API attn_status attn_lla_forward(attn_ctx *ctx, const attn_linear_params *p, float lambda,
                                       const attn_tensor *q, const attn_tensor *k,

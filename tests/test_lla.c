@@ -201,6 +201,49 @@ static void test_edges(void) {
     tu_free(&q2), tu_free(&k2), tu_free(&v2), tu_free(&o2), tu_free(&w2);
 }
 
+/* f16 and bf16 inputs (read the same way on both backends); a NaN in one
+ * key makes the outputs of the queries that see it non-finite and leaves
+ * the rows of earlier query blocks finite (attn.h: inside the key's own
+ * block the masked products are computed, and 0 x NaN is NaN). */
+static void test_dtypes_and_nan(void) {
+    static const attn_dtype dts[2] = {ATTN_F16, ATTN_BF16};
+    for (int d = 0; d < 2; d++) {
+        tu_case("lla %s inputs", d ? "bf16" : "f16");
+        tu_rng r = {tu_seed(SALT, 600 + (uint64_t)d)};
+        const int64_t T = 37, H = 2, D = 6, Dv = 5;
+        tu_buf q = tu_alloc(dts[d], 1, T, H, D), k = tu_alloc(dts[d], 1, T, H, D),
+               v = tu_alloc(dts[d], 1, T, H, Dv), o = tu_alloc(ATTN_F32, 1, T, H, Dv),
+               want = tu_alloc(ATTN_F64, 1, T, H, Dv);
+        tu_fill(&q.t, &r, -1, 1), tu_fill(&k.t, &r, -1, 1), tu_fill(&v.t, &r, -1, 1);
+        attn_linear_params p = attn_linear_params_default();
+        CHECK_OK(attn_lla_forward(g_ctx[2], &p, 0.2f, &q.t, &k.t, &v.t, &want.t));
+        CHECK_OK(attn_lla_forward(g_ctx[0], &p, 0.2f, &q.t, &k.t, &v.t, &o.t));
+        CHECK_CLOSE("o against the reference", &o.t, &want.t, 2e-5, 1e-4);
+        tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&want);
+    }
+    tu_case("lla NaN in a key");
+    tu_rng r = {tu_seed(SALT, 700)};
+    const int64_t T = 30, D = 4, T0 = 17;
+    tu_buf q = tu_alloc(ATTN_F32, 1, T, 1, D), k = tu_alloc(ATTN_F32, 1, T, 1, D),
+           v = tu_alloc(ATTN_F32, 1, T, 1, D), o = tu_alloc(ATTN_F32, 1, T, 1, D),
+           want = tu_alloc(ATTN_F64, 1, T, 1, D);
+    tu_fill(&q.t, &r, -1, 1), tu_fill(&k.t, &r, -1, 1), tu_fill(&v.t, &r, -1, 1);
+    ((float *)k.mem)[T0 * D + 1] = NAN;
+    attn_linear_params p = attn_linear_params_default();
+    p.chunk = 8; /* T0 lies in the block [16, 24): the rows of earlier blocks stay finite */
+    CHECK_OK(attn_lla_forward(g_ctx[0], &p, 0.2f, &q.t, &k.t, &v.t, &o.t));
+    int bad_before = 0, finite_after = 0;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < D; e++) {
+            const float x = ((float *)o.mem)[t * D + e];
+            if (t < T0 / 8 * 8 && !isfinite(x)) bad_before++;
+            if (t >= T0 && isfinite(x)) finite_after++;
+        }
+    CHECK(bad_before == 0, "%d outputs of earlier blocks are not finite", bad_before);
+    CHECK(finite_after == 0, "%d outputs at or after the NaN key are finite", finite_after);
+    tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&want);
+}
+
 static void test_bad_args(void) {
     tu_case("lla bad arguments");
     tu_buf q = tu_alloc(ATTN_F32, 1, 8, 4, 4), k = tu_alloc(ATTN_F32, 1, 8, 2, 4),
@@ -281,6 +324,7 @@ int main(void) {
     test_softmax_limit();
     test_affine_values();
     test_edges();
+    test_dtypes_and_nan();
     test_bad_args();
     for (int c = 0; c < 3; c++) attn_ctx_free(g_ctx[c]);
     return tu_finish("test_lla");

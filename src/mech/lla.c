@@ -23,10 +23,11 @@
  * E, z and g·o, the solves for y, and a pass for the gradients; dk and dv
  * rows belong to one task (no atomics, no dependence on the thread count).
  *
- * Keys are centred first by their mean over the sequence (per kv head):
- * the softmax is unchanged (q·c is constant along a row) and so is the
- * regression (q - c, k - c), but E[k kᵀ] - mu muᵀ then cancels far less in
- * f32; the output does not depend on c, so no gradient flows through it.
+ * Keys are centred first on the sequence's first key (per kv head; every
+ * query sees it): the softmax is unchanged (q·c is constant along a row)
+ * and so is the regression (q - c, k - c), but E[k kᵀ] - mu muᵀ then
+ * cancels far less in f32 when the keys share an offset; the output does
+ * not depend on c, so no gradient flows through it.
  * Every output row is computed by one task in a fixed order, so the result
  * does not depend on the thread count. */
 #include <math.h>
@@ -56,7 +57,7 @@ typedef struct lla_run {
     double lambda;
     int64_t T, blk, W;       /* tokens (dim 1), block size, X width D + D(D+1)/2 */
     float *xq, *xk, *xv;     /* q; k - c; v: dense [B, T, H(k), D(v)] */
-    double *c;               /* key means [batch][Hk][D] */
+    double *c;               /* key centres [batch][Hk][D] */
     float *fo;               /* forward: o, dense [B, T, H, Dv] */
     float *xg, *fdq, *fdk, *fdv; /* backward: dout; dq, dk, dv (dense, zeroed) */
     int bwd;
@@ -334,7 +335,8 @@ static void backward_block(const lla_run *r, int64_t sb, int64_t h, int64_t qb, 
     }
 }
 
-/* Key means per (sequence, kv head) in double, and xk -= c. */
+/* The centre of each (sequence, kv head): its first key, which every query
+ * sees (so a non-finite later key cannot reach earlier rows); xk -= c. */
 static void centre_keys(lla_run *r) {
     const lin_problem *pr = r->pr;
     const int64_t D = pr->d, Hk = pr->hk, T = r->T;
@@ -342,10 +344,7 @@ static void centre_keys(lla_run *r) {
         const lin_seq s = lin_problem_seq(pr, b);
         for (int64_t g = 0; g < Hk; g++) {
             double *c = r->c + (b * Hk + g) * D;
-            for (int64_t e = 0; e < D; e++) c[e] = 0.0;
-            for (int64_t t = 0; t < s.n; t++)
-                for (int64_t e = 0; e < D; e++) c[e] += r->xk[((s.tb * T + s.t0 + t) * Hk + g) * D + e];
-            for (int64_t e = 0; e < D; e++) c[e] = s.n ? c[e] / (double)s.n : 0.0;
+            for (int64_t e = 0; e < D; e++) c[e] = s.n ? r->xk[((s.tb * T + s.t0) * Hk + g) * D + e] : 0.0;
             for (int64_t t = 0; t < s.n; t++)
                 for (int64_t e = 0; e < D; e++) {
                     float *x = &r->xk[((s.tb * T + s.t0 + t) * Hk + g) * D + e];
