@@ -96,6 +96,13 @@ static void test_filter(void) {
     CHECK_OK(attn_rfa_forward(g_ctx[0], &p, 64, &fq.t, &fk.t, &v.t, &o2.t));
     CHECK_CLOSE("o against RFA on the filtered q, k", &o.t, &o2.t, 1e-5, 1e-4);
 
+    tu_case("wersa on strided q, k (copied before the filter) is the same");
+    tu_buf qs = tu_alloc_strided(ATTN_F32, 1, T, H, D, 3), ks = tu_alloc_strided(ATTN_F32, 1, T, H, D, 1);
+    tu_copy(&qs.t, &q.t), tu_copy(&ks.t, &k.t);
+    CHECK_OK(attn_wersa_forward(g_ctx[0], &p, 64, L, &w.t, &qs.t, &ks.t, &v.t, &o2.t));
+    CHECK(tu_same_bits(&o, &o2), "strided q, k give another result");
+    tu_free(&qs), tu_free(&ks);
+
     tu_case("wersa with unit weights is RFA");
     tu_fill_const(&w.t, 1.0);
     CHECK_OK(attn_wersa_forward(g_ctx[0], &p, 64, L, &w.t, &q.t, &k.t, &v.t, &o.t));

@@ -31,13 +31,15 @@ typedef struct wersa_in {
     int L;
     double a[WERSA_MAX_LEVELS + 1]; /* coefficient of c_l */
     int64_t T, rq, rk;              /* tokens (dim 1); rows of q and k */
-    float *xq, *xk, *fq, *fk;       /* raw and filtered q, k [B, T, H(k), D] dense */
+    const float *xq, *xk;           /* raw q, k [B, T, H(k), D] dense: the caller's
+                                       (contiguous f32) or cq, ck */
+    float *cq, *ck, *fq, *fk;       /* copies of q, k when needed; filtered q, k */
     attn_tensor tq, tk;             /* views of fq, fk */
     double *acc, *da;               /* per thread (L + 1) x D; per (sequence, head) L + 1 */
 } wersa_in;
 
 static void wersa_free(wersa_in *m) {
-    free(m->xq), free(m->xk), free(m->fq), free(m->fk), free(m->acc), free(m->da);
+    free(m->cq), free(m->ck), free(m->fq), free(m->fk), free(m->acc), free(m->da);
 }
 
 /* One sequence of one head: rows x + t * ld (D floats), t in [0, n).
@@ -136,8 +138,10 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
     m->rk = k->shape[0] * k->shape[1] * k->shape[2];
     const int64_t D = m->pr.d;
     const int64_t heads = m->pr.h > m->pr.hk ? m->pr.h : m->pr.hk;
-    m->xq = mech_alloc(m->rq, D, 1, 1), m->fq = mech_alloc(m->rq, D, 1, 1);
-    m->xk = mech_alloc(m->rk, D, 1, 1), m->fk = mech_alloc(m->rk, D, 1, 1);
+    m->xq = mech_contiguous_f32(q), m->xk = mech_contiguous_f32(k);
+    if (!m->xq) m->xq = m->cq = mech_alloc(m->rq, D, 1, 1);
+    if (!m->xk) m->xk = m->ck = mech_alloc(m->rk, D, 1, 1);
+    m->fq = mech_alloc(m->rq, D, 1, 1), m->fk = mech_alloc(m->rk, D, 1, 1);
     m->acc = (double *)mech_alloc(threads_of(ctx), levels + 1, D, 2);
     m->da = (double *)mech_alloc(m->pr.batch, heads, levels + 1, 2);
     if (!m->xq || !m->fq || !m->xk || !m->fk || !m->acc || !m->da) {
@@ -151,8 +155,8 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
 /* The filtered q and k, from dense copies of the raw ones. */
 static void filter_qk(const attn_ctx *ctx, const attn_tensor *q, const attn_tensor *k,
                       wersa_in *m) {
-    mech_dense(q, m->xq);
-    mech_dense(k, m->xk);
+    if (m->cq) mech_dense(q, m->cq);
+    if (m->ck) mech_dense(k, m->ck);
     haar_all(ctx, m, m->xq, m->pr.h, 0, m->fq, NULL, NULL);
     haar_all(ctx, m, m->xk, m->pr.hk, 0, m->fk, NULL, NULL);
 }
