@@ -142,7 +142,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
     if (!m->xq) m->xq = m->cq = mech_alloc(m->rq, D, 1, 1);
     if (!m->xk) m->xk = m->ck = mech_alloc(m->rk, D, 1, 1);
     m->fq = mech_alloc(m->rq, D, 1, 1), m->fk = mech_alloc(m->rk, D, 1, 1);
-    m->acc = (double *)mech_alloc(threads_of(ctx), levels + 1, D, 2);
+    m->acc = (double *)mech_alloc(threads_of(ctx), levels + 1, D, 2); /* 2 floats a double */
     m->da = (double *)mech_alloc(m->pr.batch, heads, levels + 1, 2);
     if (!m->xq || !m->fq || !m->xk || !m->fk || !m->acc || !m->da) {
         wersa_free(m);
@@ -152,7 +152,7 @@ static attn_status prepare(const attn_ctx *ctx, const attn_linear_params *p, int
     return ATTN_OK;
 }
 
-/* The filtered q and k, from dense copies of the raw ones. */
+/* The filtered q and k (q, k copied first unless contiguous f32). */
 static void filter_qk(const attn_ctx *ctx, const attn_tensor *q, const attn_tensor *k,
                       wersa_in *m) {
     if (m->cq) mech_dense(q, m->cq);
