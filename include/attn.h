@@ -717,8 +717,8 @@ ATTN_API attn_status attn_rfa_backward(attn_ctx *ctx, const attn_linear_params *
  * the sequence's first token; the undecimated, causal Haar approximation),
  * details d_l = c_{l-1} - c_l, and
  *   x~ = sum_{l=1}^{L} w[l-1] d_l + w[L] c_L    (all w = 1: x~ = x),
- * so w [L + 1] (f32) weighs the finest detail first and the coarsest
- * approximation last. Unlike the paper's decimated transform, this one is
+ * so w [L + 1] (1-D, f32 | f16 | bf16, finite) weighs the finest detail
+ * first and the coarsest approximation last. Unlike the paper's decimated transform, this one is
  * shift-invariant and never reads a later token (causal-safe). The paper's
  * per-token filter MLP and GELU are model layers, not part of this op.
  * p: scale unused, gate NONE, causal or not, varlen allowed (the filter
@@ -729,8 +729,9 @@ ATTN_API attn_status attn_wersa_forward(attn_ctx *ctx, const attn_linear_params 
                                         const attn_tensor *weights, const attn_tensor *q,
                                         const attn_tensor *k, const attn_tensor *v,
                                         attn_tensor *o);
-/* Its backward: dout like o; dq, dk, dv like q, k, v; dweights [levels + 1]
- * f32 or NULL (the gradient of the level weights, summed in a fixed order). */
+/* Its backward: dout like o; dq, dk, dv like q, k, v (dk, dv summed over the
+ * heads of a GQA group); dweights [levels + 1] or NULL (the gradient of the
+ * level weights, summed in a fixed order). */
 ATTN_API attn_status attn_wersa_backward(attn_ctx *ctx, const attn_linear_params *p,
                                          int32_t features, int32_t levels,
                                          const attn_tensor *weights, const attn_tensor *q,
