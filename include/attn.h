@@ -362,6 +362,19 @@ ATTN_API attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p,
                                       attn_tensor *o, attn_tensor *saved_o,
                                       attn_tensor *saved_lse);
 
+/* Selection and forward in one call, as attn_nsa_select then
+ * attn_nsa_forward would give (the same plan, the same output), with the
+ * compressed branch computed once: its LSE is the selection's. The plan is
+ * returned in *sel_out for the backward (free it with attn_plan_free), or
+ * freed when sel_out is NULL; on error *sel_out is NULL. */
+ATTN_API attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p,
+                                        const attn_nsa_opts *opt, const attn_tensor *q,
+                                        const attn_tensor *k, const attn_tensor *v,
+                                        const attn_tensor *kc, const attn_tensor *vc,
+                                        const attn_tensor *gates, attn_tensor *o,
+                                        attn_tensor *saved_o, attn_tensor *saved_lse,
+                                        attn_plan **sel_out);
+
 /* Backward: dq, dk, dv, dkc, dvc (gradients of kc/vc; attn_nsa_compress_backward
  * carries them to k/v for mean compression), dgates f32 [B, N, H, 3]. */
 ATTN_API attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p,

@@ -228,6 +228,53 @@ static void test_branches_and_forward(attn_ctx *cpu, attn_ctx *ref) {
     free_inputs(&in);
 }
 
+/* attn_nsa_attention = attn_nsa_select then attn_nsa_forward: the same plan
+ * (entry for entry), the same output and saved branches (f32 tolerance: the
+ * selection's LSE comes from the branch with the real values), on the CPU
+ * and on the reference; saved tensors strided (the LSE copied out). */
+static void test_fused(attn_ctx *cpu, attn_ctx *ref) {
+    attn_nsa_opts o = {16, 8, 32, 3, 16, 48};
+    shape s = {203, 203, 4, 2, 32, 16};
+    inputs in = make_inputs(cpu, &s, &o, ATTN_F32, tu_seed(SALT, 9));
+    tu_rng rng = {tu_seed(SALT, 10)};
+    tu_fill(&in.gates.t, &rng, 0, 1);
+    attn_params p = attn_params_default();
+    for (int backend = 0; backend < 2; backend++) {
+        attn_ctx *ctx = backend ? ref : cpu;
+        const attn_dtype dt = backend ? ATTN_F64 : ATTN_F32;
+        inputs use = make_inputs(ctx, &s, &o, dt, tu_seed(SALT, 9));
+        convert(&use, &in);
+        tu_case("attn_nsa_attention = select + forward (%s)", backend ? "reference" : "cpu");
+        attn_plan *sel = select_plan(cpu, &o, &in, s.M), *fused = NULL;
+        tu_buf o1 = tu_alloc(dt, 1, s.N, s.H, s.Dv), o2 = tu_alloc(dt, 1, s.N, s.H, s.Dv);
+        tu_buf so1 = tu_alloc(dt, 3, s.N, s.H, s.Dv), sl1 = tu_alloc(dt, 3, s.H, s.N, -1);
+        tu_buf so2 = tu_alloc(dt, 3, s.N, s.H, s.Dv), slw = tu_alloc(dt, 3, s.H, s.N + 5, -1);
+        attn_tensor sl2 = slw.t; /* a strided LSE: rows of N + 5 */
+        sl2.shape[2] = s.N;
+        CHECK_OK(attn_nsa_forward(ctx, &p, &o, &use.q.t, &use.k.t, &use.v.t, &use.kc.t,
+                                  &use.vc.t, sel, &use.gates.t, &o1.t, &so1.t, &sl1.t));
+        CHECK_OK(attn_nsa_attention(ctx, &p, &o, &use.q.t, &use.k.t, &use.v.t, &use.kc.t,
+                                    &use.vc.t, &use.gates.t, &o2.t, &so2.t, &sl2, &fused));
+        CHECK(fused && attn_plan_density(fused) == attn_plan_density(sel),
+              "fused plan density %g, select's %g", fused ? attn_plan_density(fused) : -1.0,
+              attn_plan_density(sel));
+        CHECK_CLOSE("o", &o2.t, &o1.t, 1e-6, 1e-5);
+        CHECK_CLOSE("saved_o", &so2.t, &so1.t, 1e-6, 1e-5);
+        attn_plan_free(fused), attn_plan_free(sel);
+        tu_free(&o1), tu_free(&o2), tu_free(&so1), tu_free(&sl1), tu_free(&so2), tu_free(&slw);
+        free_inputs(&use);
+    }
+    tu_case("attn_nsa_attention: bad input");
+    attn_plan *sel = (attn_plan *)&s; /* must be overwritten with NULL */
+    tu_buf o1 = tu_alloc(ATTN_F32, 1, s.N, s.H, s.Dv + 1);
+    CHECK(attn_nsa_attention(cpu, &p, &o, &in.q.t, &in.k.t, &in.v.t, &in.kc.t, &in.vc.t,
+                             &in.gates.t, &o1.t, NULL, NULL, &sel) == ATTN_ERR_SHAPE &&
+              sel == NULL && strstr(attn_last_error(), "o"),
+          "o of the wrong shape: %s", attn_last_error());
+    tu_free(&o1);
+    free_inputs(&in);
+}
+
 /* Planted: every query of query block qb points along axis qb % D, which only
  * the keys of selection block (qb * 3 + 1) % blocks_before_diag share. */
 static void test_select_planted(attn_ctx *cpu) {
@@ -339,6 +386,7 @@ int main(void) {
     test_compress(ref);
     test_select_planted(cpu);
     test_branches_and_forward(cpu, ref);
+    test_fused(cpu, ref);
     test_finite_differences(cpu, ref);
     attn_ctx_free(cpu);
     attn_ctx_free(ref);

@@ -40,15 +40,13 @@ static const attn_nsa_opts nsa_default = {32, 16, 64, 16, 64, 512};
 static attn_status nsa_forward(sparse_state *s, int save) {
     attn_params p = attn_params_default();
     attn_status st = attn_nsa_compress(s->ctx, &s->nsa, &s->tk, &s->tv, &s->tkc, &s->tvc);
-    if (st == ATTN_OK) {
+    if (st == ATTN_OK) { /* selection and forward in one call */
         attn_plan_free(s->sel);
         s->sel = NULL;
-        st = attn_nsa_select(s->ctx, &p, &s->nsa, &s->tq, &s->tkc, s->c.m, &s->sel);
+        st = attn_nsa_attention(s->ctx, &p, &s->nsa, &s->tq, &s->tk, &s->tv, &s->tkc, &s->tvc,
+                                &s->tg, &s->to, save ? &s->tso : NULL, save ? &s->tsl : NULL,
+                                &s->sel);
     }
-    if (st == ATTN_OK)
-        st = attn_nsa_forward(s->ctx, &p, &s->nsa, &s->tq, &s->tk, &s->tv, &s->tkc, &s->tvc,
-                              s->sel, &s->tg, &s->to, save ? &s->tso : NULL,
-                              save ? &s->tsl : NULL);
     return st;
 }
 

@@ -46,6 +46,7 @@ typedef struct nsa_problems {
     attn_problem br[BRANCHES];
 } nsa_problems;
 
+/* sel NULL: the selected branch's plan is attached later (attn_nsa_attention). */
 static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
                                  const attn_nsa_opts *o, const attn_tensor *q,
                                  const attn_tensor *k, const attn_tensor *v,
@@ -63,7 +64,6 @@ static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
     CHECK(attn_check_tensor("kc", kc, 4, ref, false));
     CHECK(attn_check_tensor("vc", vc, 4, ref, false));
     if (q->shape[0] != 1) return attn_err(ATTN_ERR_SHAPE, "NSA takes one sequence (q->shape[0] == 1)");
-    if (!sel) return attn_err(ATTN_ERR_NULL, "sel must not be NULL");
     attn_params causal = *p;
     causal.causal = 1;
     CHECK(attn_check_params(&causal, q, k, v, &pr->br[BRANCH_WIN]));
@@ -71,8 +71,8 @@ static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
     CHECK(attn_check_shape("kc", kc, 1, mc, k->shape[2], k->shape[3]));
     CHECK(attn_check_shape("vc", vc, 1, mc, v->shape[2], v->shape[3]));
     if (mc < 1) return attn_err(ATTN_ERR_SHAPE, "k holds fewer keys than opt->cmp_block");
-    if (sel->n != q->shape[1] || sel->m != m || sel->block_q != o->query_block ||
-        sel->block_k != o->sel_block || sel->heads != k->shape[2])
+    if (sel && (sel->n != q->shape[1] || sel->m != m || sel->block_q != o->query_block ||
+                sel->block_k != o->sel_block || sel->heads != k->shape[2]))
         return attn_err(ATTN_ERR_ARG, "sel is not a selection plan of this call "
                                       "(attn_nsa_select with the same opt and shapes)");
     pr->br[BRANCH_WIN].window_left = o->window - 1;
@@ -190,6 +190,11 @@ static int by_index(const void *a, const void *b) {
     return (x->u > y->u) - (x->u < y->u);
 }
 
+static attn_status select_plan(const attn_ctx *ctx, const attn_params *p,
+                               const attn_nsa_opts *opt, const attn_tensor *q,
+                               const attn_tensor *kc, int64_t m, const float *lse_in,
+                               attn_plan **out);
+
 attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
                             const attn_tensor *q, const attn_tensor *kc, int64_t m,
                             attn_plan **out) {
@@ -207,6 +212,16 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
         return attn_err(ATTN_ERR_ARG, "m must be in cmp_block..2^31-1");
     if (compressed_len(opt, m) != kc->shape[1])
         return attn_err(ATTN_ERR_SHAPE, "kc->shape[1] must be (m - cmp_block) / cmp_stride + 1");
+    return select_plan(ctx, p, opt, q, kc, m, NULL, out);
+}
+
+/* The selection of attn_nsa_select (inputs checked); lse [H][N] f32: the
+ * compressed branch's LSE when the caller has it from the CPU engine, or
+ * NULL to compute it here. */
+static attn_status select_plan(const attn_ctx *ctx, const attn_params *p,
+                               const attn_nsa_opts *opt, const attn_tensor *q,
+                               const attn_tensor *kc, int64_t m, const float *lse_in,
+                               attn_plan **out) {
     /* the compressed branch's LSE, by the CPU engine whatever the backend:
      * a planner's output must not depend on it */
     attn_params causal = *p;
@@ -222,8 +237,8 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
     const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk, jobs = hk * nqb;
     const int64_t keep_max = opt->sel_count > 2 ? opt->sel_count : 2;
     const int threads = ctx->threads;
-    float *lse = malloc((size_t)(h * n) * sizeof(float));
-    float *o = malloc((size_t)(n * h * kc->shape[3]) * sizeof(float));
+    float *lse = lse_in ? NULL : malloc((size_t)(h * n) * sizeof(float));
+    float *o = lse_in ? NULL : malloc((size_t)(n * h * kc->shape[3]) * sizeof(float));
     float *kt = malloc((size_t)(hk * d * mc) * sizeof(float)); /* Kc^T per kv head */
     int32_t *chosen = malloc((size_t)(jobs * keep_max) * sizeof(int32_t));
     int64_t *nchosen = calloc((size_t)jobs, sizeof(int64_t));
@@ -235,13 +250,17 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
     float *scr = scratch_alloc(threads, per, &stride);
     double *dscr = malloc((size_t)threads * per_d * sizeof(double));
     attn_status st = ATTN_OK;
-    if (!lse || !o || !kt || !chosen || !nchosen || !off || !en || !scr || !dscr) {
+    if ((!lse_in && (!lse || !o)) || !kt || !chosen || !nchosen || !off || !en || !scr ||
+        !dscr) {
         st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
         goto done;
     }
-    attn_tensor to = attn_tensor_4d(o, ATTN_F32, 1, n, h, kc->shape[3]);
-    attn_tensor tl = attn_tensor_3d(lse, ATTN_F32, 1, h, n);
-    if ((st = engine_forward(ctx, &pc, q, kc, &vc1, &to, &tl)) != ATTN_OK) goto done;
+    if (!lse_in) {
+        attn_tensor to = attn_tensor_4d(o, ATTN_F32, 1, n, h, kc->shape[3]);
+        attn_tensor tl = attn_tensor_3d(lse, ATTN_F32, 1, h, n);
+        if ((st = engine_forward(ctx, &pc, q, kc, &vc1, &to, &tl)) != ATTN_OK) goto done;
+    }
+    const float *lsev = lse_in ? lse_in : lse;
 
     const attn_kernels *kr = ctx->kernels;
     const float mul = pc.scale * 1.4426950408889634f;
@@ -269,7 +288,7 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
             for (int64_t r = 0; r < rows; r++) { /* row r: query i0 + r / g of head hh g + r % g */
                 int64_t i = i0 + r / g, hq = hh * g + r % g;
                 rows_load(kr, q, attn_off4(q, 0, i, hq, 0), d, qr + r * d);
-                float l = lse[hq * n + i];
+                float l = lsev[hq * n + i];
                 sub[r] = l == -INFINITY ? 0.0f : l * 1.4426950408889634f;
             }
             kr->gemm(rows, vis, d, qr, d, 1, kt + hh * d * mc, mc, s, vis, 0, NULL);
@@ -346,16 +365,14 @@ static attn_tensor scratch_like(const attn_ctx *ctx, int64_t d0, int64_t d1, int
     return d3 > 0 ? attn_tensor_4d(*mem, dt, d0, d1, d2, d3) : attn_tensor_3d(*mem, dt, d0, d1, d2);
 }
 
-attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
-                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
-                             const attn_tensor *kc, const attn_tensor *vc,
-                             const attn_plan *sel, const attn_tensor *gates, attn_tensor *o,
-                             attn_tensor *saved_o, attn_tensor *saved_lse) {
-    attn_clear_error();
-    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
-    nsa_problems pr;
-    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, &pr));
-    const attn_problem *b0 = &pr.br[BRANCH_WIN];
+/* The checks of a forward call's outputs (the inputs are make_problems'). */
+static attn_status check_forward_outputs(const attn_ctx *ctx, const nsa_problems *pr,
+                                         const attn_tensor *q, const attn_tensor *k,
+                                         const attn_tensor *v, const attn_tensor *kc,
+                                         const attn_tensor *vc, const attn_tensor *gates,
+                                         const attn_tensor *o, const attn_tensor *saved_o,
+                                         const attn_tensor *saved_lse) {
+    const attn_problem *b0 = &pr->br[BRANCH_WIN];
     bool ref = ctx->backend == ATTN_BACKEND_REF;
     CHECK(attn_check_tensor("gates", gates, 4, ref, false));
     CHECK(attn_check_shape("gates", gates, 1, b0->n, b0->h, BRANCHES));
@@ -371,44 +388,134 @@ attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa
         CHECK(attn_check_output("saved_o", saved_o, ins, names, 6));
         CHECK(attn_check_output("saved_lse", saved_lse, ins, names, 7));
     }
+    return ATTN_OK;
+}
 
-    void *mo = NULL, *ml = NULL;
-    attn_tensor bo = saved_o ? *saved_o : scratch_like(ctx, BRANCHES, b0->n, b0->h, b0->dv, &mo);
-    attn_tensor bl = saved_lse ? *saved_lse : scratch_like(ctx, BRANCHES, b0->h, b0->n, -1, &ml);
-    attn_status st = ATTN_OK;
-    if (!saved_o && (!mo || !ml)) st = attn_err(ATTN_ERR_NOMEM, "out of memory for NSA branches");
+/* o = sum_b gate_b o_b over the branch-major outputs bo. */
+static void mix(const attn_problem *b0, const attn_tensor *gates, const attn_tensor *bo,
+                attn_tensor *o) {
+    const int64_t rows = b0->n * b0->h, dv = b0->dv;
+    if (dense_f32(o) && dense_f32(bo) && dense_f32(gates)) {
+        const float *g = gates->data, *ob = bo->data;
+        float *out = o->data;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t e = 0; e < dv; e++)
+                out[r * dv + e] = g[r * 3] * ob[r * dv + e] + g[r * 3 + 1] * ob[(rows + r) * dv + e] +
+                                  g[r * 3 + 2] * ob[(2 * rows + r) * dv + e];
+        return;
+    }
+    for (int64_t i = 0; i < b0->n; i++)
+        for (int64_t h = 0; h < b0->h; h++)
+            for (int64_t e = 0; e < dv; e++) {
+                double acc = 0.0;
+                for (int br = 0; br < BRANCHES; br++) {
+                    attn_tensor ob = mech_part(bo, BRANCHES, br);
+                    acc += attn_load_f64(gates, attn_off4(gates, 0, i, h, br)) *
+                           attn_load_f64(&ob, attn_off4(&ob, 0, i, h, e));
+                }
+                attn_store_f64(o, attn_off4(o, 0, i, h, e), acc);
+            }
+}
+
+/* The branch outputs and LSEs: the caller's saved tensors, or scratch. */
+typedef struct branch_bufs {
+    attn_tensor bo, bl;
+    void *mo, *ml;
+} branch_bufs;
+
+static attn_status branch_bufs_make(const attn_ctx *ctx, const attn_problem *b0,
+                                    attn_tensor *saved_o, attn_tensor *saved_lse,
+                                    branch_bufs *b) {
+    b->mo = b->ml = NULL;
+    b->bo = saved_o ? *saved_o : scratch_like(ctx, BRANCHES, b0->n, b0->h, b0->dv, &b->mo);
+    b->bl = saved_lse ? *saved_lse : scratch_like(ctx, BRANCHES, b0->h, b0->n, -1, &b->ml);
+    if (!saved_o && (!b->mo || !b->ml)) {
+        free(b->mo), free(b->ml);
+        return attn_err(ATTN_ERR_NOMEM, "out of memory for NSA branches");
+    }
+    return ATTN_OK;
+}
+
+/* Branches [first, last) into b. */
+static attn_status run_branches(const attn_ctx *ctx, const nsa_problems *pr, int first,
+                                int last, const attn_tensor *q, const attn_tensor *k,
+                                const attn_tensor *v, const attn_tensor *kc,
+                                const attn_tensor *vc, branch_bufs *b) {
     const attn_tensor *kv[BRANCHES][2] = {{kc, vc}, {k, v}, {k, v}};
-    for (int br = 0; br < BRANCHES && st == ATTN_OK; br++) {
-        attn_tensor ob = mech_part(&bo, BRANCHES, br), lb = mech_part(&bl, BRANCHES, br);
-        st = mech_forward(ctx, &pr.br[br], q, kv[br][0], kv[br][1], &ob, &lb);
+    for (int br = first; br < last; br++) {
+        attn_tensor ob = mech_part(&b->bo, BRANCHES, br), lb = mech_part(&b->bl, BRANCHES, br);
+        CHECK(mech_forward(ctx, &pr->br[br], q, kv[br][0], kv[br][1], &ob, &lb));
     }
-    if (st == ATTN_OK) { /* o = sum_b gate_b o_b */
-        const int64_t rows = b0->n * b0->h, dv = b0->dv;
-        if (dense_f32(o) && dense_f32(&bo) && dense_f32(gates)) {
-            const float *g = gates->data, *ob = bo.data;
-            float *out = o->data;
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t e = 0; e < dv; e++)
-                    out[r * dv + e] = g[r * 3] * ob[r * dv + e] + g[r * 3 + 1] * ob[(rows + r) * dv + e] +
-                                      g[r * 3 + 2] * ob[(2 * rows + r) * dv + e];
-        } else {
-            for (int64_t i = 0; i < b0->n; i++)
-                for (int64_t h = 0; h < b0->h; h++)
-                    for (int64_t e = 0; e < dv; e++) {
-                        double acc = 0.0;
-                        for (int br = 0; br < BRANCHES; br++) {
-                            attn_tensor ob = mech_part(&bo, BRANCHES, br);
-                            acc += attn_load_f64(gates, attn_off4(gates, 0, i, h, br)) *
-                                   attn_load_f64(&ob, attn_off4(&ob, 0, i, h, e));
-                        }
-                        attn_store_f64(o, attn_off4(o, 0, i, h, e), acc);
-                    }
-        }
-    }
-    free(mo), free(ml);
+    return ATTN_OK;
+}
+
+attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
+                             const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
+                             const attn_tensor *kc, const attn_tensor *vc,
+                             const attn_plan *sel, const attn_tensor *gates, attn_tensor *o,
+                             attn_tensor *saved_o, attn_tensor *saved_lse) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    if (!sel) return attn_err(ATTN_ERR_NULL, "sel must not be NULL");
+    nsa_problems pr;
+    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, &pr));
+    CHECK(check_forward_outputs(ctx, &pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
+    branch_bufs b;
+    CHECK(branch_bufs_make(ctx, &pr.br[BRANCH_WIN], saved_o, saved_lse, &b));
+    attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCHES, q, k, v, kc, vc, &b);
+    if (st == ATTN_OK) mix(&pr.br[BRANCH_WIN], gates, &b.bo, o);
+    free(b.mo), free(b.ml);
     return st;
 }
 
+attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
+                               const attn_tensor *q, const attn_tensor *k,
+                               const attn_tensor *v, const attn_tensor *kc,
+                               const attn_tensor *vc, const attn_tensor *gates, attn_tensor *o,
+                               attn_tensor *saved_o, attn_tensor *saved_lse,
+                               attn_plan **sel_out) {
+    attn_clear_error();
+    if (sel_out) *sel_out = NULL;
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    nsa_problems pr;
+    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, NULL, &pr));
+    CHECK(check_forward_outputs(ctx, &pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
+    branch_bufs b;
+    CHECK(branch_bufs_make(ctx, &pr.br[BRANCH_WIN], saved_o, saved_lse, &b));
+    /* the compressed branch first: on the CPU its LSE is the selection's
+     * (as attn_nsa_select computes it), so the selection needs no pass of
+     * its own; the reference backend's selection still uses the CPU's */
+    attn_plan *sel = NULL;
+    float *lse = NULL;
+    attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCH_CMP + 1, q, k, v, kc, vc, &b);
+    if (st == ATTN_OK && ctx->backend != ATTN_BACKEND_REF) {
+        attn_tensor lb = mech_part(&b.bl, BRANCHES, BRANCH_CMP);
+        const int64_t h = pr.br[BRANCH_CMP].h, n = pr.br[BRANCH_CMP].n;
+        if (dense_f32(&lb)) {
+            lse = lb.data;
+        } else if ((lse = malloc((size_t)(h * n) * sizeof(float)))) {
+            for (int64_t hh = 0; hh < h; hh++)
+                for (int64_t i = 0; i < n; i++)
+                    lse[hh * n + i] = (float)attn_load_f64(&lb, attn_off3(&lb, 0, hh, i));
+        } else {
+            st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
+        }
+    }
+    if (st == ATTN_OK)
+        st = select_plan(ctx, p, opt, q, kc, k->shape[1], lse, &sel);
+    if (lse && lse != mech_part(&b.bl, BRANCHES, BRANCH_CMP).data) free(lse);
+    if (st == ATTN_OK) {
+        pr.br[BRANCH_SEL].plan = sel;
+        st = run_branches(ctx, &pr, BRANCH_SEL, BRANCHES, q, k, v, kc, vc, &b);
+    }
+    if (st == ATTN_OK) mix(&pr.br[BRANCH_WIN], gates, &b.bo, o);
+    free(b.mo), free(b.ml);
+    if (st == ATTN_OK && sel_out)
+        *sel_out = sel;
+    else
+        attn_plan_free(sel);
+    return st;
+}
 /* ------------------------------------------------------------ backward */
 
 attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
