@@ -51,6 +51,19 @@ static void check_case(int idx, lla_case c) {
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&want), tu_free(&o[0]), tu_free(&o[1]);
 }
 
+/* The reference forward on x[0..2] = q, k, v, for tu_fd_worst. */
+typedef struct fwd_args {
+    const attn_linear_params *p;
+    float lambda;
+    tu_buf *x, *o;
+} fwd_args;
+
+static int run_forward(void *arg) {
+    fwd_args *a = arg;
+    return attn_lla_forward(g_ctx[2], a->p, a->lambda, &a->x[0].t, &a->x[1].t, &a->x[2].t,
+                            &a->o->t) == ATTN_OK;
+}
+
 /* The reference backward against central differences of the reference
  * forward (when fd; f64 inputs, step 1e-6, within 1e-7 (|fd| + 1), measured
  * worst 1.2e-9); then the CPU backward against the reference backward on the
@@ -84,22 +97,9 @@ static void check_grad(int idx, lla_case c, int fd) {
     CHECK_OK(attn_lla_backward(g_ctx[2], &p, c.lambda, &x[0].t, &x[1].t, &x[2].t, &d64.t, &gr[0].t,
                                &gr[1].t, &gr[2].t));
     static const char *const names[3] = {"dq", "dk", "dv"};
+    fwd_args a = {&p, c.lambda, x, &o};
     for (int i = 0; i < 3 && fd; i++) {
-        double worst = 0;
-        for (int64_t j = 0; j < tu_numel(&x[i].t); j++) {
-            double *e = (double *)x[i].mem + j, keep = *e, l[2];
-            for (int sgn = 0; sgn < 2; sgn++) {
-                *e = keep + (sgn ? -1e-6 : 1e-6);
-                CHECK_OK(attn_lla_forward(g_ctx[2], &p, c.lambda, &x[0].t, &x[1].t, &x[2].t, &o.t));
-                l[sgn] = 0;
-                for (int64_t t = 0; t < tu_numel(&o.t); t++)
-                    l[sgn] += ((double *)o.mem)[t] * ((double *)d64.mem)[t];
-            }
-            *e = keep;
-            double fd = (l[0] - l[1]) / 2e-6, got = ((double *)gr[i].mem)[j];
-            double err = fabs(fd - got) / (fabs(fd) + 1);
-            if (err > worst) worst = err;
-        }
+        double worst = tu_fd_worst(&x[i], 1e-6, &gr[i].t, run_forward, &a, &o.t, &d64.t);
         CHECK(worst <= 1e-7, "%s: finite differences differ by %.3g", names[i], worst);
     }
     for (int t = 0; t < 2; t++) {

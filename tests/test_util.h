@@ -294,6 +294,33 @@ static TU_UNUSED int tu_same_bits(const tu_buf *a, const tu_buf *b) {
     return a->bytes == b->bytes && memcmp(a->mem, b->mem, a->bytes) == 0;
 }
 
+/* ------------------------------------------------------------ gradients */
+
+/* Central differences of loss = sum(o * dout) with respect to every element
+ * of x (contiguous, f32 or f64), against grad (x's shape, any dtype): the
+ * worst |fd - grad| / (|fd| + 1). run(arg) runs the forward into o (the
+ * loss is summed in double); it returns 0 when the forward failed. */
+static TU_UNUSED double tu_fd_worst(tu_buf *x, double step, const attn_tensor *grad,
+                                    int (*run)(void *), void *arg, const attn_tensor *o,
+                                    const attn_tensor *dout) {
+    double worst = 0;
+    for (int64_t j = 0; j < tu_numel(&x->t); j++) {
+        const double keep = tu_load(&x->t, j);
+        double l[2];
+        for (int s = 0; s < 2; s++) {
+            tu_store(&x->t, j, keep + (s ? -step : step));
+            if (!run(arg)) return INFINITY;
+            l[s] = 0;
+            for (int64_t t = 0; t < tu_numel(o); t++)
+                l[s] += tu_load(o, tu_offset(o, t)) * tu_load(dout, tu_offset(dout, t));
+        }
+        tu_store(&x->t, j, keep);
+        const double fd = (l[0] - l[1]) / (2 * step), err = fabs(fd - tu_load(grad, tu_offset(grad, j))) / (fabs(fd) + 1);
+        if (err > worst) worst = err;
+    }
+    return worst;
+}
+
 /* ------------------------------------------------------------ contexts */
 
 /* A context, or exit with a failure line when it cannot be made. */

@@ -149,6 +149,19 @@ static void test_causal(void) {
     tu_free(&q), tu_free(&k), tu_free(&v), tu_free(&o), tu_free(&o2), tu_free(&w);
 }
 
+/* The reference forward on x[0..3] = q, k, v, weights, for tu_fd_worst. */
+typedef struct fwd_args {
+    const attn_linear_params *p;
+    int F, L;
+    tu_buf *x, *o;
+} fwd_args;
+
+static int run_forward(void *arg) {
+    fwd_args *a = arg;
+    return attn_wersa_forward(g_ctx[2], a->p, a->F, a->L, &a->x[3].t, &a->x[0].t, &a->x[1].t,
+                              &a->x[2].t, &a->o->t) == ATTN_OK;
+}
+
 /* attn_wersa_backward against central differences of the forward on the
  * reference backend (step 1e-2, tolerance 1e-4 (|fd| + 1)); the CPU
  * backend gives the same gradients. */
@@ -168,24 +181,9 @@ static void test_grad(int causal) {
     CHECK_OK(attn_wersa_backward(g_ctx[2], &p, F, L, &x[3].t, &x[0].t, &x[1].t, &x[2].t, &dout.t,
                                  &g[0].t, &g[1].t, &g[2].t, &g[3].t));
     static const char *const names[4] = {"dq", "dk", "dv", "dweights"};
+    fwd_args a = {&p, F, L, x, &o};
     for (int i = 0; i < 4; i++) {
-        double worst = 0;
-        for (int64_t j = 0; j < tu_numel(&x[i].t); j++) {
-            float *e = (float *)x[i].mem + j, keep = *e;
-            double l[2];
-            for (int s = 0; s < 2; s++) {
-                *e = keep + (s ? -1e-2f : 1e-2f);
-                CHECK_OK(attn_wersa_forward(g_ctx[2], &p, F, L, &x[3].t, &x[0].t, &x[1].t, &x[2].t,
-                                            &o.t));
-                l[s] = 0;
-                for (int64_t t = 0; t < tu_numel(&o.t); t++)
-                    l[s] += ((double *)o.mem)[t] * ((float *)dout.mem)[t];
-            }
-            *e = keep;
-            double fd = (l[0] - l[1]) / 2e-2, got = ((float *)g[i].mem)[j];
-            double err = fabs(fd - got) / (fabs(fd) + 1);
-            if (err > worst) worst = err;
-        }
+        double worst = tu_fd_worst(&x[i], 1e-2, &g[i].t, run_forward, &a, &o.t, &dout.t);
         CHECK(worst <= 1e-4, "%s: finite differences differ by %.3g", names[i], worst);
     }
     tu_buf gc[4] = {tu_alloc(ATTN_F32, 1, T, H, D), tu_alloc(ATTN_F32, 1, T, Hk, D),
