@@ -6,8 +6,11 @@
 
 Ops (numpy arrays or PyTorch CPU tensors in, the same kind out, no copies,
 the GIL released during compute): attention, attention_backward, decode,
-lse_merge, linear_attention, feature_map_attention, nsa_attention; gated
-recurrences gla_attention, ssd, mamba_scan (with *_backward); grid mechanisms
+lse_merge, linear_attention, linear_decode, feature_map_attention,
+nsa_attention (with nsa_attention_backward); gated recurrences
+gla_attention, ssd, mamba_scan (with *_backward), mamba_step; linear
+mechanisms lightnet_attention, rfa_attention, wersa_attention,
+lla_attention (with *_backward); grid mechanisms
 sra_attention, pooled_cross_attention, neighborhood_attention, hilo_attention,
 global_context_attention, grid_pool; reorderings gather_tokens,
 scatter_tokens, grid_window_index, grid_axis_index, paro_choose; SpAtten's
@@ -22,7 +25,10 @@ from ._lib import AttnError, AttnMemoryError, Context, default_context, isa_dete
 from ._lib import library_path
 from ._ops import (attention, attention_backward, decode, feature_map_attention,
                    linear_attention, lse_merge)
-from ._nsa import nsa_attention
+from ._nsa import nsa_attention, nsa_attention_backward
+from ._linmech import (lightnet_attention, lightnet_attention_backward, linear_decode,
+                       lla_attention, lla_attention_backward, mamba_step, rfa_attention,
+                       rfa_attention_backward, wersa_attention, wersa_attention_backward)
 from ._ssm import (gla_attention, gla_attention_backward, mamba_scan, mamba_scan_backward, ssd,
                    ssd_backward)
 from ._grid import (gather_tokens, global_context_attention, grid_axis_index, grid_pool,
@@ -47,6 +53,9 @@ __all__ = [
     "neighborhood_attention_backward", "hilo_attention", "global_context_attention",
     "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index", "paro_choose",
     "token_importance", "top_tokens", "select_tokens", "head_importance", "catanet_attention",
+    "nsa_attention_backward", "lightnet_attention", "lightnet_attention_backward",
+    "rfa_attention", "rfa_attention_backward", "wersa_attention", "wersa_attention_backward",
+    "lla_attention", "lla_attention_backward", "linear_decode", "mamba_step",
 ]
 
 

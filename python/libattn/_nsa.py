@@ -1,5 +1,7 @@
 """Native Sparse Attention (attn_nsa_compress / attn_nsa_select /
-attn_nsa_forward) from Python: forward only."""
+attn_nsa_forward) from Python, and its backward (attn_nsa_backward, then
+attn_nsa_compress_backward for the mean compression's share of dk, dv).
+Differentiable: libattn.torch.nsa_attention."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import struct
 
 import numpy as np
 
-from . import _lib
-from ._lib import F32
+from . import _lib, _ops
+from ._lib import F32, F64
 from ._ops import _ctx_for, _empty, _params, _view
 from .plan import Plan
 
@@ -22,6 +24,10 @@ if HAS_NSA:
     _select = _lib._sig("attn_nsa_select", ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int64, _P)
     _forward = _lib._sig("attn_nsa_forward", ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                          _P, _P, _P, _P)
+HAS_NSA_BACKWARD = HAS_NSA and hasattr(_lib.lib, "attn_nsa_backward")
+if HAS_NSA_BACKWARD:
+    _backward = _lib._sig("attn_nsa_backward", ctypes.c_int, *([_P] * 18))
+    _compress_bwd = _lib._sig("attn_nsa_compress_backward", ctypes.c_int, *([_P] * 6))
 
 
 def nsa_attention(q, k, v, gates=None, *, cmp_block=32, cmp_stride=16, sel_block=64,
@@ -60,8 +66,20 @@ def nsa_attention(q, k, v, gates=None, *, cmp_block=32, cmp_stride=16, sel_block
     return _one(q, k, v, gates, **kw)
 
 
-def _one(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_count, query_block, window,
-         scale, softcap, ctx):
+def _one(q, k, v, gates, **kw):
+    return _forward_saved(q, k, v, gates, save=False, **kw)[0]
+
+
+class _Saved:
+    """What the backward of one sequence needs from its forward."""
+
+    __slots__ = ("kc", "vc", "sel", "gates", "so", "sl", "opts", "params", "M")
+
+
+def _forward_saved(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_count, query_block,
+                   window, scale, softcap, ctx, save=True):
+    """One sequence: (o, _Saved or None). save=True also keeps each branch's
+    output and LSE (f32; f64 on the reference backend) for the backward."""
     pq, oq, sq, dq, tq = _view(q, "q")
     pk, ok, sk, dk, _ = _view(k, "k")
     pv, ov, sv, dv, _ = _view(v, "v")
@@ -78,16 +96,91 @@ def _one(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_count, query_b
     _lib.check(_compress(c, opts, pk, pv, pkc, pvc))
     params = _params(scale, softcap, True, None)
     out = ctypes.c_void_p()
-    _lib.check(_select(c, params, opts, pq, pkc, M, ctypes.byref(out)))
+    psq, pskc = pq, pkc
+    if dq == F64:  # the planner takes f32 | f16 | bf16: it chooses on f32 copies
+        qs, kcs = (x.float() if tq else x.astype(np.float32) for x in (q, kc))
+        psq, pskc = _view(qs, "q")[0], _view(kcs, "kc")[0]
+    _lib.check(_select(c, params, opts, psq, pskc, M, ctypes.byref(out)))
     sel = Plan._adopt(out, sq[1], M, query_block, sel_block, Hk)
+    gdt = F64 if dq == F64 else F32
     if gates is None:
-        gates = np.full((sq[0], sq[1], sq[2], 3), 1 / 3, dtype=np.float32)
+        gates = np.full((sq[0], sq[1], sq[2], 3), 1 / 3,
+                        dtype=np.float64 if gdt == F64 else np.float32)
+        if tq:
+            gates = _ops._torch_mod().from_numpy(gates)
     pg, og, sg, dg, _ = _view(gates, "gates")
-    if dg != F32:
-        raise ValueError("gates: expected float32")
+    if dg != gdt:
+        raise ValueError("gates: expected float32" + (" or float64" if gdt == F64 else ""))
     o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
-    _lib.check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, None, None))
-    return o
+    so = sl = pso = psl = None
+    if save:
+        so, pso = _empty(tq, (3 * sq[0], sq[1], sq[2], sv[3]), gdt)
+        sl, psl = _empty(tq, (3 * sq[0], sq[2], sq[1]), gdt)
+    _lib.check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, pso, psl))
+    if not save:
+        return o, None
+    s = _Saved()
+    s.kc, s.vc, s.sel, s.gates, s.so, s.sl = kc, vc, sel, gates, so, sl
+    s.opts, s.params, s.M = opts, params, M
+    return o, s
 
 
-__all__ = ["nsa_attention", "HAS_NSA"]
+def _backward_saved(q, k, v, s, dout, ctx=None):
+    """(dq, dk, dv, dgates) of one sequence from its _Saved: attn_nsa_backward,
+    then attn_nsa_compress_backward adds the compressed branch's share
+    (dkc, dvc spread over each block's keys) to dk, dv. dk, dv come back as
+    float32 (float64 on the reference backend), like dgates."""
+    if not HAS_NSA_BACKWARD:
+        raise NotImplementedError("this libattn build has no attn_nsa_backward")
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k, "k")
+    pv, ov, sv, dv, _ = _view(v, "v")
+    pd, od, _, _, _ = _view(dout, "dout")
+    pkc, okc, skc, _, _ = _view(s.kc, "kc")
+    pvc, ovc, svc, _, _ = _view(s.vc, "vc")
+    pg, og, sg, _, _ = _view(s.gates, "gates")
+    pso, oso, _, _, _ = _view(s.so, "saved_o")
+    psl, osl, _, _, _ = _view(s.sl, "saved_lse", (3,))
+    gdt = F64 if dq == F64 else F32
+    gq, pgq = _empty(tq, tuple(sq), dq)
+    gk, pgk = _empty(tq, tuple(sk), gdt)
+    gv, pgv = _empty(tq, tuple(sv), gdt)
+    gkc, pgkc = _empty(tq, tuple(skc), gdt)
+    gvc, pgvc = _empty(tq, tuple(svc), gdt)
+    gg, pgg = _empty(tq, tuple(sg), gdt)
+    c = _ctx_for(ctx, dq)
+    _lib.check(_backward(c, s.params, s.opts, pq, pk, pv, pkc, pvc, s.sel.ptr, pg, pso, psl, pd,
+                         pgq, pgk, pgv, pgkc, pgvc, pgg))
+    _lib.check(_compress_bwd(c, s.opts, pgkc, pgvc, pgk, pgv))
+    return gq, gk, gv, gg
+
+
+def nsa_attention_backward(q, k, v, dout, gates=None, *, cmp_block=32, cmp_stride=16,
+                           sel_block=64, sel_count=16, query_block=64, window=512, scale=None,
+                           softcap=0.0, ctx=None):
+    """Backward of nsa_attention with the same arguments: dout [B, N, H, Dv]
+    -> (dq [B, N, H, D], dk [B, M, Hk, D], dv [B, M, Hk, Dv], dgates
+    [B, N, H, 3]); dk, dv include the compressed branch's share through the
+    mean compression; the selection is a discrete choice (no gradient).
+    dk, dv, dgates are float32 (float64 for float64 inputs). The forward is
+    run again (with its branch outputs saved); libattn.torch.nsa_attention
+    keeps them from the forward instead."""
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+              sel_count=sel_count, query_block=query_block, window=window, scale=scale,
+              softcap=softcap, ctx=ctx)
+    outs = []
+    for b in range(q.shape[0]):
+        qb, kb, vb, db = q[b:b + 1], k[b:b + 1], v[b:b + 1], dout[b:b + 1]
+        gb = None if gates is None else gates[b:b + 1]
+        _, s = _forward_saved(qb, kb, vb, gb, **kw)
+        outs.append(_backward_saved(qb, kb, vb, s, db, ctx))
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0][0], np.ndarray):
+        return tuple(np.concatenate(x) for x in zip(*outs))
+    import torch
+
+    return tuple(torch.cat(x) for x in zip(*outs))
+
+
+__all__ = ["nsa_attention", "nsa_attention_backward", "HAS_NSA", "HAS_NSA_BACKWARD"]

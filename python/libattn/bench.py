@@ -13,8 +13,11 @@ sampled query rows against exact attention computed in float64 by PyTorch,
 and per mechanism and pattern the efficiency length: the length from which
 it stays faster than exact attention (log-log interpolation between the
 measured lengths; "<= L0" when faster at every length measured, from the
-shortest L0; "not faster" when slower at the longest). Self patterns use N = M = L; cross patterns N = L/2
-queries against M = L keys (causal cross aligns the diagonal bottom-right).
+shortest L0; "not faster" when slower at the longest). A mechanism runs
+the patterns its entry lists, and lengths up to its max_length if it has one
+(LLA: O(T^2 D^2)); other cells are recorded with a note. Self patterns use
+N = M = L; cross patterns N = L/2 queries against M = L keys (causal cross
+aligns the diagonal bottom-right).
 Inputs are synthetic with locality: q and k are an AR(1) sequence (lag-1
 correlation 0.98) plus noise, v is Gaussian, so attention is concentrated
 near the diagonal as in language data. PyTorch runs on one thread (inputs,
@@ -300,6 +303,8 @@ def run_suite(mechanisms, patterns, lengths, heads, dim, backward, progress=True
                "repeats": None, "note": ""}
         if p not in m.patterns:
             rec["note"] = "pattern not supported"
+        elif m.max_length is not None and L > m.max_length:
+            rec["note"] = f"skipped: L > max_length {m.max_length}"
         else:
             try:
                 o = m.fn(q, k, v, causal)

@@ -5,8 +5,10 @@ A mechanism is one `Mechanism` entry: a function
 on PyTorch CPU tensors q [B, N, H, D], k [B, M, Hk, D], v [B, M, Hk, Dv]
 (o [B, N, H, Dv], causal aligned bottom-right as everywhere in libattn), its
 family ("exact", "sparse", "linear"), the patterns it runs (non-causal /
-causal, self / cross), whether it applies to a bidirectional encoder, and an
-availability test (the C library may not have every engine). Adding a
+causal, self / cross), whether it applies to a bidirectional encoder, an
+availability test (the C library may not have every engine), optionally a
+differentiable version (backward) and the longest length the benchmark
+runs it at (max_length, for a cost like LLA's O(T^2 D^2)). Adding a
 mechanism is one `register(Mechanism(...))` call; the benchmark, its plots
 and `python -m libattn.minilm` pick it up.
 
@@ -29,7 +31,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from . import _grid, _lib, _nsa, _ops, _ssm, _tokens
+from . import _grid, _lib, _linmech, _nsa, _ops, _ssm, _tokens
 from .plan import Plan
 
 PATTERNS = {  # name: (causal, cross)
@@ -50,6 +52,7 @@ class Mechanism:
     encoder: bool = True  # applies to a bidirectional (non-causal self) encoder
     available: Callable[[], bool] = field(default=lambda: True)
     backward: Optional[Callable] = None  # fn(q, k, v, causal) -> o with autograd, if any
+    max_length: Optional[int] = None  # the benchmark skips longer L (a cost it cannot afford)
 
 
 REGISTRY: Dict[str, Mechanism] = {}
@@ -181,12 +184,24 @@ def _nsa_fn(q, k, v, causal):
     return _nsa.nsa_attention(q, k, v, cmp_block=32, cmp_stride=16, sel_block=BLOCK,
                                   sel_count=_nkeep(m), query_block=BLOCK, window=WINDOW)
 
+
+def _nsa_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if not causal:
+        raise ValueError("nsa: causal patterns only")
+    return lat.nsa_attention(q, k, v, cmp_block=32, cmp_stride=16, sel_block=BLOCK,
+                             sel_count=_nkeep(k.shape[1]), query_block=BLOCK, window=WINDOW)
+
+
 register(Mechanism("nsa", "sparse", _nsa_fn,
-                   "Native Sparse Attention (attn_nsa_forward), gates 1/3 each: compressed "
+                   "Native Sparse Attention (attn_nsa_forward; backward attn_nsa_backward + "
+                   "attn_nsa_compress_backward), gates 1/3 each: compressed "
                    f"means of 32 keys every 16, the best {KEEP:.3g} of the {BLOCK}-key blocks "
-                   f"per {BLOCK}-query block, a {WINDOW}-key window; causal only, forward only",
+                   f"per {BLOCK}-query block, a {WINDOW}-key window; causal only",
                    patterns=("causal-self", "causal-cross"), encoder=False,
-                   available=lambda: _nsa.HAS_NSA))
+                   available=lambda: _nsa.HAS_NSA,
+                   backward=_nsa_grad if _nsa.HAS_NSA_BACKWARD else None))
 
 # ---------------------------------------------------------------- linear
 
@@ -392,6 +407,141 @@ register(Mechanism("ssd", "linear", _ssd,
                    "log decays per head; phi = elu + 1; causal only",
                    patterns=("causal-self", "causal-cross"), encoder=False,
                    available=lambda: _ssm.HAS_SSD, backward=_ssd_grad))
+
+# ---------------------------------------------------------------- linear: LightNet, RFA, WERSA, LLA
+# These C ops take q and k of the same length. Cross patterns (N < M) run
+# them on the queries padded at the front with zero rows to M and keep the
+# last N outputs: a row's output depends on its own query only (and, for
+# WERSA's causal filter, on the queries before it, which are zero before a
+# sequence's first token either way), so this is the cross pattern itself,
+# at the cost of M - N wasted rows.
+
+
+def _padded(run, q, k, v, causal, rows_independent=False):
+    """run(q, k, v) on queries padded to M = k's length; N > M only where
+    rows are independent and not causal (then in slices of M queries)."""
+    N, M = q.shape[1], k.shape[1]
+    if N == M:
+        return run(q, k, v)
+    if N > M:
+        if causal:
+            raise ValueError("causal cross attention with N > M has rows without keys")
+        if not rows_independent:
+            raise ValueError("N > M: this mechanism's queries are not independent rows")
+        return torch.cat([_padded(run, q[:, i:i + M], k, v, causal, True)
+                          for i in range(0, N, M)], 1)
+    qp = torch.zeros(q.shape[:1] + (M,) + q.shape[2:], dtype=q.dtype)
+    qp[:, M - N:] = q
+    return run(qp, k, v)[:, M - N:]
+
+
+def _lightnet(q, k, v, causal):
+    """LightNet: the keys as per-dim logits (a running softmax over time per
+    key dim), the queries through a softmax over their D dims, scale 1: each
+    output is a convex mix of running means of v (causal efficient
+    attention, Shen et al.)."""
+    if not causal:
+        raise ValueError("lightnet: its recurrence is causal; causal patterns only")
+    return _padded(lambda a, b, c: _linmech.lightnet_attention(a.softmax(-1), b, c, scale=1.0),
+                   q, k, v, True)
+
+
+def _lightnet_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if not causal or q.shape[1] != k.shape[1]:
+        raise NotImplementedError("lightnet backward: causal self only")
+    return lat.lightnet_attention(q.softmax(-1), k, v, scale=1.0)
+
+
+register(Mechanism("lightnet", "linear", _lightnet,
+                   "LightNet additive recurrence (attn_lightnet_forward): per key dim a running "
+                   "softmax over time of the raw keys, read by softmax(q) over the D dims "
+                   "(scale 1); causal only (cross: queries padded at the front)",
+                   patterns=("causal-self", "causal-cross"), encoder=False,
+                   available=lambda: _linmech.HAS_LIGHTNET, backward=_lightnet_grad))
+
+RFA_FEATURES = 2  # random features per head dim: F = 2 D
+
+
+def _rfa(q, k, v, causal):
+    F_ = RFA_FEATURES * q.shape[3]
+    return _padded(lambda a, b, c: _linmech.rfa_attention(a, b, c, features=F_, causal=causal),
+                   q, k, v, causal, rows_independent=True)
+
+
+def _rfa_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("rfa backward: self patterns only")
+    return lat.rfa_attention(q, k, v, features=RFA_FEATURES * q.shape[3], causal=causal)
+
+
+register(Mechanism("rfa", "linear", _rfa,
+                   f"random-feature attention (Performer FAVOR+ positive features; "
+                   f"attn_rfa_forward): F = {RFA_FEATURES} D features of the softmax kernel "
+                   "from the context's seed, normalised; causal or not (cross: queries padded)",
+                   available=lambda: _linmech.HAS_RFA, backward=_rfa_grad))
+
+WERSA_WEIGHTS = (1.0, 0.8, 0.6, 0.4)  # 3 Haar levels: finest detail first, approximation last
+
+
+def _wersa_w(dtype=torch.float32):
+    return torch.tensor(WERSA_WEIGHTS, dtype=dtype)
+
+
+def _wersa(q, k, v, causal):
+    F_ = RFA_FEATURES * q.shape[3]
+    w = _wersa_w()
+    return _padded(lambda a, b, c: _linmech.wersa_attention(a, b, c, w, features=F_,
+                                                            causal=causal),
+                   q, k, v, causal)
+
+
+def _wersa_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("wersa backward: self patterns only")
+    return lat.wersa_attention(q, k, v, _wersa_w(q.dtype), features=RFA_FEATURES * q.shape[3],
+                               causal=causal)
+
+
+register(Mechanism("wersa", "linear", _wersa,
+                   f"WERSA (attn_wersa_forward): q and k through a causal Haar filter of "
+                   f"{len(WERSA_WEIGHTS) - 1} levels, weights {WERSA_WEIGHTS} (finest detail "
+                   f"first), then random features as rfa (F = {RFA_FEATURES} D); causal or not "
+                   "(cross: queries padded at the front)",
+                   available=lambda: _linmech.HAS_WERSA, backward=_wersa_grad))
+
+LLA_LAMBDA = 1.0  # ridge at the scale of unit-variance keys (0.1: errors ~2.5x exact's norm
+#                  on the bench inputs, the slope extrapolating far; inf: softmax)
+LLA_MAX_LENGTH = 2048  # O(T^2 D^2): ~1.2 s per call at 4096, causal, 2 cores
+
+
+def _lla(q, k, v, causal):
+    return _padded(lambda a, b, c: _linmech.lla_attention(a, b, c, lam=LLA_LAMBDA,
+                                                          causal=causal),
+                   q, k, v, causal, rows_independent=True)
+
+
+def _lla_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("lla backward: self patterns only")
+    return lat.lla_attention(q, k, v, lam=LLA_LAMBDA, causal=causal)
+
+
+register(Mechanism("lla", "linear", _lla,
+                   f"Local Linear Attention (FlashLLA; attn_lla_forward): a softmax-weighted "
+                   f"local linear regression of v on k read at the query, ridge {LLA_LAMBDA}; "
+                   f"O(T^2 D^2), so the benchmark stops at L = {LLA_MAX_LENGTH}; causal or not "
+                   "(cross: queries padded)",
+                   available=lambda: _linmech.HAS_LLA,
+                   backward=_lla_grad if _linmech.HAS_LLA_BACKWARD else None,
+                   max_length=LLA_MAX_LENGTH))
 
 # ---------------------------------------------------------------- token grids
 

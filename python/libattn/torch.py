@@ -16,8 +16,10 @@ be on the CPU; float64 runs on the reference backend (for gradcheck). LSE
 is not differentiable (its gradient is ignored).
 
 Eager autograd (torch.autograd.Function over the C forward and backward)
-also for gla_attention, ssd, mamba_scan, sra_attention and
-neighborhood_attention.
+also for gla_attention, ssd, mamba_scan, sra_attention,
+neighborhood_attention, lightnet_attention, rfa_attention,
+wersa_attention, nsa_attention (and lla_attention where the library has
+attn_lla_backward).
 """
 
 from __future__ import annotations
@@ -303,6 +305,172 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, grid, radius, *, pla
                                       float(softcap))
 
 
+class LightNetFunction(torch.autograd.Function):
+    """LightNet (libattn.lightnet_attention), forward attn_lightnet_forward,
+    backward attn_lightnet_backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        from ._linmech import lightnet_attention
+
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return lightnet_attention(q, k, v, scale=scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._linmech import lightnet_attention_backward
+
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = lightnet_attention_backward(q, k, v, do.contiguous(), scale=ctx.scale)
+        return dq, dk, dv, None
+
+
+def lightnet_attention(q: Tensor, k: Tensor, v: Tensor, *,
+                       scale: Optional[float] = None) -> Tensor:
+    """Differentiable LightNet (causal); shapes as libattn.lightnet_attention."""
+    return LightNetFunction.apply(q, k, v, scale)
+
+
+class RFAFunction(torch.autograd.Function):
+    """Random-feature attention (libattn.rfa_attention), forward
+    attn_rfa_forward, backward attn_rfa_backward on the same context (the
+    same features)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, features, causal, actx):
+        from ._linmech import rfa_attention
+
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (features, causal, actx)
+        return rfa_attention(q, k, v, features=features, causal=causal, ctx=actx)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._linmech import rfa_attention_backward
+
+        q, k, v = ctx.saved_tensors
+        features, causal, actx = ctx.args
+        dq, dk, dv = rfa_attention_backward(q, k, v, do.contiguous(), features=features,
+                                            causal=causal, ctx=actx)
+        return dq, dk, dv, None, None, None
+
+
+def rfa_attention(q: Tensor, k: Tensor, v: Tensor, *, features: Optional[int] = None,
+                  causal: bool = True, ctx=None) -> Tensor:
+    """Differentiable random-feature attention; as libattn.rfa_attention."""
+    return RFAFunction.apply(q, k, v, features, bool(causal), ctx)
+
+
+class WERSAFunction(torch.autograd.Function):
+    """WERSA (libattn.wersa_attention), forward attn_wersa_forward, backward
+    attn_wersa_backward (gradients for q, k, v and the level weights)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weights, features, causal, actx):
+        from ._linmech import wersa_attention
+
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.args = (features, causal, actx)
+        return wersa_attention(q, k, v, weights, features=features, causal=causal, ctx=actx)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._linmech import wersa_attention_backward
+
+        q, k, v, w = ctx.saved_tensors
+        features, causal, actx = ctx.args
+        dq, dk, dv, dw = wersa_attention_backward(q, k, v, do.contiguous(), w,
+                                                  features=features, causal=causal, ctx=actx)
+        return dq, dk, dv, dw.to(w.dtype), None, None, None
+
+
+def wersa_attention(q: Tensor, k: Tensor, v: Tensor, weights: Optional[Tensor] = None, *,
+                    levels: int = 3, features: Optional[int] = None, causal: bool = True,
+                    ctx=None) -> Tensor:
+    """Differentiable WERSA; as libattn.wersa_attention. weights: a tensor of
+    levels + 1 (float32, float64 with float64 inputs; default ones), which
+    gets a gradient when it requires one."""
+    if weights is None:
+        weights = torch.ones(levels + 1, dtype=torch.float64 if q.dtype == torch.float64
+                             else torch.float32)
+    return WERSAFunction.apply(q, k, v, weights, features, bool(causal), ctx)
+
+
+class LLAFunction(torch.autograd.Function):
+    """Local Linear Attention (libattn.lla_attention), forward
+    attn_lla_forward, backward attn_lla_backward (where the library has it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lam, causal, scale):
+        from ._linmech import lla_attention
+
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (lam, causal, scale)
+        return lla_attention(q, k, v, lam=lam, causal=causal, scale=scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._linmech import lla_attention_backward
+
+        q, k, v = ctx.saved_tensors
+        lam, causal, scale = ctx.args
+        dq, dk, dv = lla_attention_backward(q, k, v, do.contiguous(), lam=lam, causal=causal,
+                                            scale=scale)
+        return dq, dk, dv, None, None, None
+
+
+def lla_attention(q: Tensor, k: Tensor, v: Tensor, *, lam: float = 0.1, causal: bool = True,
+                  scale: Optional[float] = None) -> Tensor:
+    """Local Linear Attention with autograd (the backward needs
+    attn_lla_backward in the library: NotImplementedError otherwise, when
+    the gradient is asked for); as libattn.lla_attention."""
+    return LLAFunction.apply(q, k, v, float(lam), bool(causal), scale)
+
+
+class NSAFunction(torch.autograd.Function):
+    """Native Sparse Attention of one sequence (libattn.nsa_attention):
+    forward attn_nsa_compress / attn_nsa_select / attn_nsa_forward keeping
+    each branch's output and LSE; backward attn_nsa_backward, then
+    attn_nsa_compress_backward. The selection is a discrete choice, held
+    fixed (no gradient), as in the paper."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gates, kw):
+        from ._nsa import _forward_saved
+
+        o, s = _forward_saved(q, k, v, gates, **kw)
+        ctx.save_for_backward(q, k, v)
+        ctx.s, ctx.actx = s, kw["ctx"]
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._nsa import _backward_saved
+
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv, dg = _backward_saved(q, k, v, ctx.s, do.contiguous(), ctx.actx)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dg, None
+
+
+def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor] = None, *,
+                  cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64,
+                  sel_count: int = 16, query_block: int = 64, window: int = 512,
+                  scale: Optional[float] = None, softcap: float = 0.0, ctx=None) -> Tensor:
+    """Differentiable Native Sparse Attention (gradients for q, k, v and the
+    gates); arguments as libattn.nsa_attention. Sequences of a batch run in
+    turn (torch.cat of the per-sequence outputs)."""
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+              sel_count=sel_count, query_block=query_block, window=window, scale=scale,
+              softcap=softcap, ctx=ctx)
+    if gates is None:
+        gates = torch.full(q.shape[:3] + (3,), 1 / 3,
+                           dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    outs = [NSAFunction.apply(q[b:b + 1], k[b:b + 1], v[b:b + 1], gates[b:b + 1], kw)
+            for b in range(q.shape[0])]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, softcap: float = 0.0,
               window: Optional[Tuple[int, int]] = None, return_lse: bool = False,
@@ -349,4 +517,6 @@ __all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction",
            "PlannedAttentionFunction", "LinearAttentionFunction", "linear_attention", "sdpa",
            "GLAFunction", "gla_attention", "SSDFunction", "ssd", "MambaScanFunction",
            "mamba_scan", "SRAFunction", "sra_attention", "NeighborhoodFunction",
-           "neighborhood_attention"]
+           "neighborhood_attention", "LightNetFunction", "lightnet_attention", "RFAFunction",
+           "rfa_attention", "WERSAFunction", "wersa_attention", "LLAFunction", "lla_attention",
+           "NSAFunction", "nsa_attention"]
