@@ -1,6 +1,8 @@
-"""Native Sparse Attention (attn_nsa_compress / attn_nsa_select /
-attn_nsa_forward) from Python, and its backward (attn_nsa_backward, then
-attn_nsa_compress_backward for the mean compression's share of dk, dv).
+"""Native Sparse Attention from Python: attn_nsa_compress, then
+attn_nsa_attention (selection and forward in one call; attn_nsa_select +
+attn_nsa_forward where the library lacks it, and for float64), and its
+backward (attn_nsa_backward, then attn_nsa_compress_backward for the mean
+compression's share of dk, dv).
 Differentiable: libattn.torch.nsa_attention."""
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ if HAS_NSA:
     _select = _lib._sig("attn_nsa_select", ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int64, _P)
     _forward = _lib._sig("attn_nsa_forward", ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                          _P, _P, _P, _P)
+HAS_NSA_ATTENTION = HAS_NSA and hasattr(_lib.lib, "attn_nsa_attention")
+if HAS_NSA_ATTENTION:  # select + forward in one call (the compressed branch computed once)
+    _attention = _lib._sig("attn_nsa_attention", ctypes.c_int, *([_P] * 13))
 HAS_NSA_BACKWARD = HAS_NSA and hasattr(_lib.lib, "attn_nsa_backward")
 if HAS_NSA_BACKWARD:
     _backward = _lib._sig("attn_nsa_backward", ctypes.c_int, *([_P] * 18))
@@ -95,13 +100,6 @@ def _forward_saved(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_coun
     vc, pvc = _empty(tq, (B, mc, Hk, sv[3]), dv)
     _lib.check(_compress(c, opts, pk, pv, pkc, pvc))
     params = _params(scale, softcap, True, None)
-    out = ctypes.c_void_p()
-    psq, pskc = pq, pkc
-    if dq == F64:  # the planner takes f32 | f16 | bf16: it chooses on f32 copies
-        qs, kcs = (x.float() if tq else x.astype(np.float32) for x in (q, kc))
-        psq, pskc = _view(qs, "q")[0], _view(kcs, "kc")[0]
-    _lib.check(_select(c, params, opts, psq, pskc, M, ctypes.byref(out)))
-    sel = Plan._adopt(out, sq[1], M, query_block, sel_block, Hk)
     gdt = F64 if dq == F64 else F32
     if gates is None:
         gates = np.full((sq[0], sq[1], sq[2], 3), 1 / 3,
@@ -116,7 +114,19 @@ def _forward_saved(q, k, v, gates, *, cmp_block, cmp_stride, sel_block, sel_coun
     if save:
         so, pso = _empty(tq, (3 * sq[0], sq[1], sq[2], sv[3]), gdt)
         sl, psl = _empty(tq, (3 * sq[0], sq[2], sq[1]), gdt)
-    _lib.check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, pso, psl))
+    out = ctypes.c_void_p()
+    if HAS_NSA_ATTENTION and dq != F64:  # select and forward in one call
+        _lib.check(_attention(c, params, opts, pq, pk, pv, pkc, pvc, pg, po, pso, psl,
+                              ctypes.byref(out) if save else None))
+        sel = Plan._adopt(out, sq[1], M, query_block, sel_block, Hk) if save else None
+    else:
+        psq, pskc = pq, pkc
+        if dq == F64:  # the planner takes f32 | f16 | bf16: it chooses on f32 copies
+            qs, kcs = (x.float() if tq else x.astype(np.float32) for x in (q, kc))
+            psq, pskc = _view(qs, "q")[0], _view(kcs, "kc")[0]
+        _lib.check(_select(c, params, opts, psq, pskc, M, ctypes.byref(out)))
+        sel = Plan._adopt(out, sq[1], M, query_block, sel_block, Hk)
+        _lib.check(_forward(c, params, opts, pq, pk, pv, pkc, pvc, sel.ptr, pg, po, pso, psl))
     if not save:
         return o, None
     s = _Saved()
