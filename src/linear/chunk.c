@@ -51,12 +51,16 @@ static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t 
         for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
 }
 
+/* Chunks ahead to ask for: 1, 2 and 4 measured the same (GLA and linear,
+ * N 16384, H 8, D 128, 2 threads), so the nearest. */
+#define PREFETCH_CHUNKS 1
 void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int64_t r0,
                         int64_t n, const attn_tensor *q, const attn_tensor *k,
                         const attn_tensor *v, const attn_tensor *g) {
-    if (r0 + n >= sq->n) return;
-    const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r0 + n;
-    const int64_t n2 = r0 + 2 * n <= sq->n ? n : sq->n - r0 - n;
+    const int64_t ahead = PREFETCH_CHUNKS * n, r1 = r0 + ahead; /* first row asked for */
+    if (r1 >= sq->n) return;
+    const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r1;
+    const int64_t n2 = r1 + n <= sq->n ? n : sq->n - r1;
     if (q) prefetch_rows(q, sq->tb, row, n2, h);
     prefetch_rows(k, sq->tb, row, n2, hk);
     prefetch_rows(v, sq->tb, row, n2, hk);

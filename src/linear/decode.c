@@ -4,6 +4,7 @@
  * One task per (sequence, query head); per token a row-vector GEMM for o
  * and a rank-1 GEMM with the row scale for S. */
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include "state.h"
@@ -28,7 +29,12 @@ static void run_task(const attn_kernels *kr, const lin_problem *p, int64_t b, in
                      const attn_tensor *g, attn_tensor *state, attn_tensor *o,
                      const dec_bufs *bf) {
     const int64_t d = p->d, dv = p->dv, hk = h / (p->h / p->hk);
-    lin_state_load(kr, state, b, h, d, dv, bf->s);
+    /* the state in place when it is f32 with unit stride along Dv: one pass
+     * reads it from memory, the update writes it back while in cache */
+    const bool in_place = state->dtype == ATTN_F32 && state->stride[3] == 1;
+    float *s = in_place ? (float *)state->data + attn_off4(state, b, h, 0, 0) : bf->s;
+    const int64_t lds = in_place ? state->stride[2] : dv;
+    if (!in_place) lin_state_load(kr, state, b, h, d, dv, bf->s);
     for (int64_t t = 0; t < p->t; t++) {
         rows_load(kr, q, attn_off4(q, b, t, h, 0), d, bf->q);
         rows_load(kr, k, attn_off4(k, b, t, hk, 0), d, bf->k);
@@ -48,12 +54,12 @@ static void run_task(const attn_kernels *kr, const lin_problem *p, int64_t b, in
             qk += bf->q[x] * bf->k[x];
             bf->q[x] *= p->scale * (gated ? bf->a[x] : 1.0f);
         }
-        kr->gemm(1, dv, d, bf->q, d, 1, bf->s, dv, bf->o, dv, 0, NULL);
+        kr->gemm(1, dv, d, bf->q, d, 1, s, lds, bf->o, dv, 0, NULL);
         kr->axpy(dv, p->scale * qk, bf->v, bf->o);
-        kr->gemm(d, dv, 1, bf->k, 1, 0, bf->v, dv, bf->s, dv, 1, gated ? bf->a : NULL);
+        kr->gemm(d, dv, 1, bf->k, 1, 0, bf->v, dv, s, lds, 1, gated ? bf->a : NULL);
         rows_store(kr, o, attn_off4(o, b, t, h, 0), dv, bf->o);
     }
-    lin_state_store(kr, state, b, h, d, dv, bf->s);
+    if (!in_place) lin_state_store(kr, state, b, h, d, dv, bf->s);
 }
 
 attn_status linear_engine_decode(const attn_ctx *ctx, const lin_problem *p,
