@@ -5,34 +5,65 @@
     o = lat.attention(q, q, q, causal=True)                 # [B, N, H, D]
     o.sum().backward()                                      # C backward
 
-Two custom ops are registered with torch.library: libattn::attention_fwd
-(q, k, v, ...) -> (o [B, N, H, Dv], lse [B, H, N] f32) and
-libattn::attention_bwd (q, k, v, o, lse, dout, ...) -> (dq, dk, dv), each
-with a fake (meta) implementation, so they trace under torch.compile; the
-forward op has its autograd registered (register_autograd) to the backward
-op. `attention` applies a torch.autograd.Function making the same C calls
-(in eager mode) or the forward op itself (under torch.compile). Tensors must
-be on the CPU; float64 runs on the reference backend (for gradcheck). LSE
-is not differentiable (its gradient is ignored).
+Every mechanism with a C backward is a pair of torch.library custom ops
+with fake (meta) implementations and the forward's autograd registered to
+the backward op, so it traces under torch.compile (fullgraph=True):
 
-Eager autograd (torch.autograd.Function over the C forward and backward)
-also for gla_attention, ssd, mamba_scan, sra_attention,
-neighborhood_attention, lightnet_attention, rfa_attention,
-wersa_attention, nsa_attention (and lla_attention where the library has
-attn_lla_backward).
+    libattn::attention_fwd (q, k, v, ...) -> (o [B, N, H, Dv], lse [B, H, N] f32)
+    libattn::attention_bwd (q, k, v, o, lse, dout, ...) -> (dq, dk, dv)
+    libattn::<name>_fwd, libattn::<name>_bwd (tensor inputs, [outputs,] dout,
+        other inputs) -> [one gradient per tensor input], for <name> in
+        linear_attention, gla_attention, ssd, mamba_scan, sra_attention,
+        neighborhood_attention, lightnet_attention, rfa_attention,
+        wersa_attention, lla_attention (built by _torchop.CustomOp; grids,
+        ratios and radii are int[], a None optional tensor's gradient an
+        empty tensor)
+
+Each public function (`attention`, `linear_attention`, ...) applies a
+torch.autograd.Function making the same C calls in eager mode (no
+dispatcher, ~20 us less a call) and the forward op under torch.compile.
+Tensors must be on the CPU; float64 runs on the reference backend (for
+gradcheck). LSE is not differentiable (its gradient is ignored).
+
+Eager only (a graph break under torch.compile), because an argument is
+not a tensor or scalar that an op can take:
+- attention with a plan, and neighborhood_attention with a plan: a
+  libattn.Plan is a C object (neighborhood_attention without one builds
+  the plan of (grid, radius, block) inside the op, cached);
+- rfa_attention and wersa_attention with a ctx: a Context (it holds the
+  seed of the random features) is a C object; the default context is fine;
+- nsa_attention: its forward keeps the selection (a C plan made by
+  attn_nsa_select) and each branch's output and LSE for the backward; as
+  an op the selection would have to be returned as tensors and a plan
+  rebuilt from them in the backward, or selected again there.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 
-from . import _ops
+from . import _grid, _linmech, _ops, _ssm
+from ._torchop import CustomOp
+from .plan import Plan
 
 Tensor = torch.Tensor
 
 _LIB = "libattn"
+
+
+def _float(x):
+    return None if x is None else float(x)
+
+
+def _int(x):
+    return None if x is None else int(x)
+
+
+def _ints(t):
+    return [int(x) for x in t]
 
 
 @torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
@@ -128,22 +159,30 @@ class PlannedAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-class LinearAttentionFunction(torch.autograd.Function):
-    """Linear-time attention without gate and state (libattn.linear_attention),
-    forward attn_linear_forward, backward attn_linear_backward (eager)."""
+def _o_like_qv(q, k, v, *_):
+    """Fake output [B, T, H, Dv] in q's dtype (q [B, T, H, D], v [B, M, Hk, Dv])."""
+    return q.new_empty((*q.shape[:3], v.shape[3]))
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal):
-        ctx.save_for_backward(q, k, v)
-        ctx.args = (scale, causal)
-        return _ops.linear_attention(q, k, v, causal=causal, scale=scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v = ctx.saved_tensors
-        scale, causal = ctx.args
-        dq, dk, dv = _ops.linear_attention_backward(q, k, v, do, causal=causal, scale=scale)
-        return dq, dk, dv, None, None
+def _o_lse(q, k, v, *_):
+    """Fake (o [B, N, H, Dv], lse [B, H, N] float32)."""
+    B, N, H, _ = q.shape
+    return _o_like_qv(q, k, v), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _like_x(x, *_):
+    return x.new_empty(x.shape)
+
+
+_linear = CustomOp(
+    "linear_attention", "Tensor q, Tensor k, Tensor v, float? scale, bool causal",
+    lambda q, k, v, scale, causal: _ops.linear_attention(q, k, v, causal=causal, scale=scale),
+    lambda q, k, v, do, scale, causal: _ops.linear_attention_backward(q, k, v, do, causal=causal,
+                                                                      scale=scale),
+    _o_like_qv, name="LinearAttentionFunction",
+    doc="""Linear-time attention without gate and state (libattn.linear_attention),
+    forward attn_linear_forward, backward attn_linear_backward.""")
+LinearAttentionFunction = _linear.function
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
@@ -152,29 +191,18 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     S_t = sum_{j<=t} k_j^T v_j (all j when not causal). q [B, T, H, D],
     k [B, T, Hk, D], v [B, T, Hk, Dv] -> o [B, T, H, Dv]; float64 on the
     reference backend (gradcheck)."""
-    return LinearAttentionFunction.apply(q, k, v, scale, bool(causal))
+    return _linear(q, k, v, _float(scale), bool(causal))
 
 
-class GLAFunction(torch.autograd.Function):
-    """Gated Linear Attention (libattn.gla_attention, no state), forward
+_gla = CustomOp(
+    "gla_attention", "Tensor q, Tensor k, Tensor v, Tensor g, float? scale",
+    lambda q, k, v, g, scale: _ssm.gla_attention(q, k, v, g, scale=scale),
+    lambda q, k, v, g, do, scale: _ssm.gla_attention_backward(q, k, v, g, do, scale=scale),
+    _o_like_qv, name="GLAFunction",
+    doc="""Gated Linear Attention (libattn.gla_attention, no state), forward
     attn_linear_forward with gate KEY or HEAD_TOKEN, backward
-    attn_linear_backward (gradients for q, k, v and the log gate g)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale):
-        from ._ssm import gla_attention
-
-        ctx.save_for_backward(q, k, v, g)
-        ctx.scale = scale
-        return gla_attention(q, k, v, g, scale=scale)
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._ssm import gla_attention_backward
-
-        q, k, v, g = ctx.saved_tensors
-        dq, dk, dv, dg = gla_attention_backward(q, k, v, g, do, scale=ctx.scale)
-        return dq, dk, dv, dg, None
+    attn_linear_backward (gradients for q, k, v and the log gate g).""")
+GLAFunction = _gla.function
 
 
 def gla_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *,
@@ -182,207 +210,159 @@ def gla_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *,
     """Differentiable Gated Linear Attention (causal): g the log gate,
     [B, T, H, D] per key dim or [B, T, H] per head and token; shapes as
     libattn.gla_attention. float64 on the reference backend (gradcheck)."""
-    return GLAFunction.apply(q, k, v, g, scale)
+    return _gla(q, k, v, g, _float(scale))
 
 
-class SSDFunction(torch.autograd.Function):
-    """Mamba-2 SSD (libattn.ssd, no state), forward attn_ssd_forward,
-    backward attn_ssd_backward (gradients for x, dt, A, B, C and Dskip)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, a, bm, cm, dskip):
-        from ._ssm import ssd
-
-        ctx.save_for_backward(x, dt, a, bm, cm, dskip)
-        return ssd(x, dt, a, bm, cm, dskip)
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ._ssm import ssd_backward
-
-        x, dt, a, bm, cm, dskip = ctx.saved_tensors
-        g = ssd_backward(x, dt, a, bm, cm, dy.contiguous(), dskip)
+def _scan_backward(backward):
+    """(x, dt, a, bm, cm, dskip, dy) -> 6 gradients (None for dskip None)."""
+    def grads(x, dt, a, bm, cm, dskip, dy):
+        g = backward(x, dt, a, bm, cm, dy, dskip)
         return g if dskip is not None else g + (None,)
+    return grads
+
+
+_SCAN_ARGS = "Tensor x, Tensor dt, Tensor a, Tensor bm, Tensor cm, Tensor? dskip"
+_ssd = CustomOp(
+    "ssd", _SCAN_ARGS, _ssm.ssd, _scan_backward(_ssm.ssd_backward), _like_x,
+    name="SSDFunction",
+    doc="""Mamba-2 SSD (libattn.ssd, no state), forward attn_ssd_forward,
+    backward attn_ssd_backward (gradients for x, dt, A, B, C and Dskip).""")
+SSDFunction = _ssd.function
 
 
 def ssd(x: Tensor, dt: Tensor, a: Tensor, bm: Tensor, cm: Tensor,
         dskip: Optional[Tensor] = None) -> Tensor:
     """Differentiable Mamba-2 SSD; shapes as libattn.ssd."""
-    return SSDFunction.apply(x, dt, a, bm, cm, dskip)
+    return _ssd(x, dt, a, bm, cm, dskip)
 
 
-class MambaScanFunction(torch.autograd.Function):
-    """The Mamba selective scan (libattn.mamba_scan, no state), forward
-    attn_mamba_scan, backward attn_mamba_scan_backward."""
-
-    @staticmethod
-    def forward(ctx, x, delta, a, bm, cm, dskip):
-        from ._ssm import mamba_scan
-
-        ctx.save_for_backward(x, delta, a, bm, cm, dskip)
-        return mamba_scan(x, delta, a, bm, cm, dskip)
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ._ssm import mamba_scan_backward
-
-        x, delta, a, bm, cm, dskip = ctx.saved_tensors
-        g = mamba_scan_backward(x, delta, a, bm, cm, dy.contiguous(), dskip)
-        return g if dskip is not None else g + (None,)
+_mamba = CustomOp(
+    "mamba_scan", _SCAN_ARGS, _ssm.mamba_scan, _scan_backward(_ssm.mamba_scan_backward),
+    _like_x, name="MambaScanFunction",
+    doc="""The Mamba selective scan (libattn.mamba_scan, no state), forward
+    attn_mamba_scan, backward attn_mamba_scan_backward.""")
+MambaScanFunction = _mamba.function
 
 
 def mamba_scan(x: Tensor, delta: Tensor, a: Tensor, bm: Tensor, cm: Tensor,
                dskip: Optional[Tensor] = None) -> Tensor:
     """Differentiable Mamba selective scan; shapes as libattn.mamba_scan."""
-    return MambaScanFunction.apply(x, delta, a, bm, cm, dskip)
+    return _mamba(x, delta, a, bm, cm, dskip)
 
 
-class SRAFunction(torch.autograd.Function):
-    """Spatial-reduction attention (libattn.sra_attention), forward
-    attn_sra_forward, backward attn_sra_backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, grid, ratio, scale, softcap):
-        from ._grid import sra_attention
-
-        o, lse = sra_attention(q, k, v, grid, ratio, scale=scale, softcap=softcap,
-                               return_lse=True)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (grid, ratio, scale, softcap)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._grid import sra_attention_backward
-
-        q, k, v, o, lse = ctx.saved_tensors
-        grid, ratio, scale, softcap = ctx.args
-        dq, dk, dv = sra_attention_backward(q, k, v, o, lse, do, grid, ratio, scale=scale,
-                                            softcap=softcap)
-        return dq, dk, dv, None, None, None, None
+_sra = CustomOp(
+    "sra_attention",
+    "Tensor q, Tensor k, Tensor v, int[] grid, int[] ratio, float? scale, float softcap",
+    lambda q, k, v, grid, ratio, scale, softcap: _grid.sra_attention(
+        q, k, v, grid, ratio, scale=scale, softcap=softcap, return_lse=True),
+    lambda q, k, v, o, lse, do, grid, ratio, scale, softcap: _grid.sra_attention_backward(
+        q, k, v, o, lse, do, grid, ratio, scale=scale, softcap=softcap),
+    _o_lse, outputs=2, name="SRAFunction",
+    doc="""Spatial-reduction attention (libattn.sra_attention), forward
+    attn_sra_forward, backward attn_sra_backward.""")
+SRAFunction = _sra.function
 
 
 def sra_attention(q: Tensor, k: Tensor, v: Tensor, grid, ratio, *,
                   scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
     """Differentiable spatial-reduction attention; as libattn.sra_attention."""
-    return SRAFunction.apply(q, k, v, tuple(grid), tuple(ratio), scale, float(softcap))
+    return _sra(q, k, v, _ints(grid), _ints(ratio), _float(scale), float(softcap))
 
 
-class NeighborhoodFunction(torch.autograd.Function):
-    """Neighbourhood attention (libattn.neighborhood_attention), forward
-    attn_neighborhood_forward, backward attn_neighborhood_backward."""
+@functools.lru_cache(maxsize=16)
+def _neighborhood_plan(grid, radius, block):
+    return _grid.neighborhood_plan(grid, radius, block, block)
 
-    @staticmethod
-    def forward(ctx, q, k, v, grid, radius, plan, scale, softcap):
-        from ._grid import neighborhood_attention
 
-        o, lse = neighborhood_attention(q, k, v, grid, radius, plan=plan, scale=scale,
-                                        softcap=softcap, return_lse=True)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (grid, radius, plan, scale, softcap)
-        return o
+def _nbhd_plan(grid, radius, plan):
+    """plan: a libattn.Plan, or an int (block: the plan built once and cached)."""
+    if isinstance(plan, Plan):
+        return plan
+    return _neighborhood_plan(tuple(_ints(grid)), tuple(_ints(radius)), int(plan))
 
-    @staticmethod
-    def backward(ctx, do):
-        from ._grid import neighborhood_attention_backward
 
-        q, k, v, o, lse = ctx.saved_tensors
-        grid, radius, plan, scale, softcap = ctx.args
-        dq, dk, dv = neighborhood_attention_backward(q, k, v, o, lse, do, grid, radius,
-                                                     plan=plan, scale=scale, softcap=softcap)
-        return dq, dk, dv, None, None, None, None, None
+_nbhd = CustomOp(
+    "neighborhood_attention",
+    "Tensor q, Tensor k, Tensor v, int[] grid, int[] radius, int block, float? scale, "
+    "float softcap",
+    lambda q, k, v, grid, radius, plan, scale, softcap: _grid.neighborhood_attention(
+        q, k, v, grid, radius, plan=_nbhd_plan(grid, radius, plan), scale=scale,
+        softcap=softcap, return_lse=True),
+    lambda q, k, v, o, lse, do, grid, radius, plan, scale, softcap:
+        _grid.neighborhood_attention_backward(q, k, v, o, lse, do, grid, radius,
+                                              plan=_nbhd_plan(grid, radius, plan), scale=scale,
+                                              softcap=softcap),
+    _o_lse, outputs=2, name="NeighborhoodFunction",
+    doc="""Neighbourhood attention (libattn.neighborhood_attention), forward
+    attn_neighborhood_forward, backward attn_neighborhood_backward; the
+    plan argument a libattn.Plan, or a block size (the plan built and
+    cached; the custom op's form).""")
+NeighborhoodFunction = _nbhd.function
 
 
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, grid, radius, *, plan=None,
                            block: int = 64, scale: Optional[float] = None,
                            softcap: float = 0.0) -> Tensor:
-    """Differentiable neighbourhood attention; as libattn.neighborhood_attention."""
-    from ._grid import neighborhood_plan
+    """Differentiable neighbourhood attention; as libattn.neighborhood_attention.
+    Without a plan, the one of (grid, radius, block) is built once and
+    cached (and the op works under torch.compile); with a plan, eager."""
+    args = (_float(scale), float(softcap))
+    if plan is not None:
+        return NeighborhoodFunction.apply(q, k, v, _ints(grid), _ints(radius), plan, *args)
+    return _nbhd(q, k, v, _ints(grid), _ints(radius), int(block), *args)
 
-    if plan is None:
-        plan = neighborhood_plan(grid, radius, block, block)
-    return NeighborhoodFunction.apply(q, k, v, tuple(grid), tuple(radius), plan, scale,
-                                      float(softcap))
 
-
-class LightNetFunction(torch.autograd.Function):
-    """LightNet (libattn.lightnet_attention), forward attn_lightnet_forward,
-    backward attn_lightnet_backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        from ._linmech import lightnet_attention
-
-        ctx.save_for_backward(q, k, v)
-        ctx.scale = scale
-        return lightnet_attention(q, k, v, scale=scale)
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._linmech import lightnet_attention_backward
-
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = lightnet_attention_backward(q, k, v, do.contiguous(), scale=ctx.scale)
-        return dq, dk, dv, None
+_lightnet = CustomOp(
+    "lightnet_attention", "Tensor q, Tensor k, Tensor v, float? scale",
+    lambda q, k, v, scale: _linmech.lightnet_attention(q, k, v, scale=scale),
+    lambda q, k, v, do, scale: _linmech.lightnet_attention_backward(q, k, v, do, scale=scale),
+    _o_like_qv, name="LightNetFunction",
+    doc="""LightNet (libattn.lightnet_attention), forward attn_lightnet_forward,
+    backward attn_lightnet_backward.""")
+LightNetFunction = _lightnet.function
 
 
 def lightnet_attention(q: Tensor, k: Tensor, v: Tensor, *,
                        scale: Optional[float] = None) -> Tensor:
     """Differentiable LightNet (causal); shapes as libattn.lightnet_attention."""
-    return LightNetFunction.apply(q, k, v, scale)
+    return _lightnet(q, k, v, _float(scale))
 
 
-class RFAFunction(torch.autograd.Function):
-    """Random-feature attention (libattn.rfa_attention), forward
+_rfa = CustomOp(
+    "rfa_attention", "Tensor q, Tensor k, Tensor v, int? features, bool causal",
+    lambda q, k, v, features, causal, actx=None: _linmech.rfa_attention(
+        q, k, v, features=features, causal=causal, ctx=actx),
+    lambda q, k, v, do, features, causal, actx=None: _linmech.rfa_attention_backward(
+        q, k, v, do, features=features, causal=causal, ctx=actx),
+    _o_like_qv, name="RFAFunction",
+    doc="""Random-feature attention (libattn.rfa_attention), forward
     attn_rfa_forward, backward attn_rfa_backward on the same context (the
-    same features)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, features, causal, actx):
-        from ._linmech import rfa_attention
-
-        ctx.save_for_backward(q, k, v)
-        ctx.args = (features, causal, actx)
-        return rfa_attention(q, k, v, features=features, causal=causal, ctx=actx)
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._linmech import rfa_attention_backward
-
-        q, k, v = ctx.saved_tensors
-        features, causal, actx = ctx.args
-        dq, dk, dv = rfa_attention_backward(q, k, v, do.contiguous(), features=features,
-                                            causal=causal, ctx=actx)
-        return dq, dk, dv, None, None, None
+    same features).""")
+RFAFunction = _rfa.function
 
 
 def rfa_attention(q: Tensor, k: Tensor, v: Tensor, *, features: Optional[int] = None,
                   causal: bool = True, ctx=None) -> Tensor:
-    """Differentiable random-feature attention; as libattn.rfa_attention."""
-    return RFAFunction.apply(q, k, v, features, bool(causal), ctx)
+    """Differentiable random-feature attention; as libattn.rfa_attention
+    (with a ctx, eager only: a Context is not an op argument)."""
+    args = (q, k, v, _int(features), bool(causal))
+    return _rfa(*args) if ctx is None else RFAFunction.apply(*args, ctx)
 
 
-class WERSAFunction(torch.autograd.Function):
-    """WERSA (libattn.wersa_attention), forward attn_wersa_forward, backward
-    attn_wersa_backward (gradients for q, k, v and the level weights)."""
+def _wersa_backward(q, k, v, w, do, features, causal, actx=None):
+    dq, dk, dv, dw = _linmech.wersa_attention_backward(q, k, v, do, w, features=features,
+                                                       causal=causal, ctx=actx)
+    return dq, dk, dv, dw.to(w.dtype)
 
-    @staticmethod
-    def forward(ctx, q, k, v, weights, features, causal, actx):
-        from ._linmech import wersa_attention
 
-        ctx.save_for_backward(q, k, v, weights)
-        ctx.args = (features, causal, actx)
-        return wersa_attention(q, k, v, weights, features=features, causal=causal, ctx=actx)
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._linmech import wersa_attention_backward
-
-        q, k, v, w = ctx.saved_tensors
-        features, causal, actx = ctx.args
-        dq, dk, dv, dw = wersa_attention_backward(q, k, v, do.contiguous(), w,
-                                                  features=features, causal=causal, ctx=actx)
-        return dq, dk, dv, dw.to(w.dtype), None, None, None
+_wersa = CustomOp(
+    "wersa_attention", "Tensor q, Tensor k, Tensor v, Tensor weights, int? features, bool causal",
+    lambda q, k, v, w, features, causal, actx=None: _linmech.wersa_attention(
+        q, k, v, w, features=features, causal=causal, ctx=actx),
+    _wersa_backward, _o_like_qv, name="WERSAFunction",
+    doc="""WERSA (libattn.wersa_attention), forward attn_wersa_forward, backward
+    attn_wersa_backward (gradients for q, k, v and the level weights).""")
+WERSAFunction = _wersa.function
 
 
 def wersa_attention(q: Tensor, k: Tensor, v: Tensor, weights: Optional[Tensor] = None, *,
@@ -390,34 +370,24 @@ def wersa_attention(q: Tensor, k: Tensor, v: Tensor, weights: Optional[Tensor] =
                     ctx=None) -> Tensor:
     """Differentiable WERSA; as libattn.wersa_attention. weights: a tensor of
     levels + 1 (float32, float64 with float64 inputs; default ones), which
-    gets a gradient when it requires one."""
+    gets a gradient when it requires one. With a ctx, eager only."""
     if weights is None:
         weights = torch.ones(levels + 1, dtype=torch.float64 if q.dtype == torch.float64
                              else torch.float32)
-    return WERSAFunction.apply(q, k, v, weights, features, bool(causal), ctx)
+    args = (q, k, v, weights, _int(features), bool(causal))
+    return _wersa(*args) if ctx is None else WERSAFunction.apply(*args, ctx)
 
 
-class LLAFunction(torch.autograd.Function):
-    """Local Linear Attention (libattn.lla_attention), forward
-    attn_lla_forward, backward attn_lla_backward (where the library has it)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, lam, causal, scale):
-        from ._linmech import lla_attention
-
-        ctx.save_for_backward(q, k, v)
-        ctx.args = (lam, causal, scale)
-        return lla_attention(q, k, v, lam=lam, causal=causal, scale=scale)
-
-    @staticmethod
-    def backward(ctx, do):
-        from ._linmech import lla_attention_backward
-
-        q, k, v = ctx.saved_tensors
-        lam, causal, scale = ctx.args
-        dq, dk, dv = lla_attention_backward(q, k, v, do.contiguous(), lam=lam, causal=causal,
-                                            scale=scale)
-        return dq, dk, dv, None, None, None
+_lla = CustomOp(
+    "lla_attention", "Tensor q, Tensor k, Tensor v, float lam, bool causal, float? scale",
+    lambda q, k, v, lam, causal, scale: _linmech.lla_attention(q, k, v, lam=lam, causal=causal,
+                                                               scale=scale),
+    lambda q, k, v, do, lam, causal, scale: _linmech.lla_attention_backward(
+        q, k, v, do, lam=lam, causal=causal, scale=scale),
+    _o_like_qv, name="LLAFunction",
+    doc="""Local Linear Attention (libattn.lla_attention), forward
+    attn_lla_forward, backward attn_lla_backward (where the library has it).""")
+LLAFunction = _lla.function
 
 
 def lla_attention(q: Tensor, k: Tensor, v: Tensor, *, lam: float = 0.1, causal: bool = True,
@@ -425,7 +395,7 @@ def lla_attention(q: Tensor, k: Tensor, v: Tensor, *, lam: float = 0.1, causal: 
     """Local Linear Attention with autograd (the backward needs
     attn_lla_backward in the library: NotImplementedError otherwise, when
     the gradient is asked for); as libattn.lla_attention."""
-    return LLAFunction.apply(q, k, v, float(lam), bool(causal), scale)
+    return _lla(q, k, v, float(lam), bool(causal), _float(scale))
 
 
 class NSAFunction(torch.autograd.Function):
