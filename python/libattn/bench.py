@@ -369,16 +369,25 @@ def plot(out_dir, records, dpi=80):
     import matplotlib.pyplot as plt
 
     mechs = list(dict.fromkeys(r["mechanism"] for r in records))
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(mechs)}
+    # 20 colours within each of two groups, solid (exact and sparse) and
+    # dashed (linear): the registry's 23 mechanisms are told apart
+    family = {r["mechanism"]: r["family"] for r in records}
+    style = {m: "--" if family[m] == "linear" else "-" for m in mechs}
+    colors = {}
+    for ls in ("-", "--"):
+        group = [m for m in mechs if style[m] == ls]
+        colors.update((m, plt.cm.tab20(i % 20)) for i, m in enumerate(group))
     pats = list(dict.fromkeys(r["pattern"] for r in records))
-    fig, axes = plt.subplots(1, len(pats), figsize=(3.2 * len(pats), 3.0), sharey=True,
+    fig, axes = plt.subplots(1, len(pats), figsize=(3.2 * len(pats), 3.4), sharey=True,
                              squeeze=False)
+    lines = {}
     for ax, p in zip(axes[0], pats):
         for m in mechs:
             pts = sorted((r["length"], r["fwd_ms"]) for r in records
                          if r["pattern"] == p and r["mechanism"] == m and r["fwd_ms"])
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, color=colors[m], label=m)
+                lines[m], = ax.plot(*zip(*pts), marker="o", ls=style[m], ms=3, lw=1.1,
+                                    color=colors[m], label=m)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(p, fontsize=9)
@@ -386,9 +395,13 @@ def plot(out_dir, records, dpi=80):
         ax.grid(True, which="both", lw=0.3)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("forward ms (median)", fontsize=8)
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "time_vs_length.png"), dpi=dpi)
+    # one legend for all the panels (each shows only the mechanisms that
+    # support its pattern), beside them
+    shown = [m for m in mechs if m in lines]
+    fig.legend([lines[m] for m in shown], shown, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=7, ncol=1 + len(shown) // 16, frameon=False)
+    fig.savefig(os.path.join(out_dir, "time_vs_length.png"), dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
     Lmax = max(r["length"] for r in records)
@@ -396,7 +409,7 @@ def plot(out_dir, records, dpi=80):
                 if r["mechanism"] == "exact" and r["length"] == Lmax and r["fwd_ms"]}
     fams = [f for f in ("sparse", "linear") if any(r["family"] == f for r in records)]
     fams = fams or ["exact"]
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.0 * len(fams), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 3.6), squeeze=False)
     markers = dict(zip(pats, "osD^"))
     from matplotlib.ticker import FuncFormatter
 
@@ -431,9 +444,9 @@ def plot(out_dir, records, dpi=80):
         ax.set_title(f"{fam} (dashed: Pareto front)", fontsize=9)
         ax.grid(True, which="both", lw=0.3)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "pareto.png"), dpi=dpi)
+    fig.savefig(os.path.join(out_dir, "pareto.png"), dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
 
