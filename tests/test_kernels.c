@@ -20,6 +20,7 @@
  *   pv_heads        |err| <= 1e-5 * (|o| + sum |p||v|)
  *   axpy            |err| <= 1e-6 * (|a x| + |y|)
  *   transpose       bit-exact
+ *   store_stream    bit-exact, at aligned and unaligned destinations
  *   key_gate_chunk  the products with e^{±b}: exp_tol(b log2 e) relative (b
  *                   summed in double and rounded to f32 as the contract
  *                   says); krt 1e-6 relative to kt * plast; the out-of-range
@@ -742,6 +743,33 @@ static void test_transpose(const table *t) {
     }
 }
 
+/* store_stream: a bitwise copy, the padding after each row untouched, at a
+ * 64-byte aligned and an unaligned destination. */
+static void test_store_stream(const table *t) {
+    static const int64_t shp[][2] = {{1, 1}, {3, 16}, {16, 128}, {5, 17}, {7, 100}, {2, 33}};
+    uint64_t idx = 7700;
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++)
+        for (int shift = 0; shift < 2; shift++) {
+            const int64_t rows = shp[i][0], n = shp[i][1];
+            tu_rng rng = {tu_seed(SALT, idx++)};
+            const int64_t lds = n + tu_int(&rng, 0, 3), ldd = (n + 15) / 16 * 16 + 16;
+            float *src = falloc((rows - 1) * lds + n), *buf = falloc(rows * ldd + 16);
+            for (int64_t x = 0; x < (rows - 1) * lds + n; x++) src[x] = frand(&rng, -1, 1);
+            fsent(buf, rows * ldd + 16);
+            float *dst = buf + shift; /* buf ends at a page and holds a multiple of 16
+                                         floats: it starts 64-byte aligned */
+            t->k->store_stream(src, lds, rows, n, dst, ldd);
+            tu_case("%s store_stream %lldx%lld ldd=%lld shift=%d", t->name, (long long)rows,
+                    (long long)n, (long long)ldd, shift);
+            int64_t bad = 0;
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t x = 0; x < n; x++) bad += fbits(dst[r * ldd + x]) != fbits(src[r * lds + x]);
+            CHECK(bad == 0, "%lld elements differ", (long long)bad);
+            CHECK(pad_changed(dst, rows, n, ldd, rows * ldd + 16 - shift) == 0, "padding changed");
+            xfree(src), xfree(buf);
+        }
+}
+
 /* Against double: b summed in double from the clamped gates, then the
  * products with exp2 of b rounded to f32 (tolerance exp_tol of the
  * exponent, two of them for krt). */
@@ -1138,6 +1166,7 @@ int main(void) {
         test_heads(t);
         test_axpy(t);
         test_transpose(t);
+        test_store_stream(t);
         test_key_gate_chunk(t);
         test_conversions(t);
         printf("  %-7s %s\n", t->name, tu_failed == before ? "ok" : "FAILED");

@@ -69,6 +69,12 @@ typedef struct attn_kernels {
     /* y[i] += a * x[i]. */
     void (*axpy)(int64_t n, float a, const float *x, float *y);
 
+    /* dst rows [rows][n] (leading dim ldd) = src [rows][n] (ldd... lds), with
+     * stores that bypass the caches where the ISA has them (no read of the
+     * destination lines first); ordered before the call returns. */
+    void (*store_stream)(const float *src, int64_t lds, int64_t rows, int64_t n, float *dst,
+                         int64_t ldd);
+
     /* dst[c][r] = src[r][c] on a rows x cols tile (leading dims lds, ldd). */
     void (*transpose)(const float *src, int64_t lds, int64_t rows, int64_t cols, float *dst,
                       int64_t ldd);
@@ -109,6 +115,8 @@ extern const attn_kernels attn_kernels_neon;
  * specialised one share. */
 void attn_transpose_portable(const float *src, int64_t lds, int64_t rows, int64_t cols,
                              float *dst, int64_t ldd);
+void attn_store_stream_portable(const float *src, int64_t lds, int64_t rows, int64_t n,
+                                float *dst, int64_t ldd);
 int attn_key_gate_chunk_portable(int64_t n, int64_t d, const float *g, int64_t ldg,
                                  const float *q, int64_t ldq, const float *k, int64_t ldk,
                                  float scale, float gate_floor, float range, float *qp,

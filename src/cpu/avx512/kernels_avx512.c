@@ -551,6 +551,24 @@ static void transpose(const float *src, int64_t lds, int64_t rows, int64_t cols,
     }
 }
 
+/* Non-temporal stores where a row's destination is 64-byte aligned and
+ * whole vectors; plain stores for the rest. */
+static void store_stream(const float *src, int64_t lds, int64_t rows, int64_t n, float *dst,
+                         int64_t ldd) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = src + r * lds;
+        float *d = dst + r * ldd;
+        int64_t x = 0;
+        if (((uintptr_t)d & 63) == 0)
+            for (; x + 16 <= n; x += 16) _mm512_stream_ps(d + x, _mm512_loadu_ps(s + x));
+        for (; x < n; x += 16) {
+            const __mmask16 mk = tail_mask(n - x);
+            _mm512_mask_storeu_ps(d + x, mk, _mm512_maskz_loadu_ps(mk, s + x));
+        }
+    }
+    _mm_sfence();
+}
+
 /* ---------------------------------------------------------------- linear gates */
 
 static int key_gate_chunk(int64_t n, int64_t d, const float *g, int64_t ldg, const float *q,
@@ -664,6 +682,7 @@ const attn_kernels attn_kernels_avx512 = {
     .pv_heads = pv_heads,
     .axpy = axpy,
     .transpose = transpose,
+    .store_stream = store_stream,
     .key_gate_chunk = key_gate_chunk,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,

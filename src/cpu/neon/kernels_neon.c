@@ -587,6 +587,7 @@ const attn_kernels attn_kernels_neon = {
     .pv_heads = pv_heads,
     .axpy = axpy,
     .transpose = attn_transpose_portable,
+    .store_stream = attn_store_stream_portable,
     .key_gate_chunk = attn_key_gate_chunk_portable,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,

@@ -126,6 +126,11 @@ void attn_transpose_portable(const float *src, int64_t lds, int64_t rows, int64_
             for (int64_t c = c0; c < cols && c < c0 + 16; c++) dst[c * ldd + r] = src[r * lds + c];
 }
 
+void attn_store_stream_portable(const float *src, int64_t lds, int64_t rows, int64_t n,
+                                float *dst, int64_t ldd) {
+    for (int64_t r = 0; r < rows; r++) memcpy(dst + r * ldd, src + r * lds, (size_t)n * sizeof(float));
+}
+
 int attn_key_gate_chunk_portable(int64_t n, int64_t d, const float *g, int64_t ldg,
                                  const float *q, int64_t ldq, const float *k, int64_t ldk,
                                  float scale, float gate_floor, float range, float *qp,
@@ -178,6 +183,7 @@ const attn_kernels attn_kernels_scalar = {
     .pv_heads = pv_heads,
     .axpy = axpy,
     .transpose = attn_transpose_portable,
+    .store_stream = attn_store_stream_portable,
     .key_gate_chunk = attn_key_gate_chunk_portable,
     .f16_to_f32 = f16_to_f32,
     .bf16_to_f32 = bf16_to_f32,
