@@ -379,6 +379,13 @@ static size_t quick_suite(bench_case *out) {
     out[k++] = suite_case(BENCH_GLA_BWD, 4096, 4096, 8, 8, 64, 1, ATTN_F32);
     out[k++] = suite_case(BENCH_MAMBA, 4096, 4096, 1024, 1024, 16, 1, ATTN_F32);
     out[k++] = suite_case(BENCH_GLA_DECODE, 1, 1, 32, 32, 128, 1, ATTN_F32);
+    /* tokens per second against N, 1k to 1M (one head, D = Dv = 128: the
+     * issue's per-token bar; about 5 s in all) */
+    static const bench_op sweep[] = {BENCH_LINEAR, BENCH_GLA, BENCH_SSD};
+    static const int64_t lens[] = {1024, 16384, 1048576};
+    for (size_t i = 0; i < sizeof sweep / sizeof sweep[0]; i++)
+        for (size_t j = 0; j < sizeof lens / sizeof lens[0]; j++)
+            out[k++] = suite_case(sweep[i], lens[j], lens[j], 1, 1, 128, 1, ATTN_F32);
     return k;
 }
 
@@ -556,7 +563,7 @@ int cmd_bench(int argc, char **argv) {
     } else if (a.have_op) {
         rc = run_case(ctx, ref, &a.c, &a.opts, &r, 1);
     } else {
-        bench_case cases[48];
+        bench_case cases[64];
         size_t count = quick_suite(cases);
         for (size_t i = 0; i < count; i++) {
             int one = run_case(ctx, ref, &cases[i], &a.opts, &r, 0);
