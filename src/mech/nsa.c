@@ -68,6 +68,8 @@ static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
     causal.causal = 1;
     CHECK(attn_check_params(&causal, q, k, v, &pr->br[BRANCH_WIN]));
     const int64_t m = k->shape[1], mc = compressed_len(o, m);
+    if (m > INT32_MAX) /* the selection's block indices are int32 */
+        return attn_err(ATTN_ERR_ARG, "k->shape[1] (%lld keys) must be below 2^31", (long long)m);
     CHECK(attn_check_shape("kc", kc, 1, mc, k->shape[2], k->shape[3]));
     CHECK(attn_check_shape("vc", vc, 1, mc, v->shape[2], v->shape[3]));
     if (mc < 1) return attn_err(ATTN_ERR_SHAPE, "k holds fewer keys than opt->cmp_block");
@@ -449,19 +451,48 @@ static attn_status run_branches(const attn_ctx *ctx, const nsa_problems *pr, int
     return ATTN_OK;
 }
 
+/* The checks and buffers both forward doors start with (sel may be NULL:
+ * attn_nsa_attention makes it). */
+static attn_status begin_forward(const attn_ctx *ctx, const attn_params *p,
+                                 const attn_nsa_opts *opt, const attn_tensor *q,
+                                 const attn_tensor *k, const attn_tensor *v,
+                                 const attn_tensor *kc, const attn_tensor *vc,
+                                 const attn_plan *sel, const attn_tensor *gates,
+                                 const attn_tensor *o, attn_tensor *saved_o,
+                                 attn_tensor *saved_lse, nsa_problems *pr, branch_bufs *b) {
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, pr));
+    CHECK(check_forward_outputs(ctx, pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
+    return branch_bufs_make(ctx, &pr->br[BRANCH_WIN], saved_o, saved_lse, b);
+}
+
+/* The compressed branch's LSE [H][N] as dense f32: the saved tensor itself
+ * when it is one, else a copy (*owned set) or NULL when out of memory. */
+static float *cmp_lse(const nsa_problems *pr, const branch_bufs *b, bool *owned) {
+    attn_tensor lb = mech_part(&b->bl, BRANCHES, BRANCH_CMP);
+    const int64_t h = pr->br[BRANCH_CMP].h, n = pr->br[BRANCH_CMP].n;
+    *owned = false;
+    if (dense_f32(&lb)) return lb.data;
+    float *lse = malloc((size_t)(h * n) * sizeof(float));
+    if (!lse) return NULL;
+    *owned = true;
+    for (int64_t hh = 0; hh < h; hh++)
+        for (int64_t i = 0; i < n; i++)
+            lse[hh * n + i] = (float)attn_load_f64(&lb, attn_off3(&lb, 0, hh, i));
+    return lse;
+}
+
 attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
                              const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
                              const attn_tensor *kc, const attn_tensor *vc,
                              const attn_plan *sel, const attn_tensor *gates, attn_tensor *o,
                              attn_tensor *saved_o, attn_tensor *saved_lse) {
     attn_clear_error();
-    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
     if (!sel) return attn_err(ATTN_ERR_NULL, "sel must not be NULL");
     nsa_problems pr;
-    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, &pr));
-    CHECK(check_forward_outputs(ctx, &pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
     branch_bufs b;
-    CHECK(branch_bufs_make(ctx, &pr.br[BRANCH_WIN], saved_o, saved_lse, &b));
+    CHECK(begin_forward(ctx, p, opt, q, k, v, kc, vc, sel, gates, o, saved_o, saved_lse, &pr,
+                        &b));
     attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCHES, q, k, v, kc, vc, &b);
     if (st == ATTN_OK) mix(&pr.br[BRANCH_WIN], gates, &b.bo, o);
     free(b.mo), free(b.ml);
@@ -476,34 +507,22 @@ attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p, const attn_n
                                attn_plan **sel_out) {
     attn_clear_error();
     if (sel_out) *sel_out = NULL;
-    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
     nsa_problems pr;
-    CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, NULL, &pr));
-    CHECK(check_forward_outputs(ctx, &pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
     branch_bufs b;
-    CHECK(branch_bufs_make(ctx, &pr.br[BRANCH_WIN], saved_o, saved_lse, &b));
+    CHECK(begin_forward(ctx, p, opt, q, k, v, kc, vc, NULL, gates, o, saved_o, saved_lse, &pr,
+                        &b));
     /* the compressed branch first: on the CPU its LSE is the selection's
      * (as attn_nsa_select computes it), so the selection needs no pass of
      * its own; the reference backend's selection still uses the CPU's */
     attn_plan *sel = NULL;
     float *lse = NULL;
+    bool owned = false;
     attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCH_CMP + 1, q, k, v, kc, vc, &b);
-    if (st == ATTN_OK && ctx->backend != ATTN_BACKEND_REF) {
-        attn_tensor lb = mech_part(&b.bl, BRANCHES, BRANCH_CMP);
-        const int64_t h = pr.br[BRANCH_CMP].h, n = pr.br[BRANCH_CMP].n;
-        if (dense_f32(&lb)) {
-            lse = lb.data;
-        } else if ((lse = malloc((size_t)(h * n) * sizeof(float)))) {
-            for (int64_t hh = 0; hh < h; hh++)
-                for (int64_t i = 0; i < n; i++)
-                    lse[hh * n + i] = (float)attn_load_f64(&lb, attn_off3(&lb, 0, hh, i));
-        } else {
-            st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
-        }
-    }
+    if (st == ATTN_OK && ctx->backend != ATTN_BACKEND_REF && !(lse = cmp_lse(&pr, &b, &owned)))
+        st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
     if (st == ATTN_OK)
         st = select_plan(ctx, p, opt, q, kc, k->shape[1], lse, &sel);
-    if (lse && lse != mech_part(&b.bl, BRANCHES, BRANCH_CMP).data) free(lse);
+    if (owned) free(lse);
     if (st == ATTN_OK) {
         pr.br[BRANCH_SEL].plan = sel;
         st = run_branches(ctx, &pr, BRANCH_SEL, BRANCHES, q, k, v, kc, vc, &b);
