@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import F32
-from ._ops import _ctx_for, _empty, _params, _torch_mod, _view
+from ._ops import _ctx_for, _empty, _int_array, _params, _softmax_bwd_args, _view
 from .plan import Plan
 
 _P = ctypes.c_void_p
@@ -88,13 +88,7 @@ def _extent(g: _Grid) -> int:
 
 def _int64_index(idx, name):
     """A contiguous int64 [T] array (numpy or torch or a sequence in)."""
-    t = _torch_mod()
-    if t is not None and isinstance(idx, t.Tensor):
-        idx = idx.detach().cpu().numpy()
-    a = np.ascontiguousarray(idx, dtype=np.int64)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-d array of int64, got shape {a.shape}")
-    return a
+    return _int_array(idx, name, np.int64)
 
 
 def grid_pool(x, grid, ratio, *, ctx=None):
@@ -137,18 +131,9 @@ def sra_attention_backward(q, k, v, o, lse, dout, grid, ratio, *, scale=None, so
     dout [B, N, H, Dv] -> (dq, dk, dv) shaped like q, k, v (the pooled
     gradients spread back over their patches)."""
     _need()
-    pq, oq, sq, dq_, tq = _view(q, "q")
-    pk, ok, sk, dk_, _ = _view(k, "k")
-    pv, ov, sv, dv_, _ = _view(v, "v")
-    po, oo, _, _, _ = _view(o, "o")
-    pl, ol, _, _, _ = _view(lse, "lse", (3,))
-    pd, od, _, _, _ = _view(dout, "dout")
-    gq, pgq = _empty(tq, sq, dq_)
-    gk, pgk = _empty(tq, sk, dk_)
-    gv, pgv = _empty(tq, sv, dv_)
+    ptrs, _keep, (gq, gk, gv), dq_ = _softmax_bwd_args(q, k, v, o, lse, dout)
     _lib.check(_sra_bwd(_ctx_for(ctx, dq_), _params(scale, softcap, False, None),
-                        _grid(grid, "grid"), _grid(ratio, "ratio"), pq, pk, pv, po, pl, pd,
-                        pgq, pgk, pgv))
+                        _grid(grid, "grid"), _grid(ratio, "ratio"), *ptrs))
     return gq, gk, gv
 
 
@@ -217,20 +202,11 @@ def neighborhood_attention_backward(q, k, v, o, lse, dout, grid, radius, *, plan
     """Backward of neighborhood_attention (the same grid, radius and plan;
     lse from return_lse=True): dout [B, T, H, Dv] -> (dq, dk, dv)."""
     _need()
-    pq, oq, sq, dq_, tq = _view(q, "q")
-    pk, ok, sk, dk_, _ = _view(k, "k")
-    pv, ov, sv, dv_, _ = _view(v, "v")
-    po, oo, _, _, _ = _view(o, "o")
-    pl, ol, _, _, _ = _view(lse, "lse", (3,))
-    pd, od, _, _, _ = _view(dout, "dout")
+    ptrs, _keep, (gq, gk, gv), dq_ = _softmax_bwd_args(q, k, v, o, lse, dout)
     if plan is None:
         plan = neighborhood_plan(grid, radius, block, block)
-    gq, pgq = _empty(tq, sq, dq_)
-    gk, pgk = _empty(tq, sk, dk_)
-    gv, pgv = _empty(tq, sv, dv_)
     _lib.check(_nbhd_bwd(_ctx_for(ctx, dq_), _params(scale, softcap, False, None),
-                         _grid(grid, "grid"), _grid(radius, "radius"), plan.ptr, pq, pk, pv, po,
-                         pl, pd, pgq, pgk, pgv))
+                         _grid(grid, "grid"), _grid(radius, "radius"), plan.ptr, *ptrs))
     return gq, gk, gv
 
 
@@ -276,30 +252,30 @@ def global_context_attention(q, q_global, k, v, grid, win, *, scale=None, softca
     return ol, ogl
 
 
-def gather_tokens(x, idx, *, ctx=None):
-    """out[:, t] = x[:, idx[t]]; idx a permutation of the T tokens (int64 [T]).
-    x [B, T, heads, D] -> out [B, T, heads, D]."""
-    _need()
+def _permute_tokens(fn, x, idx, ctx):
+    """gather_tokens and scatter_tokens: fn (attn_gather_tokens or
+    attn_scatter_tokens) on x [B, T, heads, D] by idx (T entries)."""
     a = _int64_index(idx, "idx")
     px, ox, sx, dx, tx = _view(x, "x")
     if len(a) != sx[1]:
         raise ValueError(f"idx: expected {sx[1]} entries (x->shape[1]), got {len(a)}")
     o, po = _empty(tx, tuple(sx), dx)
-    _lib.check(_gather(_ctx_for(ctx, dx), a.ctypes.data, px, po))
+    _lib.check(fn(_ctx_for(ctx, dx), a.ctypes.data, px, po))
     return o
+
+
+def gather_tokens(x, idx, *, ctx=None):
+    """out[:, t] = x[:, idx[t]]; idx a permutation of the T tokens (int64 [T]).
+    x [B, T, heads, D] -> out [B, T, heads, D]."""
+    _need()
+    return _permute_tokens(_gather, x, idx, ctx)
 
 
 def scatter_tokens(x, idx, *, ctx=None):
     """The inverse of gather_tokens: out[:, idx[t]] = x[:, t].
     x [B, T, heads, D] -> out [B, T, heads, D]."""
     _need()
-    a = _int64_index(idx, "idx")
-    px, ox, sx, dx, tx = _view(x, "x")
-    if len(a) != sx[1]:
-        raise ValueError(f"idx: expected {sx[1]} entries (x->shape[1]), got {len(a)}")
-    o, po = _empty(tx, tuple(sx), dx)
-    _lib.check(_scatter(_ctx_for(ctx, dx), a.ctypes.data, px, po))
-    return o
+    return _permute_tokens(_scatter, x, idx, ctx)
 
 
 def grid_window_index(grid, win) -> np.ndarray:

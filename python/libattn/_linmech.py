@@ -279,6 +279,18 @@ def lla_attention_backward(q, k, v, dout, *, lam=0.1, causal=True, scale=None, b
 # ---------------------------------------------------------------- decode steps
 
 
+def _state_in_place(state):
+    """The packed view of a recurrent state that a step updates in place: a
+    writable array or tensor whose own memory the view points at."""
+    if isinstance(state, np.ndarray) and not state.flags.writeable:
+        raise ValueError("state: read-only array; it is updated in place")
+    ps, os_, _, _, _ = _view(state, "state")
+    if os_ is not state:
+        raise ValueError("state: its layout needs a copy (negative or odd strides); pass a "
+                         "contiguous float32 array, it is updated in place")
+    return ps
+
+
 def linear_decode(q, k, v, state, g=None, *, gate="none", scale=None, ctx=None):
     """The linear recurrence itself, token by token (attn_linear_decode), on
     T >= 1 new tokens per sequence: S_t = G_t * S_{t-1} + k_t^T v_t,
@@ -297,12 +309,7 @@ def linear_decode(q, k, v, state, g=None, *, gate="none", scale=None, ctx=None):
     pg = og = None
     if g is not None:
         pg, og, _, _, _ = _view(g, "g", (1, 3, 4))
-    if isinstance(state, np.ndarray) and not state.flags.writeable:
-        raise ValueError("state: read-only array; it is updated in place")
-    ps, os_, _, _, _ = _view(state, "state")
-    if os_ is not state:
-        raise ValueError("state: its layout needs a copy (negative or odd strides); pass a "
-                         "contiguous float32 array, it is updated in place")
+    ps = _state_in_place(state)
     o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
     _lib.check(_lib.attn_linear_decode(_ctx_for(ctx, dq), _lparams(scale, True, 0, None, gate),
                                        pq, pk, pv, pg, ps, po))
@@ -329,12 +336,7 @@ def mamba_step(x, delta, a, bm, cm, state, dskip=None, *, ctx=None):
     pds = ods = None
     if dskip is not None:
         pds, ods, _, _, _ = _view(dskip, "dskip", (1,))
-    if isinstance(state, np.ndarray) and not state.flags.writeable:
-        raise ValueError("state: read-only array; it is updated in place")
-    ps, os_, _, _, _ = _view(state, "state")
-    if os_ is not state:
-        raise ValueError("state: its layout needs a copy (negative or odd strides); pass a "
-                         "contiguous float32 array, it is updated in place")
+    ps = _state_in_place(state)
     y, py = _empty(tx, tuple(sx), dx)
     _lib.check(_mamba_step(_ctx_for(ctx, dx), px, pd, pa, pb, pc, pds, ps, py))
     return y

@@ -152,16 +152,20 @@ def _empty_nd(like_torch: bool, shape, dt: int):
     return y, TENSOR.pack(ptr, dt, nd, *shape, *pad, *strides, *pad)
 
 
-def _int32_array(x, name):
-    if x is None:
-        return None
+def _int_array(x, name, dtype):
+    """A contiguous 1-d array of dtype (np.int32 or np.int64) from a numpy
+    array, a torch tensor or a sequence."""
     t = _torch_mod()
     if t is not None and isinstance(x, t.Tensor):
         x = x.detach().cpu().numpy()
-    a = np.ascontiguousarray(x, dtype=np.int32)
+    a = np.ascontiguousarray(x, dtype=dtype)
     if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-d array of int32, got shape {a.shape}")
+        raise ValueError(f"{name}: expected a 1-d array of {a.dtype}, got shape {a.shape}")
     return a
+
+
+def _int32_array(x, name):
+    return None if x is None else _int_array(x, name, np.int32)
 
 
 _params_cache: dict = {}
@@ -335,6 +339,23 @@ def attention(q, k, v, *, causal=False, scale=None, softcap=0.0, window=None,
     return _squeeze_result(o, was3)
 
 
+def _softmax_bwd_args(q, k, v, o, lse, dout):
+    """The views a softmax attention backward takes and new dq, dk, dv like
+    q, k, v: ((pq, pk, pv, po, plse, pdout, pdq, pdk, pdv), the owners to
+    keep alive through the call, (dq, dk, dv), q's dtype code)."""
+    pq, oq, sq, dq_, tq = _view(q, "q")
+    pk, ok, sk, dk_, _ = _view(k, "k")
+    pv, ov, sv, dv_, _ = _view(v, "v")
+    po, oo, _, _, _ = _view(o, "o")
+    pl, ol, _, _, _ = _view(lse, "lse", (3,))
+    pd, od, _, _, _ = _view(dout, "dout")
+    gq, pgq = _empty(tq, sq, dq_)
+    gk, pgk = _empty(tq, sk, dk_)
+    gv, pgv = _empty(tq, sv, dv_)
+    return ((pq, pk, pv, po, pl, pd, pgq, pgk, pgv), (oq, ok, ov, oo, ol, od), (gq, gk, gv),
+            dq_)
+
+
 def attention_backward(q, k, v, o, lse, dout, *, causal=False, scale=None, softcap=0.0,
                        window=None, cu_seqlens_q=None, cu_seqlens_k=None, plan=None, ctx=None):
     """Backward of attention() with the same arguments.
@@ -347,19 +368,11 @@ def attention_backward(q, k, v, o, lse, dout, *, causal=False, scale=None, softc
     was3 = getattr(q, "ndim", 4) == 3
     if was3:
         q, k, v, o, dout, lse = q[None], k[None], v[None], o[None], dout[None], lse[None]
-    pq, oq, sq, dq_, tq = _view(q, "q")
-    pk, ok, sk, dk_, _ = _view(k, "k")
-    pv, ov, sv, dv_, _ = _view(v, "v")
-    po, oo, _, _, _ = _view(o, "o")
-    pl, ol, _, _, _ = _view(lse, "lse", (3,))
-    pd, od, _, _, _ = _view(dout, "dout")
-    gq, pgq = _empty(tq, sq, dq_)
-    gk, pgk = _empty(tq, sk, dk_)
-    gv, pgv = _empty(tq, sv, dv_)
+    ptrs, _keep, (gq, gk, gv), dq_ = _softmax_bwd_args(q, k, v, o, lse, dout)
     cu_q = _int32_array(cu_seqlens_q, "cu_seqlens_q")
     cu_k = _int32_array(cu_seqlens_k, "cu_seqlens_k")
     params = _params(scale, softcap, causal, window, cu_q, cu_k, plan)
-    st = _lib.attn_backward(_ctx_for(ctx, dq_), params, pq, pk, pv, po, pl, pd, pgq, pgk, pgv)
+    st = _lib.attn_backward(_ctx_for(ctx, dq_), params, *ptrs)
     if st:
         _lib.raise_status(st)
     return (_squeeze_result(gq, was3), _squeeze_result(gk, was3), _squeeze_result(gv, was3))

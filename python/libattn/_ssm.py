@@ -78,6 +78,33 @@ def _opt(x, name, ndims=(4,)):
     return p, o
 
 
+def _scan_backward(bwd, ctx, ins, dy, dskip, state_in, dstate_out):
+    """The backward binding of SSD and of the Mamba scan: ins the (tensor,
+    name, ndims) of x, dt or delta, a, bm, cm, and dy shaped like x ->
+    their gradients, each shaped like its input, plus ddskip when dskip is
+    given, plus dstate_in when state_in is given."""
+    views = [_view(t, name, nd) for t, name, nd in ins]
+    _, _, _, dtype, tx = views[0]
+    pdy, ody, _, _, _ = _view(dy, "dy", ins[0][2])
+    pds = psi = None
+    if dskip is not None:
+        pds, ods, sds, dds_, _ = _view(dskip, "dskip", (1,))
+    if state_in is not None:
+        psi, osi, ssi, _, _ = _view(state_in, "state_in")
+    pdso, odso = _opt(dstate_out, "dstate_out")
+    grads = [_empty_nd(tx, tuple(sh), d) for _, _, sh, d, _ in views]
+    gds, pgds = _empty_nd(tx, tuple(sds), dds_) if dskip is not None else (None, None)
+    gsi, pgsi = _empty(tx, tuple(ssi), F32) if state_in is not None else (None, None)
+    _lib.check(bwd(_ctx_for(ctx, dtype), *(v[0] for v in views), pds, psi, pdy, pdso,
+                   *(p for _, p in grads), pgds, pgsi))
+    out = tuple(g for g, _ in grads)
+    if dskip is not None:
+        out += (gds,)
+    if state_in is not None:
+        out += (gsi,)
+    return out
+
+
 def ssd(x, dt, a, bm, cm, dskip=None, *, state_in=None, return_state=False, ctx=None):
     """Mamba-2 SSD (state-space duality), per head h with G groups of B, C:
     S_t = exp(dt_t A_h) S_{t-1} + B_t^T (dt_t x_t),  y_t = C_t S_t + Dskip_h x_t.
@@ -112,34 +139,9 @@ def ssd_backward(x, dt, a, bm, cm, dy, dskip=None, *, state_in=None, dstate_out=
     like its input (dbm, dcm summed over the heads of a group)."""
     if not HAS_SSD:
         raise NotImplementedError("this libattn build has no attn_ssd_backward")
-    px, ox, sx, dx_, tx = _view(x, "x")
-    pdt, odt, sdt, ddt_, _ = _view(dt, "dt", (3,))
-    pa, oa, sa, da_, _ = _view(a, "a", (1,))
-    pb, ob, sb, db_, _ = _view(bm, "bm")
-    pc, oc, sc, dc_, _ = _view(cm, "cm")
-    pdy, ody, _, _, _ = _view(dy, "dy")
-    pds = psi = pdso = None
-    if dskip is not None:
-        pds, ods, sds, dds_, _ = _view(dskip, "dskip", (1,))
-    if state_in is not None:
-        psi, osi, ssi, _, _ = _view(state_in, "state_in")
-    if dstate_out is not None:
-        pdso, odso, _, _, _ = _view(dstate_out, "dstate_out")
-    gx, pgx = _empty(tx, tuple(sx), dx_)
-    gdt, pgdt = _empty_nd(tx, tuple(sdt), ddt_)
-    ga, pga = _empty_nd(tx, tuple(sa), da_)
-    gb, pgb = _empty(tx, tuple(sb), db_)
-    gc, pgc = _empty(tx, tuple(sc), dc_)
-    gds, pgds = _empty_nd(tx, tuple(sds), dds_) if dskip is not None else (None, None)
-    gsi, pgsi = _empty(tx, tuple(ssi), F32) if state_in is not None else (None, None)
-    _lib.check(_ssd_bwd(_ctx_for(ctx, dx_), px, pdt, pa, pb, pc, pds, psi, pdy, pdso, pgx, pgdt,
-                        pga, pgb, pgc, pgds, pgsi))
-    out = (gx, gdt, ga, gb, gc)
-    if dskip is not None:
-        out += (gds,)
-    if state_in is not None:
-        out += (gsi,)
-    return out
+    return _scan_backward(_ssd_bwd, ctx, ((x, "x", (4,)), (dt, "dt", (3,)), (a, "a", (1,)),
+                                          (bm, "bm", (4,)), (cm, "cm", (4,))),
+                          dy, dskip, state_in, dstate_out)
 
 
 def mamba_scan(x, delta, a, bm, cm, dskip=None, *, state_in=None, return_state=False, ctx=None):
@@ -173,34 +175,9 @@ def mamba_scan_backward(x, delta, a, bm, cm, dy, dskip=None, *, state_in=None, d
     when dskip is given, plus dstate_in when state_in is given."""
     if not HAS_MAMBA:
         raise NotImplementedError("this libattn build has no attn_mamba_scan_backward")
-    px, ox, sx, dx_, tx = _view(x, "x", (3,))
-    pd, od, sd, dd_, _ = _view(delta, "delta", (3,))
-    pa, oa, sa, da_, _ = _view(a, "a", (2,))
-    pb, ob, sb, db_, _ = _view(bm, "bm", (3,))
-    pc, oc, sc, dc_, _ = _view(cm, "cm", (3,))
-    pdy, ody, _, _, _ = _view(dy, "dy", (3,))
-    pds = psi = pdso = None
-    if dskip is not None:
-        pds, ods, sds, dds_, _ = _view(dskip, "dskip", (1,))
-    if state_in is not None:
-        psi, osi, ssi, _, _ = _view(state_in, "state_in")
-    if dstate_out is not None:
-        pdso, odso, _, _, _ = _view(dstate_out, "dstate_out")
-    gx, pgx = _empty(tx, tuple(sx), dx_)
-    gd, pgd = _empty(tx, tuple(sd), dd_)
-    ga, pga = _empty_nd(tx, tuple(sa), da_)
-    gb, pgb = _empty(tx, tuple(sb), db_)
-    gc, pgc = _empty(tx, tuple(sc), dc_)
-    gds, pgds = _empty_nd(tx, tuple(sds), dds_) if dskip is not None else (None, None)
-    gsi, pgsi = _empty(tx, tuple(ssi), F32) if state_in is not None else (None, None)
-    _lib.check(_mamba_bwd(_ctx_for(ctx, dx_), px, pd, pa, pb, pc, pds, psi, pdy, pdso, pgx, pgd,
-                          pga, pgb, pgc, pgds, pgsi))
-    out = (gx, gd, ga, gb, gc)
-    if dskip is not None:
-        out += (gds,)
-    if state_in is not None:
-        out += (gsi,)
-    return out
+    return _scan_backward(_mamba_bwd, ctx, ((x, "x", (3,)), (delta, "delta", (3,)),
+                                            (a, "a", (2,)), (bm, "bm", (3,)), (cm, "cm", (3,))),
+                          dy, dskip, state_in, dstate_out)
 
 
 __all__ = ["HAS_SSD", "HAS_MAMBA", "gla_attention", "gla_attention_backward", "ssd",

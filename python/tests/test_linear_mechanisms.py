@@ -16,43 +16,11 @@ torch = pytest.importorskip("torch")
 import libattn  # noqa: E402
 import libattn.torch as lat  # noqa: E402
 from libattn import _linmech, _nsa, mechanisms  # noqa: E402
+from attn_testutil import kinds, noncontig, rel, rnd  # noqa: E402
 from torch.autograd import gradcheck  # noqa: E402
 
 F = torch.nn.functional
 LOOSE = dict(eps=1e-3, atol=2e-3, rtol=2e-3)  # gradcheck of ops that run in f32 inside
-
-
-def rel(a, b):
-    a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).double()
-    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b).double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def rnd(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def noncontig(x):
-    """The same values in a layout with dims 1 and 2 swapped in memory."""
-    s = list(x.shape)
-    y = torch.empty([s[0], s[2], s[1]] + s[3:], dtype=x.dtype).transpose(1, 2)
-    y.copy_(x)
-    assert not y.is_contiguous()
-    return y
-
-
-def kinds(fn, args, want, tol=1e-5, nc=0):
-    """fn on torch tensors, on numpy arrays, and with args[nc] non-contiguous:
-    each result of the input's kind and close to want."""
-    for case in ("torch", "numpy", "noncontig"):
-        a = list(args)
-        if case == "numpy":
-            a = [x.numpy() if torch.is_tensor(x) else x for x in a]
-        elif case == "noncontig":
-            a[nc] = noncontig(a[nc])
-        o = fn(*a)
-        assert isinstance(o, np.ndarray if case == "numpy" else torch.Tensor), case
-        assert rel(o, want) < tol, (case, rel(o, want))
 
 
 def qkv(B=2, T=37, H=4, Hk=2, D=8, Dv=6, seed=0, dtype=torch.float32):
