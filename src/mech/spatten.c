@@ -30,9 +30,11 @@ static void importance_task(const attn_kernels *kr, const attn_problem *pr, int6
                             float *sub, float *col, double *acc) {
     const int64_t n = pr->n, m = pr->m, d = pr->d, g = pr->h / pr->hk;
     const float l2e = 1.4426950408889634f;
-    for (int64_t j = 0; j < m; j++) { /* Kᵀ [d][m], a row at a time */
-        rows_load(kr, k, attn_off4(k, b, j, hk, 0), d, col);
-        for (int64_t x = 0; x < d; x++) kt[x * m + j] = col[x];
+    const int64_t kb = IMP_BQ * IMP_BK / d > 0 ? IMP_BQ * IMP_BK / d : 1; /* rows per pass */
+    for (int64_t j0 = 0; j0 < m; j0 += kb) { /* Kᵀ [d][m], kb rows at a time through sc */
+        const int64_t w = j0 + kb <= m ? kb : m - j0;
+        rows_load_block(kr, k, attn_off4(k, b, j0, hk, 0), k->stride[1], w, d, sc, d);
+        kr->transpose(sc, d, w, d, kt + j0, m);
     }
     for (int64_t j = 0; j < m; j++) acc[j] = 0.0;
     for (int64_t h = hk * g; h < (hk + 1) * g; h++)
