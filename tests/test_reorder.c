@@ -131,6 +131,23 @@ static void test_paro(attn_ctx *cpu) {
     for (int64_t h = 0; h < H; h++)
         CHECK(perm[3 * h + 2] == 0, "head %lld chose (%d, %d, %d); f must come last", (long long)h,
               perm[3 * h], perm[3 * h + 1], perm[3 * h + 2]);
+    /* the CPU path (f32 GEMM logits) chooses as the reference (double) does,
+     * also with a soft-cap, GQA (2 query heads on one kv head) and the
+     * sampled rows not a multiple of the CPU path's row blocks */
+    attn_ctx *ref = tu_ctx("test_reorder", ATTN_BACKEND_REF, 1);
+    for (int c = 0; c < 2; c++) {
+        tu_case("PARO: CPU and reference choose alike (case %d)", c);
+        attn_params pc = attn_params_default();
+        if (c == 1) pc.softcap = 4.0f;
+        attn_tensor kk = k.t;
+        if (c == 1) kk.shape[2] = 1; /* one kv head for both query heads */
+        int32_t a[2 * 3], b[2 * 3];
+        CHECK_OK(attn_paro_choose(cpu, &pc, g, &q.t, &kk, 8, 2, 13, a));
+        CHECK_OK(attn_paro_choose(ref, &pc, g, &q.t, &kk, 8, 2, 13, b));
+        CHECK(memcmp(a, b, sizeof a) == 0, "cpu chose (%d %d %d | %d %d %d), reference (%d %d %d | %d %d %d)",
+              a[0], a[1], a[2], a[3], a[4], a[5], b[0], b[1], b[2], b[3], b[4], b[5]);
+    }
+    attn_ctx_free(ref);
     CHECK(attn_paro_choose(cpu, &p, g, &q.t, &k.t, 8, 99, 16, perm) == ATTN_ERR_ARG &&
               strstr(attn_last_error(), "keep"),
           "keep beyond the blocks must be named: %s", attn_last_error());
