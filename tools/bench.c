@@ -341,7 +341,7 @@ static bench_case suite_case(bench_op op, int64_t n, int64_t m, int64_t h, int64
     return c;
 }
 
-/* The shapes of the foundation issue's bar; about a minute on 2 cores. */
+/* The shapes of the issues' bars; about 70 s on 2 cores. */
 static size_t quick_suite(bench_case *out) {
     size_t k = 0;
     for (int d = 64; d <= 128; d *= 2)
