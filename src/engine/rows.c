@@ -41,6 +41,17 @@ void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
     for (int64_t r = 0; r < rows; r++) rows_load(kr, t, off + r * row_stride, n, dst + r * ldd);
 }
 
+void rows_load_transposed(const attn_kernels *kr, const attn_tensor *t, int64_t off,
+                          int64_t row_stride, int64_t rows, int64_t n, float *stage,
+                          int64_t stage_floats, float *dst, int64_t ldd) {
+    const int64_t per = stage_floats / n > 0 ? stage_floats / n : 1;
+    for (int64_t r0 = 0; r0 < rows; r0 += per) {
+        const int64_t w = r0 + per <= rows ? per : rows - r0;
+        rows_load_block(kr, t, off + r0 * row_stride, row_stride, w, n, stage, n);
+        kr->transpose(stage, n, w, n, dst + r0, ldd);
+    }
+}
+
 void rows_pool(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t row_stride,
                int64_t nk, int level, int64_t n, float *dst, float *tmp) {
     const int64_t f = (int64_t)1 << level;

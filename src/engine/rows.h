@@ -15,6 +15,13 @@ void rows_store(const attn_kernels *kr, attn_tensor *t, int64_t off, int64_t n,
 void rows_load_block(const attn_kernels *kr, const attn_tensor *t, int64_t off,
                      int64_t row_stride, int64_t rows, int64_t n, float *dst, int64_t ldd);
 
+/* The same rows transposed: dst[x * ldd + r] = element x of row r, staged
+ * through stage (stage_floats >= n) a block of rows at a time so that the
+ * transpose is the kernel's (16 x 16 register tiles, whole cache lines). */
+void rows_load_transposed(const attn_kernels *kr, const attn_tensor *t, int64_t off,
+                          int64_t row_stride, int64_t rows, int64_t n, float *stage,
+                          int64_t stage_floats, float *dst, int64_t ldd);
+
 /* Pyramid pooling of a block of nk rows (row r at off + r * row_stride, n
  * elements each): groups of 2^level consecutive rows (the last one may be
  * shorter) become their means, written to dst [groups][n]; tmp holds n floats. */

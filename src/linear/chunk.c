@@ -51,8 +51,10 @@ void lin_prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, 
         for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
 }
 
-/* Chunks ahead to ask for: 1, 2 and 4 measured the same (GLA and linear,
- * N 16384, H 8, D 128, 2 threads), so the nearest. */
+/* Chunks ahead to ask for (lin_chunk_load's callers: the backward, the span
+ * maps and the forward's slow key-gate path; the forward's fast chunks ask
+ * for their next rows a share at a time, forward.c): 1, 2 and 4 measured the
+ * same (GLA and linear, N 16384, H 8, D 128, 2 threads), so the nearest. */
 #define PREFETCH_CHUNKS 1
 void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int64_t r0,
                         int64_t n, const attn_tensor *q, const attn_tensor *k,

@@ -266,11 +266,9 @@ static attn_status select_plan(const attn_ctx *ctx, const attn_params *p,
 
     const attn_kernels *kr = ctx->kernels;
     const float mul = pc.scale * 1.4426950408889634f;
-    for (int64_t hh = 0; hh < hk; hh++)
-        for (int64_t t = 0; t < mc; t++) {
-            rows_load(kr, kc, attn_off4(kc, 0, t, hh, 0), d, scr); /* a row buffer */
-            for (int64_t x = 0; x < d; x++) kt[(hh * d + x) * mc + t] = scr[x];
-        }
+    for (int64_t hh = 0; hh < hk; hh++) /* staged through thread 0's scratch */
+        rows_load_transposed(kr, kc, attn_off4(kc, 0, 0, hh, 0), kc->stride[1], mc, d, scr,
+                             (int64_t)per, kt + hh * d * mc, mc);
     /* each (kv head, query block) alone, in parallel: the choice depends only
      * on its inputs, so the plan is the same for any thread count */
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)

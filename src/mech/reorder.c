@@ -291,12 +291,8 @@ static void paro_head(const attn_kernels *kr, const attn_problem *pr, int64_t h,
                       int64_t keep, int64_t samples, const int64_t *idx, const int64_t *inv,
                       const paro_scratch *s, int32_t *perm_out, const int32_t perms[6][3]) {
     const int64_t d = pr->d, nb = (T + block - 1) / block, g = pr->h / pr->hk;
-    const int64_t kb = PARO_BQ * PARO_BK / d > 0 ? PARO_BQ * PARO_BK / d : 1;
-    for (int64_t j0 = 0; j0 < T; j0 += kb) { /* Kᵀ of the head's kv head, through sc */
-        const int64_t w = j0 + kb <= T ? kb : T - j0;
-        rows_load_block(kr, k, attn_off4(k, 0, j0, h / g, 0), k->stride[1], w, d, s->sc, d);
-        kr->transpose(s->sc, d, w, d, s->kt + j0, T);
-    }
+    rows_load_transposed(kr, k, attn_off4(k, 0, 0, h / g, 0), k->stride[1], T, d, s->sc,
+                         PARO_BQ * PARO_BK, s->kt, T); /* Kᵀ of the head's kv head */
     double conc[6] = {0, 0, 0, 0, 0, 0};
     const int64_t total = 6 * samples; /* row r: order r / samples, sample r % samples */
     for (int64_t r0 = 0; r0 < total; r0 += PARO_BQ) {

@@ -30,12 +30,8 @@ static void importance_task(const attn_kernels *kr, const attn_problem *pr, int6
                             float *sub, float *col, double *acc) {
     const int64_t n = pr->n, m = pr->m, d = pr->d, g = pr->h / pr->hk;
     const float l2e = 1.4426950408889634f;
-    const int64_t kb = IMP_BQ * IMP_BK / d > 0 ? IMP_BQ * IMP_BK / d : 1; /* rows per pass */
-    for (int64_t j0 = 0; j0 < m; j0 += kb) { /* Kᵀ [d][m], kb rows at a time through sc */
-        const int64_t w = j0 + kb <= m ? kb : m - j0;
-        rows_load_block(kr, k, attn_off4(k, b, j0, hk, 0), k->stride[1], w, d, sc, d);
-        kr->transpose(sc, d, w, d, kt + j0, m);
-    }
+    rows_load_transposed(kr, k, attn_off4(k, b, 0, hk, 0), k->stride[1], m, d, sc,
+                         IMP_BQ * IMP_BK, kt, m); /* Kᵀ [d][m], staged through sc */
     for (int64_t j = 0; j < m; j++) acc[j] = 0.0;
     for (int64_t h = hk * g; h < (hk + 1) * g; h++)
         for (int64_t i0 = 0; i0 < n; i0 += IMP_BQ) {
