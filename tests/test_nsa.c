@@ -90,6 +90,33 @@ static void test_compress(attn_ctx *ref) {
     free_inputs(&in);
 }
 
+/* The CPU compression and its adjoint against the reference: f32 and bf16
+ * (converted in registers), batch 2, odd sizes, dk accumulated onto. */
+static void test_compress_cpu(attn_ctx *cpu, attn_ctx *ref) {
+    attn_nsa_opts o = {7, 3, 16, 2, 8, 16};
+    const int64_t B = 2, M = 53, Hk = 3, D = 19, mc = mc_of(&o, M);
+    for (int w = 0; w < 2; w++) {
+        const attn_dtype dt = w ? ATTN_BF16 : ATTN_F32;
+        tu_case("compress and its backward on the CPU = the reference (%s)", w ? "bf16" : "f32");
+        tu_rng rng = {tu_seed(SALT, 20 + w)};
+        tu_buf k = tu_alloc(dt, B, M, Hk, D), kc = tu_alloc(dt, B, mc, Hk, D);
+        tu_buf k64 = tu_alloc(ATTN_F64, B, M, Hk, D), kc64 = tu_alloc(ATTN_F64, B, mc, Hk, D);
+        tu_buf g = tu_alloc(dt, B, mc, Hk, D), dk = tu_alloc(dt, B, M, Hk, D);
+        tu_buf g64 = tu_alloc(ATTN_F64, B, mc, Hk, D), dk64 = tu_alloc(ATTN_F64, B, M, Hk, D);
+        tu_fill(&k.t, &rng, -1, 1), tu_fill(&g.t, &rng, -1, 1), tu_fill(&dk.t, &rng, -1, 1);
+        tu_copy(&k64.t, &k.t), tu_copy(&g64.t, &g.t), tu_copy(&dk64.t, &dk.t);
+        CHECK_OK(attn_nsa_compress(cpu, &o, &k.t, &k.t, &kc.t, &kc.t));
+        CHECK_OK(attn_nsa_compress(ref, &o, &k64.t, &k64.t, &kc64.t, &kc64.t));
+        CHECK_CLOSE("kc", &kc.t, &kc64.t, tu_rms_tol(dt), tu_max_tol(dt));
+        CHECK_OK(attn_nsa_compress_backward(cpu, &o, &g.t, &g.t, &dk.t, &dk.t));
+        /* the reference: both calls add into dk64, as the CPU's added twice into dk */
+        CHECK_OK(attn_nsa_compress_backward(ref, &o, &g64.t, &g64.t, &dk64.t, &dk64.t));
+        CHECK_CLOSE("dk", &dk.t, &dk64.t, tu_rms_tol(dt), tu_max_tol(dt));
+        tu_free(&k), tu_free(&kc), tu_free(&k64), tu_free(&kc64);
+        tu_free(&g), tu_free(&dk), tu_free(&g64), tu_free(&dk64);
+    }
+}
+
 /* The selection plan of the inputs (a planner runs the CPU engine on f32: f64
  * inputs are rounded for it, and both backends then run the same plan). */
 static attn_plan *select_plan(attn_ctx *cpu, const attn_nsa_opts *o, const inputs *in, int64_t m) {
@@ -384,6 +411,7 @@ int main(void) {
     attn_ctx *cpu = tu_ctx("test_nsa", ATTN_BACKEND_CPU, 2);
     attn_ctx *ref = tu_ctx("test_nsa", ATTN_BACKEND_REF, 1);
     test_compress(ref);
+    test_compress_cpu(cpu, ref);
     test_select_planted(cpu);
     test_branches_and_forward(cpu, ref);
     test_fused(cpu, ref);

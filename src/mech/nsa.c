@@ -102,6 +102,99 @@ static attn_status check_saved(const attn_ctx *ctx, const attn_tensor *so,
 
 /* ------------------------------------------------------------ compression */
 
+/* c[b, tt] = mean of t[b, tt s .. tt s + l): in double, element by element. */
+static attn_status compress_ref(const attn_nsa_opts *o, const attn_tensor *t, attn_tensor *c) {
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int64_t tt = 0; tt < c->shape[1]; tt++)
+            for (int64_t h = 0; h < t->shape[2]; h++)
+                for (int64_t e = 0; e < t->shape[3]; e++) {
+                    double s = 0.0;
+                    for (int64_t j = tt * o->cmp_stride; j < tt * o->cmp_stride + o->cmp_block; j++)
+                        s += attn_load_f64(t, attn_off4(t, b, j, h, e));
+                    attn_store_f64(c, attn_off4(c, b, tt, h, e), s / (double)o->cmp_block);
+                }
+    return ATTN_OK;
+}
+
+/* t[b, j] += sum over the spans holding j of dc[b, tt] / l: the adjoint. */
+static attn_status compress_backward_ref(const attn_nsa_opts *o, const attn_tensor *dc,
+                                         attn_tensor *t) {
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int64_t tt = 0; tt < dc->shape[1]; tt++)
+            for (int64_t h = 0; h < t->shape[2]; h++)
+                for (int64_t e = 0; e < t->shape[3]; e++) {
+                    double g = attn_load_f64(dc, attn_off4(dc, b, tt, h, e)) / (double)o->cmp_block;
+                    for (int64_t j = tt * o->cmp_stride; j < tt * o->cmp_stride + o->cmp_block; j++) {
+                        int64_t off = attn_off4(t, b, j, h, e);
+                        attn_store_f64(t, off, attn_load_f64(t, off) + g);
+                    }
+                }
+    return ATTN_OK;
+}
+
+/* The CPU's: one row of every head per task, summed in f32 in a fixed order
+ * (the same result for any thread count). */
+static attn_status compress_cpu(const attn_ctx *ctx, const attn_nsa_opts *o,
+                                const attn_tensor *t, attn_tensor *c) {
+    const attn_kernels *kr = ctx->kernels;
+    const int64_t mc = c->shape[1], heads = t->shape[2], e = t->shape[3];
+    const int64_t tasks = t->shape[0] * mc;
+    const float inv = 1.0f / (float)o->cmp_block;
+    size_t stride;
+    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
+    if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression");
+#pragma omp parallel for num_threads(ctx->threads) schedule(static)
+    for (int64_t task = 0; task < tasks; task++) {
+        float *acc = scr + stride * (size_t)engine_thread_id(), *row = acc + e + 16;
+        const int64_t b = task / mc, tt = task % mc;
+        for (int64_t h = 0; h < heads; h++) {
+            memset(acc, 0, (size_t)e * sizeof(float));
+            for (int64_t j = tt * o->cmp_stride; j < tt * o->cmp_stride + o->cmp_block; j++) {
+                rows_load(kr, t, attn_off4(t, b, j, h, 0), e, row);
+                kr->axpy(e, 1.0f, row, acc);
+            }
+            for (int64_t x = 0; x < e; x++) acc[x] *= inv;
+            rows_store(kr, c, attn_off4(c, b, tt, h, 0), e, acc);
+        }
+    }
+    free(scr);
+    return ATTN_OK;
+}
+
+/* The CPU's adjoint, gathered: task j sums the dc rows of the spans holding
+ * key j (ascending), so that no two tasks write one row. */
+static attn_status compress_backward_cpu(const attn_ctx *ctx, const attn_nsa_opts *o,
+                                         const attn_tensor *dc, attn_tensor *t) {
+    const attn_kernels *kr = ctx->kernels;
+    const int64_t m = t->shape[1], mc = dc->shape[1], heads = t->shape[2], e = t->shape[3];
+    const int64_t tasks = t->shape[0] * m, s = o->cmp_stride, l = o->cmp_block;
+    const float inv = 1.0f / (float)l;
+    size_t stride;
+    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
+    if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression backward");
+#pragma omp parallel for num_threads(ctx->threads) schedule(static)
+    for (int64_t task = 0; task < tasks; task++) {
+        float *acc = scr + stride * (size_t)engine_thread_id(), *row = acc + e + 16;
+        const int64_t b = task / m, j = task % m;
+        /* spans [tt s, tt s + l) holding j: tt in [ceil((j - l + 1) / s), j / s] */
+        const int64_t lo = j - l + 1 <= 0 ? 0 : (j - l + 1 + s - 1) / s;
+        const int64_t hi = j / s < mc - 1 ? j / s : mc - 1;
+        if (lo > hi) continue;
+        for (int64_t h = 0; h < heads; h++) {
+            memset(acc, 0, (size_t)e * sizeof(float));
+            for (int64_t tt = lo; tt <= hi; tt++) {
+                rows_load(kr, dc, attn_off4(dc, b, tt, h, 0), e, row);
+                kr->axpy(e, 1.0f, row, acc);
+            }
+            rows_load(kr, t, attn_off4(t, b, j, h, 0), e, row);
+            kr->axpy(e, inv, acc, row);
+            rows_store(kr, t, attn_off4(t, b, j, h, 0), e, row);
+        }
+    }
+    free(scr);
+    return ATTN_OK;
+}
+
 attn_status attn_nsa_compress(attn_ctx *ctx, const attn_nsa_opts *opt, const attn_tensor *k,
                               const attn_tensor *v, attn_tensor *kc, attn_tensor *vc) {
     attn_clear_error();
@@ -122,19 +215,8 @@ attn_status attn_nsa_compress(attn_ctx *ctx, const attn_nsa_opts *opt, const att
         const char *onames[2] = {"k", "v"};
         CHECK(attn_check_output(out_names[x], out[x], others, onames, 2));
     }
-    for (int x = 0; x < 2; x++) {
-        const attn_tensor *t = in[x];
-        attn_tensor *c = out[x];
-        for (int64_t b = 0; b < t->shape[0]; b++)
-            for (int64_t tt = 0; tt < c->shape[1]; tt++)
-                for (int64_t h = 0; h < t->shape[2]; h++)
-                    for (int64_t e = 0; e < t->shape[3]; e++) {
-                        double s = 0.0;
-                        for (int64_t j = tt * opt->cmp_stride; j < tt * opt->cmp_stride + opt->cmp_block; j++)
-                            s += attn_load_f64(t, attn_off4(t, b, j, h, e));
-                        attn_store_f64(c, attn_off4(c, b, tt, h, e), s / (double)opt->cmp_block);
-                    }
-    }
+    for (int x = 0; x < 2; x++)
+        CHECK(ref ? compress_ref(opt, in[x], out[x]) : compress_cpu(ctx, opt, in[x], out[x]));
     return ATTN_OK;
 }
 
@@ -157,20 +239,9 @@ attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_opts *opt,
         CHECK(attn_check_shape(in_names[x], in[x], out[x]->shape[0], -1, out[x]->shape[2],
                                out[x]->shape[3]));
     }
-    for (int x = 0; x < 2; x++) {
-        const attn_tensor *c = in[x];
-        attn_tensor *t = out[x];
-        for (int64_t b = 0; b < t->shape[0]; b++)
-            for (int64_t tt = 0; tt < c->shape[1]; tt++)
-                for (int64_t h = 0; h < t->shape[2]; h++)
-                    for (int64_t e = 0; e < t->shape[3]; e++) {
-                        double g = attn_load_f64(c, attn_off4(c, b, tt, h, e)) / (double)opt->cmp_block;
-                        for (int64_t j = tt * opt->cmp_stride; j < tt * opt->cmp_stride + opt->cmp_block; j++) {
-                            int64_t off = attn_off4(t, b, j, h, e);
-                            attn_store_f64(t, off, attn_load_f64(t, off) + g);
-                        }
-                    }
-    }
+    for (int x = 0; x < 2; x++)
+        CHECK(ref ? compress_backward_ref(opt, in[x], out[x])
+                  : compress_backward_cpu(ctx, opt, in[x], out[x]));
     return ATTN_OK;
 }
 
