@@ -10,6 +10,7 @@
 
 #include "engine/rows.h"
 #include "mech_run.h"
+#include "nsa_select.h"
 #include "validate.h"
 
 enum { BRANCH_CMP = 0, BRANCH_SEL = 1, BRANCH_WIN = 2, BRANCHES = 3 };
@@ -35,10 +36,6 @@ static attn_status check_opts(const attn_nsa_opts *o) {
         attn_status st_ = (expr);       \
         if (st_ != ATTN_OK) return st_; \
     } while (0)
-
-static int64_t compressed_len(const attn_nsa_opts *o, int64_t m) {
-    return m < o->cmp_block ? 0 : (m - o->cmp_block) / o->cmp_stride + 1;
-}
 
 /* The three problems of a call: q against k/v (window, selected) and against
  * kc/vc (compressed). */
@@ -67,7 +64,7 @@ static attn_status make_problems(const attn_ctx *ctx, const attn_params *p,
     attn_params causal = *p;
     causal.causal = 1;
     CHECK(attn_check_params(&causal, q, k, v, &pr->br[BRANCH_WIN]));
-    const int64_t m = k->shape[1], mc = compressed_len(o, m);
+    const int64_t m = k->shape[1], mc = nsa_compressed_len(o, m);
     if (m > INT32_MAX) /* the selection's block indices are int32 */
         return attn_err(ATTN_ERR_ARG, "k->shape[1] (%lld keys) must be below 2^31", (long long)m);
     CHECK(attn_check_shape("kc", kc, 1, mc, k->shape[2], k->shape[3]));
@@ -207,7 +204,7 @@ attn_status attn_nsa_compress(attn_ctx *ctx, const attn_nsa_opts *opt, const att
     for (int x = 0; x < 2; x++) {
         CHECK(attn_check_tensor(in_names[x], in[x], 4, ref, false));
         CHECK(attn_check_tensor(out_names[x], out[x], 4, ref, false));
-        int64_t mc = compressed_len(opt, in[x]->shape[1]);
+        int64_t mc = nsa_compressed_len(opt, in[x]->shape[1]);
         if (mc < 1) return attn_err(ATTN_ERR_SHAPE, "%s holds fewer keys than opt->cmp_block", in_names[x]);
         CHECK(attn_check_shape(out_names[x], out[x], in[x]->shape[0], mc, in[x]->shape[2],
                                in[x]->shape[3]));
@@ -233,7 +230,7 @@ attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_opts *opt,
     for (int x = 0; x < 2; x++) {
         CHECK(attn_check_tensor(in_names[x], in[x], 4, ref, false));
         CHECK(attn_check_tensor(out_names[x], out[x], 4, ref, false));
-        if (compressed_len(opt, out[x]->shape[1]) != in[x]->shape[1])
+        if (nsa_compressed_len(opt, out[x]->shape[1]) != in[x]->shape[1])
             return attn_err(ATTN_ERR_SHAPE, "%s->shape[1] must be (M - cmp_block) / cmp_stride + 1 "
                                             "for M = %s->shape[1]", in_names[x], out_names[x]);
         CHECK(attn_check_shape(in_names[x], in[x], out[x]->shape[0], -1, out[x]->shape[2],
@@ -246,27 +243,6 @@ attn_status attn_nsa_compress_backward(attn_ctx *ctx, const attn_nsa_opts *opt,
 }
 
 /* ------------------------------------------------------------ selection */
-
-typedef struct cand {
-    double s;
-    int64_t u;
-} cand;
-
-static int by_score(const void *a, const void *b) {
-    const cand *x = a, *y = b;
-    if (x->s != y->s) return x->s < y->s ? 1 : -1;
-    return (x->u > y->u) - (x->u < y->u);
-}
-
-static int by_index(const void *a, const void *b) {
-    const cand *x = a, *y = b;
-    return (x->u > y->u) - (x->u < y->u);
-}
-
-static attn_status select_plan(const attn_ctx *ctx, const attn_params *p,
-                               const attn_nsa_opts *opt, const attn_tensor *q,
-                               const attn_tensor *kc, int64_t m, const float *lse_in,
-                               attn_plan **out);
 
 attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
                             const attn_tensor *q, const attn_tensor *kc, int64_t m,
@@ -283,130 +259,17 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
         return attn_err(ATTN_ERR_SHAPE, "NSA takes one sequence (shape[0] == 1)");
     if (m < opt->cmp_block || m > INT32_MAX)
         return attn_err(ATTN_ERR_ARG, "m must be in cmp_block..2^31-1");
-    if (compressed_len(opt, m) != kc->shape[1])
+    if (nsa_compressed_len(opt, m) != kc->shape[1])
         return attn_err(ATTN_ERR_SHAPE, "kc->shape[1] must be (m - cmp_block) / cmp_stride + 1");
-    return select_plan(ctx, p, opt, q, kc, m, NULL, out);
-}
-
-/* The selection of attn_nsa_select (inputs checked); lse [H][N] f32: the
- * compressed branch's LSE when the caller has it from the CPU engine, or
- * NULL to compute it here. */
-static attn_status select_plan(const attn_ctx *ctx, const attn_params *p,
-                               const attn_nsa_opts *opt, const attn_tensor *q,
-                               const attn_tensor *kc, int64_t m, const float *lse_in,
-                               attn_plan **out) {
-    /* the compressed branch's LSE, by the CPU engine whatever the backend:
-     * a planner's output must not depend on it */
     attn_params causal = *p;
     causal.causal = 1;
     causal.plan = NULL, causal.cu_seqlens_q = causal.cu_seqlens_k = NULL;
     causal.window_left = causal.window_right = -1;
     attn_problem pc;
-    attn_tensor vc1 = *kc; /* values are not needed: reuse kc as a stand-in */
+    attn_tensor vc1 = *kc; /* no values: kc stands in for the shape checks */
     CHECK(attn_check_params(&causal, q, kc, &vc1, &pc));
     pc.key_stride = opt->cmp_stride, pc.key_span = opt->cmp_block, pc.key_positions = m;
-    const int64_t n = q->shape[1], h = q->shape[2], hk = kc->shape[2], d = q->shape[3];
-    const int64_t mc = kc->shape[1], g = h / hk, bq = opt->query_block, bk = opt->sel_block;
-    const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk, jobs = hk * nqb;
-    const int64_t keep_max = opt->sel_count > 2 ? opt->sel_count : 2;
-    const int threads = ctx->threads;
-    float *lse = lse_in ? NULL : malloc((size_t)(h * n) * sizeof(float));
-    float *o = lse_in ? NULL : malloc((size_t)(n * h * kc->shape[3]) * sizeof(float));
-    float *kt = malloc((size_t)(hk * d * mc) * sizeof(float)); /* Kc^T per kv head */
-    int32_t *chosen = malloc((size_t)(jobs * keep_max) * sizeof(int32_t));
-    int64_t *nchosen = calloc((size_t)jobs, sizeof(int64_t));
-    int64_t *off = calloc((size_t)jobs + 1, sizeof(int64_t));
-    attn_plan_entry *en = malloc((size_t)(jobs * keep_max + 1) * sizeof(attn_plan_entry));
-    /* per thread: the block's queries, their probabilities, column sums, scores */
-    size_t per = (size_t)(bq * g * d + bq * g * mc + bq * g + mc) + 64, stride = 0;
-    size_t per_d = (size_t)(3 * nkb) + 8; /* scores, then candidates (2 doubles each) */
-    float *scr = scratch_alloc(threads, per, &stride);
-    double *dscr = malloc((size_t)threads * per_d * sizeof(double));
-    attn_status st = ATTN_OK;
-    if ((!lse_in && (!lse || !o)) || !kt || !chosen || !nchosen || !off || !en || !scr ||
-        !dscr) {
-        st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
-        goto done;
-    }
-    if (!lse_in) {
-        attn_tensor to = attn_tensor_4d(o, ATTN_F32, 1, n, h, kc->shape[3]);
-        attn_tensor tl = attn_tensor_3d(lse, ATTN_F32, 1, h, n);
-        if ((st = engine_forward(ctx, &pc, q, kc, &vc1, &to, &tl)) != ATTN_OK) goto done;
-    }
-    const float *lsev = lse_in ? lse_in : lse;
-
-    const attn_kernels *kr = ctx->kernels;
-    const float mul = pc.scale * 1.4426950408889634f;
-    for (int64_t hh = 0; hh < hk; hh++) /* staged through thread 0's scratch */
-        rows_load_transposed(kr, kc, attn_off4(kc, 0, 0, hh, 0), kc->stride[1], mc, d, scr,
-                             (int64_t)per, kt + hh * d * mc, mc);
-    /* each (kv head, query block) alone, in parallel: the choice depends only
-     * on its inputs, so the plan is the same for any thread count */
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t job = 0; job < jobs; job++) {
-        const int tid = engine_thread_id();
-        float *qr = scr + stride * (size_t)tid, *s = qr + bq * g * d, *sub = s + bq * g * mc,
-              *colsum = sub + bq * g;
-        double *score = dscr + per_d * (size_t)tid;
-        cand *cd = (cand *)(score + nkb);
-        const int64_t hh = job / nqb, qb = job % nqb;
-        const int64_t i0 = qb * bq, nq = i0 + bq <= n ? bq : n - i0, rows = nq * g;
-        int64_t lo, vis;
-        attn_visible_range(&pc, n, mc, i0 + nq - 1, &lo, &vis);
-        vis += 1; /* compressed keys some query of the block sees */
-        for (int64_t u = 0; u < nkb; u++) score[u] = 0.0;
-        if (vis > 0) {
-            for (int64_t r = 0; r < rows; r++) { /* row r: query i0 + r / g of head hh g + r % g */
-                int64_t i = i0 + r / g, hq = hh * g + r % g;
-                rows_load(kr, q, attn_off4(q, 0, i, hq, 0), d, qr + r * d);
-                float l = lsev[hq * n + i];
-                sub[r] = l == -INFINITY ? 0.0f : l * 1.4426950408889634f;
-            }
-            kr->gemm(rows, vis, d, qr, d, 1, kt + hh * d * mc, mc, s, vis, 0, NULL);
-            for (int64_t r = 0; r < rows; r++) { /* keys not yet complete for the query */
-                int64_t hi;
-                attn_visible_range(&pc, n, mc, i0 + r / g, &lo, &hi);
-                for (int64_t t = hi + 1 > 0 ? hi + 1 : 0; t < vis; t++) s[r * vis + t] = -INFINITY;
-            }
-            kr->exp2_rows(s, rows, vis, vis, mul, sub);
-            for (int64_t t = 0; t < vis; t++) colsum[t] = 0.0f;
-            for (int64_t r = 0; r < rows; r++) kr->axpy(vis, 1.0f, s + r * vis, colsum);
-            for (int64_t t = 0; t < vis; t++) { /* spread over the blocks the span overlaps */
-                int64_t a = t * opt->cmp_stride, z = a + opt->cmp_block; /* [a, z) */
-                for (int64_t u = a / bk; u < nkb && u * bk < z; u++) {
-                    int64_t l0 = u * bk > a ? u * bk : a, l1 = (u + 1) * bk < z ? (u + 1) * bk : z;
-                    score[u] += (double)colsum[t] * (double)(l1 - l0) / (double)opt->cmp_block;
-                }
-            }
-        }
-        /* candidates: blocks with a key the block's last query sees */
-        const int64_t last = i0 + nq - 1 + (m - n), diag = last / bk < nkb ? last / bk : nkb - 1;
-        int64_t c = 0;
-        for (int64_t u = 0; u <= diag; u++) {
-            cd[c].s = (u == 0 || u == diag) ? INFINITY : score[u]; /* forced: first, diagonal */
-            cd[c].u = u;
-            c++;
-        }
-        qsort(cd, (size_t)c, sizeof(cand), by_score);
-        int64_t kept = c < opt->sel_count ? c : opt->sel_count;
-        if (kept < 2 && c >= 2) kept = 2; /* the two forced blocks always */
-        qsort(cd, (size_t)kept, sizeof(cand), by_index);
-        for (int64_t x = 0; x < kept; x++) chosen[job * keep_max + x] = (int32_t)cd[x].u;
-        nchosen[job] = kept;
-    }
-    int64_t count = 0;
-    for (int64_t job = 0; job < jobs; job++) {
-        for (int64_t x = 0; x < nchosen[job]; x++) {
-            attn_plan_entry e = {chosen[job * keep_max + x], 0, ATTN_BLOCK_PARAMS, 0};
-            en[count++] = e;
-        }
-        off[job + 1] = count;
-    }
-    st = attn_plan_create(out, n, m, bq, bk, hk, off, en);
-done:
-    free(lse), free(o), free(kt), free(chosen), free(nchosen), free(off), free(en);
-    free(scr), free(dscr);
-    return st;
+    return nsa_select_run(ctx, &pc, opt, q, kc, NULL, m, NULL, NULL, out);
 }
 
 /* ------------------------------------------------------------ forward */
@@ -535,22 +398,6 @@ static attn_status begin_forward(const attn_ctx *ctx, const attn_params *p,
     return branch_bufs_make(ctx, &pr->br[BRANCH_WIN], saved_o, saved_lse, b);
 }
 
-/* The compressed branch's LSE [H][N] as dense f32: the saved tensor itself
- * when it is one, else a copy (*owned set) or NULL when out of memory. */
-static float *cmp_lse(const nsa_problems *pr, const branch_bufs *b, bool *owned) {
-    attn_tensor lb = mech_part(&b->bl, BRANCHES, BRANCH_CMP);
-    const int64_t h = pr->br[BRANCH_CMP].h, n = pr->br[BRANCH_CMP].n;
-    *owned = false;
-    if (dense_f32(&lb)) return lb.data;
-    float *lse = malloc((size_t)(h * n) * sizeof(float));
-    if (!lse) return NULL;
-    *owned = true;
-    for (int64_t hh = 0; hh < h; hh++)
-        for (int64_t i = 0; i < n; i++)
-            lse[hh * n + i] = (float)attn_load_f64(&lb, attn_off3(&lb, 0, hh, i));
-    return lse;
-}
-
 attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
                              const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
                              const attn_tensor *kc, const attn_tensor *vc,
@@ -580,18 +427,21 @@ attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p, const attn_n
     branch_bufs b;
     CHECK(begin_forward(ctx, p, opt, q, k, v, kc, vc, NULL, gates, o, saved_o, saved_lse, &pr,
                         &b));
-    /* the compressed branch first: on the CPU its LSE is the selection's
-     * (as attn_nsa_select computes it), so the selection needs no pass of
-     * its own; the reference backend's selection still uses the CPU's */
+    /* the compressed branch and the selection share one softmax on the
+     * CPU; the reference runs its own branch, and the CPU's selection */
     attn_plan *sel = NULL;
-    float *lse = NULL;
-    bool owned = false;
-    attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCH_CMP + 1, q, k, v, kc, vc, &b);
-    if (st == ATTN_OK && ctx->backend != ATTN_BACKEND_REF && !(lse = cmp_lse(&pr, &b, &owned)))
-        st = attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA selection");
-    if (st == ATTN_OK)
-        st = select_plan(ctx, p, opt, q, kc, k->shape[1], lse, &sel);
-    if (owned) free(lse);
+    attn_status st = ATTN_OK;
+    attn_tensor ob = mech_part(&b.bo, BRANCHES, BRANCH_CMP);
+    attn_tensor lb = mech_part(&b.bl, BRANCHES, BRANCH_CMP);
+    if (ctx->backend == ATTN_BACKEND_REF) {
+        st = run_branches(ctx, &pr, BRANCH_CMP, BRANCH_CMP + 1, q, k, v, kc, vc, &b);
+        if (st == ATTN_OK)
+            st = nsa_select_run(ctx, &pr.br[BRANCH_CMP], opt, q, kc, NULL, k->shape[1], NULL,
+                                NULL, &sel);
+    } else {
+        st = nsa_select_run(ctx, &pr.br[BRANCH_CMP], opt, q, kc, vc, k->shape[1], &ob, &lb,
+                            &sel);
+    }
     if (st == ATTN_OK) {
         pr.br[BRANCH_SEL].plan = sel;
         st = run_branches(ctx, &pr, BRANCH_SEL, BRANCHES, q, k, v, kc, vc, &b);
