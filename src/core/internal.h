@@ -50,6 +50,13 @@ typedef struct attn_problem {
      * |f - f'| <= rad_f, |y - y'| <= rad_h and |x - x'| <= rad_w. Set by the
      * neighbourhood mechanism with a plan of the blocks it reaches. */
     int64_t grid_f, grid_h, grid_w, rad_f, rad_h, rad_w;
+    /* A gated epilogue (the CPU engine's forward only; NULL = off): output
+     * row (i, h) becomes gate[tb, i, h, out_gate_col] times its attention,
+     * plus what o held with out_accumulate. A mixture of branches (NSA's) is
+     * then summed in o, without a buffer per branch. */
+    const attn_tensor *out_gate;
+    int64_t out_gate_col;
+    int out_accumulate;
 } attn_problem;
 
 /* Where sequence b lives in the tensors. */

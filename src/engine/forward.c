@@ -294,12 +294,23 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
         }
     }
 
+    if (p->out_gate && p->out_accumulate) /* read below: ask for all rows at once */
+        prefetch_rows(o, sq.tb, sq.q0 + i0, nq, h, 1);
     for (int64_t c = 0; c < nq; c++) {
         float *orow = b->o + c * dv;
         float inv = b->l[c] > 0.0f ? 1.0f / b->l[c] : 0.0f;
         if (b->l[c] != b->l[c]) inv = b->l[c]; /* NaN row stays NaN */
+        const int64_t ooff = attn_off4(o, sq.tb, sq.q0 + i0 + c, h, 0);
+        if (p->out_gate) /* the gated epilogue: o = g a (+ o) */
+            inv *= (float)attn_load_f64(p->out_gate, attn_off4(p->out_gate, sq.tb,
+                                                               sq.q0 + i0 + c, h,
+                                                               p->out_gate_col));
         for (int64_t x = 0; x < dv; x++) orow[x] *= inv;
-        rows_store(kr, o, attn_off4(o, sq.tb, sq.q0 + i0 + c, h, 0), dv, orow);
+        if (p->out_gate && p->out_accumulate) {
+            rows_load(kr, o, ooff, dv, b->row);
+            for (int64_t x = 0; x < dv; x++) orow[x] += b->row[x];
+        }
+        rows_store(kr, o, ooff, dv, orow);
         if (lse) {
             float val = b->l[c] > 0.0f ? b->m[c] * LN2 + logf(b->l[c])
                         : (b->l[c] == 0.0f ? -INFINITY : b->l[c]);

@@ -269,7 +269,7 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
     attn_tensor vc1 = *kc; /* no values: kc stands in for the shape checks */
     CHECK(attn_check_params(&causal, q, kc, &vc1, &pc));
     pc.key_stride = opt->cmp_stride, pc.key_span = opt->cmp_block, pc.key_positions = m;
-    return nsa_select_run(ctx, &pc, opt, q, kc, NULL, m, NULL, NULL, out);
+    return nsa_select_run(ctx, &pc, opt, q, kc, NULL, m, NULL, NULL, NULL, out);
 }
 
 /* ------------------------------------------------------------ forward */
@@ -351,16 +351,27 @@ static void mix(const attn_problem *b0, const attn_tensor *gates, const attn_ten
             }
 }
 
-/* The branch outputs and LSEs: the caller's saved tensors, or scratch. */
+/* Where the branches go: the caller's saved tensors, or scratch, mixed into
+ * o at the end; or, streamed, straight into o through the engine's gated
+ * epilogue (each branch adds gate x its output as it finishes). Streaming
+ * takes a CPU context, no saved branches and an f32 o: a 16-bit o is mixed
+ * in f32 buffers instead, so that it is rounded once. */
 typedef struct branch_bufs {
+    bool streamed;
+    const attn_tensor *gates;
+    attn_tensor *o;
     attn_tensor bo, bl;
     void *mo, *ml;
 } branch_bufs;
 
 static attn_status branch_bufs_make(const attn_ctx *ctx, const attn_problem *b0,
+                                    const attn_tensor *gates, attn_tensor *o,
                                     attn_tensor *saved_o, attn_tensor *saved_lse,
                                     branch_bufs *b) {
-    b->mo = b->ml = NULL;
+    memset(b, 0, sizeof *b);
+    b->gates = gates, b->o = o;
+    b->streamed = !saved_o && ctx->backend != ATTN_BACKEND_REF && o->dtype == ATTN_F32;
+    if (b->streamed) return ATTN_OK;
     b->bo = saved_o ? *saved_o : scratch_like(ctx, BRANCHES, b0->n, b0->h, b0->dv, &b->mo);
     b->bl = saved_lse ? *saved_lse : scratch_like(ctx, BRANCHES, b0->h, b0->n, -1, &b->ml);
     if (!saved_o && (!b->mo || !b->ml)) {
@@ -370,17 +381,30 @@ static attn_status branch_bufs_make(const attn_ctx *ctx, const attn_problem *b0,
     return ATTN_OK;
 }
 
-/* Branches [first, last) into b. */
+/* Branches [first, last) into b; streamed, the first of all writes o and
+ * the others add to it. */
 static attn_status run_branches(const attn_ctx *ctx, const nsa_problems *pr, int first,
                                 int last, const attn_tensor *q, const attn_tensor *k,
                                 const attn_tensor *v, const attn_tensor *kc,
                                 const attn_tensor *vc, branch_bufs *b) {
     const attn_tensor *kv[BRANCHES][2] = {{kc, vc}, {k, v}, {k, v}};
     for (int br = first; br < last; br++) {
+        if (b->streamed) {
+            attn_problem pb = pr->br[br];
+            pb.out_gate = b->gates, pb.out_gate_col = br, pb.out_accumulate = br != BRANCH_CMP;
+            CHECK(engine_forward(ctx, &pb, q, kv[br][0], kv[br][1], b->o, NULL));
+            continue;
+        }
         attn_tensor ob = mech_part(&b->bo, BRANCHES, br), lb = mech_part(&b->bl, BRANCHES, br);
         CHECK(mech_forward(ctx, &pr->br[br], q, kv[br][0], kv[br][1], &ob, &lb));
     }
     return ATTN_OK;
+}
+
+/* The branches' sum into o, when they were not streamed there. */
+static void finish(const nsa_problems *pr, const branch_bufs *b) {
+    if (!b->streamed) mix(&pr->br[BRANCH_WIN], b->gates, &b->bo, b->o);
+    free(b->mo), free(b->ml);
 }
 
 /* The checks and buffers both forward doors start with (sel may be NULL:
@@ -390,12 +414,12 @@ static attn_status begin_forward(const attn_ctx *ctx, const attn_params *p,
                                  const attn_tensor *k, const attn_tensor *v,
                                  const attn_tensor *kc, const attn_tensor *vc,
                                  const attn_plan *sel, const attn_tensor *gates,
-                                 const attn_tensor *o, attn_tensor *saved_o,
+                                 attn_tensor *o, attn_tensor *saved_o,
                                  attn_tensor *saved_lse, nsa_problems *pr, branch_bufs *b) {
     if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
     CHECK(make_problems(ctx, p, opt, q, k, v, kc, vc, sel, pr));
     CHECK(check_forward_outputs(ctx, pr, q, k, v, kc, vc, gates, o, saved_o, saved_lse));
-    return branch_bufs_make(ctx, &pr->br[BRANCH_WIN], saved_o, saved_lse, b);
+    return branch_bufs_make(ctx, &pr->br[BRANCH_WIN], gates, o, saved_o, saved_lse, b);
 }
 
 attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
@@ -410,8 +434,7 @@ attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p, const attn_nsa
     CHECK(begin_forward(ctx, p, opt, q, k, v, kc, vc, sel, gates, o, saved_o, saved_lse, &pr,
                         &b));
     attn_status st = run_branches(ctx, &pr, BRANCH_CMP, BRANCHES, q, k, v, kc, vc, &b);
-    if (st == ATTN_OK) mix(&pr.br[BRANCH_WIN], gates, &b.bo, o);
-    free(b.mo), free(b.ml);
+    finish(&pr, &b);
     return st;
 }
 
@@ -431,23 +454,25 @@ attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p, const attn_n
      * CPU; the reference runs its own branch, and the CPU's selection */
     attn_plan *sel = NULL;
     attn_status st = ATTN_OK;
-    attn_tensor ob = mech_part(&b.bo, BRANCHES, BRANCH_CMP);
-    attn_tensor lb = mech_part(&b.bl, BRANCHES, BRANCH_CMP);
     if (ctx->backend == ATTN_BACKEND_REF) {
         st = run_branches(ctx, &pr, BRANCH_CMP, BRANCH_CMP + 1, q, k, v, kc, vc, &b);
         if (st == ATTN_OK)
             st = nsa_select_run(ctx, &pr.br[BRANCH_CMP], opt, q, kc, NULL, k->shape[1], NULL,
-                                NULL, &sel);
+                                NULL, NULL, &sel);
+    } else if (b.streamed) { /* o = gate x the compressed branch */
+        st = nsa_select_run(ctx, &pr.br[BRANCH_CMP], opt, q, kc, vc, k->shape[1], o, NULL,
+                            gates, &sel);
     } else {
+        attn_tensor ob = mech_part(&b.bo, BRANCHES, BRANCH_CMP);
+        attn_tensor lb = mech_part(&b.bl, BRANCHES, BRANCH_CMP);
         st = nsa_select_run(ctx, &pr.br[BRANCH_CMP], opt, q, kc, vc, k->shape[1], &ob, &lb,
-                            &sel);
+                            NULL, &sel);
     }
     if (st == ATTN_OK) {
         pr.br[BRANCH_SEL].plan = sel;
         st = run_branches(ctx, &pr, BRANCH_SEL, BRANCHES, q, k, v, kc, vc, &b);
     }
-    if (st == ATTN_OK) mix(&pr.br[BRANCH_WIN], gates, &b.bo, o);
-    free(b.mo), free(b.ml);
+    finish(&pr, &b);
     if (st == ATTN_OK && sel_out)
         *sel_out = sel;
     else

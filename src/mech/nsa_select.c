@@ -35,7 +35,7 @@ typedef struct sel_job {
     const attn_ctx *ctx;
     const attn_problem *pc;
     const attn_nsa_opts *opt;
-    const attn_tensor *q;
+    const attn_tensor *q, *gates;
     attn_tensor *o, *lse;
     const float *kt; /* [hk][d][mc]  Kc^T */
     const float *vc; /* [hk][mc][dv] Vc as f32, when o is written */
@@ -65,7 +65,8 @@ static sel_bufs sel_carve(scratch *s, int64_t bq, int64_t d, int64_t dv, int64_t
 }
 
 /* The branch's rows of head hq for queries i0.. from the probabilities in
- * b->s (vis keys): o = P Vc / l, lse = m ln 2 + ln l (empty rows: 0, -inf). */
+ * b->s (vis keys): o = P Vc / l (times the gate), lse = m ln 2 + ln l
+ * (empty rows: 0, -inf). */
 static void write_branch(const sel_job *j, const sel_bufs *b, int64_t hq, int64_t i0,
                          int64_t nq, int64_t vis) {
     const attn_kernels *kr = j->ctx->kernels;
@@ -75,8 +76,10 @@ static void write_branch(const sel_job *j, const sel_bufs *b, int64_t hq, int64_
     for (int64_t r = 0; r < nq; r++) {
         float *orow = b->ob + r * dv, l = vis > 0 ? b->l[r] : 0.0f;
         float inv = l > 0.0f ? 1.0f / l : (l != l ? l : 0.0f); /* a NaN row stays NaN */
+        if (j->gates) inv *= (float)attn_load_f64(j->gates, attn_off4(j->gates, 0, i0 + r, hq, 0));
         for (int64_t x = 0; x < dv; x++) orow[x] = vis > 0 ? orow[x] * inv : 0.0f;
         rows_store(kr, j->o, attn_off4(j->o, 0, i0 + r, hq, 0), dv, orow);
+        if (!j->lse) continue;
         float val = l > 0.0f ? b->mx[r] * LN2 + logf(l) : (l == 0.0f ? -INFINITY : l);
         attn_store_f64(j->lse, attn_off3(j->lse, 0, hq, i0 + r), val);
     }
@@ -156,7 +159,8 @@ static int64_t run_task(const sel_job *j, const sel_bufs *b, double *score, cand
 attn_status nsa_select_run(const attn_ctx *ctx, const attn_problem *pc,
                            const attn_nsa_opts *opt, const attn_tensor *q,
                            const attn_tensor *kc, const attn_tensor *vc, int64_t m,
-                           attn_tensor *o, attn_tensor *lse, attn_plan **out) {
+                           attn_tensor *o, attn_tensor *lse, const attn_tensor *gates,
+                           attn_plan **out) {
     const attn_kernels *kr = ctx->kernels;
     const int64_t n = q->shape[1], h = q->shape[2], hk = kc->shape[2], d = q->shape[3];
     const int64_t mc = kc->shape[1], dv = o ? pc->dv : 0;
@@ -164,7 +168,7 @@ attn_status nsa_select_run(const attn_ctx *ctx, const attn_problem *pc,
     const int64_t nqb = (n + bq - 1) / bq, nkb = (m + bk - 1) / bk, jobs = hk * nqb;
     const int64_t keep_max = opt->sel_count > 2 ? opt->sel_count : 2;
     const int threads = ctx->threads;
-    sel_job j = {ctx, pc, opt, q, o, lse, NULL, NULL, n, m, mc, nkb, h / hk, (mc + 15) & ~15};
+    sel_job j = {ctx, pc, opt, q, gates, o, lse, NULL, NULL, n, m, mc, nkb, h / hk, (mc + 15) & ~15};
     scratch count = {NULL, 0};
     sel_carve(&count, bq, d, dv, j.lds, mc);
     size_t per = count.used > (size_t)d ? count.used : (size_t)d, stride = 0;
