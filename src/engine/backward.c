@@ -12,6 +12,13 @@
 #include "rows.h"
 #include "tiling.h"
 
+/* One (head, query block) pair a key block is visited by. */
+typedef struct bwd_visit {
+    int64_t gi, i0, nq;
+    int level;
+    bool masked;
+} bwd_visit;
+
 typedef struct bwd_bufs {
     float *kbuf, *kt, *vt;   /* [bk][d], [d][bk], [dv][bk] */
     float *qbuf, *dobuf;     /* [bq][d], [bq][dv] */
@@ -24,6 +31,7 @@ typedef struct bwd_bufs {
     /* a pooled (pyramid level > 0) block: its K rows, K^T, V^T, their
      * gradients and the + log2(count) of each pooled key */
     float *pk, *pkt, *pvt, *pdk, *pdv, *bonus;
+    bwd_visit *visits;       /* [gp][ceil(n / bq)] */
 } bwd_bufs;
 
 static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
@@ -50,6 +58,8 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.pdk = scratch_take(s, (size_t)(bk * d));
     b.pdv = scratch_take(s, (size_t)(bk * dv));
     b.bonus = scratch_take(s, (size_t)bk);
+    const size_t nv = (size_t)(g * ((n + bq - 1) / bq));
+    b.visits = (bwd_visit *)scratch_take(s, nv * sizeof(bwd_visit) / sizeof(float) + 1);
     return b;
 }
 
@@ -94,6 +104,28 @@ typedef struct key_operands {
     int64_t nk;
 } key_operands;
 
+/* Set logits of keys outside each query's visible range to -inf. Rows of
+ * the tile are queries i0.., columns keys j0..; the keys a query sees form
+ * one run (except on a grid), so each row masks a prefix and a suffix. */
+static void mask_rows(const attn_problem *p, const attn_seq *sq, float *s, int64_t ld,
+                      int64_t i0, int64_t nq, int64_t j0, int64_t nk) {
+    for (int64_t r = 0; r < nq; r++) {
+        float *row = s + r * ld;
+        if (p->grid_w > 0) {
+            for (int64_t c = 0; c < nk; c++)
+                if (!attn_key_visible(p, sq->n, sq->m, i0 + r, j0 + c)) row[c] = -INFINITY;
+            continue;
+        }
+        int64_t lo, hi;
+        attn_visible_range(p, sq->n, sq->m, i0 + r, &lo, &hi);
+        lo -= j0;
+        hi -= j0;
+        if (lo > hi) lo = nk; /* the query sees nothing here */
+        for (int64_t c = 0; c < nk && c < lo; c++) row[c] = -INFINITY;
+        for (int64_t c = hi + 1 > 0 ? hi + 1 : 0; c < nk; c++) row[c] = -INFINITY;
+    }
+}
+
 static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
                  int64_t i0, int64_t nq, int64_t j0, const key_operands *ko, bool masked) {
     const attn_kernels *kr = a->ctx->kernels;
@@ -108,10 +140,7 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
     if (ko->bonus)
         for (int64_t r = 0; r < nq; r++)
             for (int64_t c = 0; c < nk; c++) b->p[r * bk + c] += ko->bonus[c];
-    if (masked)
-        for (int64_t r = 0; r < nq; r++)
-            for (int64_t c = 0; c < nk; c++)
-                if (!attn_key_visible(p, sq->n, sq->m, i0 + r, j0 + c)) b->p[r * bk + c] = -INFINITY;
+    if (masked) mask_rows(p, sq, b->p, bk, i0, nq, j0, nk);
     kr->exp2_rows(b->p, nq, nk, bk, p->softcap > 0.0f ? LOG2E : p->scale * LOG2E, lse2);
 
     /* dV += P^T dO */
@@ -174,6 +203,29 @@ static void unpool_gradients(const bwd_args *a, const bwd_bufs *b, int64_t nk, i
     }
 }
 
+/* Whether query block vi (of head h) sees key block kb = [j0, j0 + nk), and
+ * then at which pyramid level and whether a rule cuts through the pair. */
+static bool pair_visit(const bwd_args *a, const attn_seq *sq, int64_t h, int64_t kb,
+                       int64_t j0, int64_t nk, bwd_visit *vi) {
+    const attn_problem *p = a->p;
+    const int64_t n = sq->n, i0 = vi->i0, nq = vi->nq;
+    int64_t lo0, hi0, lo1, hi1;
+    attn_visible_range(p, n, sq->m, i0, &lo0, &hi0);
+    attn_visible_range(p, n, sq->m, i0 + nq - 1, &lo1, &hi1);
+    const bool cut = !(lo1 <= j0 && j0 + nk - 1 <= hi0);
+    if (p->plan) {
+        int64_t ph = attn_plan_head(p->plan, h, p->h, p->hk);
+        const attn_plan_entry *en = plan_lists(p->plan, ph, i0 / a->bq, kb);
+        if (!en) return false;
+        vi->level = en->level;
+        vi->masked = en->mask == ATTN_BLOCK_PARAMS && (p->grid_w > 0 || cut);
+        return true;
+    }
+    if (hi1 < j0 || lo0 > j0 + nk - 1) return false; /* no overlap */
+    vi->masked = cut;
+    return true;
+}
+
 /* Where task (bi, hk, part) keeps its partial dK/dV rows. */
 static float *part_rows(const bwd_args *a, int64_t bi, int64_t hk, int64_t part) {
     size_t task = (size_t)((bi * a->p->hk + hk) * a->parts + part);
@@ -220,43 +272,34 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
         memset(b->dk, 0, (size_t)(nk * d) * sizeof(float));
         memset(b->dv, 0, (size_t)(nk * dv) * sizeof(float));
 
-        for (int64_t gi = g0; gi < g1; gi++) {
-            const int64_t h = hk * g + gi;
+        /* the (head, query block) pairs that see the block, then each with
+         * the next one's Q and dO rows asked for ahead: the rows of one
+         * head are strided, and a plan's query blocks are scattered */
+        int64_t nv = 0;
+        for (int64_t gi = g0; gi < g1; gi++)
             for (int64_t i0 = 0; i0 < n; i0 += bq) {
-                const int64_t nq = i0 + bq <= n ? bq : n - i0;
-                bool masked;
-                int level = 0;
-                if (p->plan) {
-                    int64_t ph = attn_plan_head(p->plan, h, p->h, p->hk);
-                    const attn_plan_entry *en = plan_lists(p->plan, ph, i0 / bq, kb);
-                    if (!en) continue;
-                    level = en->level;
-                    masked = en->mask == ATTN_BLOCK_PARAMS && p->grid_w > 0;
-                    if (en->mask == ATTN_BLOCK_PARAMS && !masked) { /* a rule cuts through the block? */
-                        int64_t lo0, hi0, lo1, hi1;
-                        attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
-                        attn_visible_range(p, n, sq.m, i0 + nq - 1, &lo1, &hi1);
-                        masked = !(lo1 <= j0 && j0 + nk - 1 <= hi0);
-                    }
-                } else {
-                    int64_t lo0, hi0, lo1, hi1;
-                    attn_visible_range(p, n, sq.m, i0, &lo0, &hi0);
-                    attn_visible_range(p, n, sq.m, i0 + nq - 1, &lo1, &hi1);
-                    if (hi1 < j0 || lo0 > j0 + nk - 1) continue; /* no overlap */
-                    masked = !(lo1 <= j0 && j0 + nk - 1 <= hi0);
-                }
-                rows_load_block(kr, a->q, attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0),
-                                a->q->stride[1], nq, d, b->qbuf, d);
-                rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
-                                a->dout->stride[1], nq, dv, b->dobuf, dv);
-                if (level > 0) {
-                    key_operands ko = pooled_operands(a, b, nk, level);
-                    pair(a, b, &sq, gi - g0, i0, nq, j0, &ko, false);
-                    unpool_gradients(a, b, nk, level);
-                } else {
-                    key_operands ko = {b->kbuf, b->kt, b->vt, b->dk, b->dv, NULL, nk};
-                    pair(a, b, &sq, gi - g0, i0, nq, j0, &ko, masked);
-                }
+                bwd_visit vi = {gi, i0, i0 + bq <= n ? bq : n - i0, 0, false};
+                if (pair_visit(a, &sq, hk * g + gi, kb, j0, nk, &vi)) b->visits[nv++] = vi;
+            }
+        for (int64_t x = 0; x < nv; x++) {
+            const bwd_visit *vi = &b->visits[x];
+            const int64_t h = hk * g + vi->gi, i0 = vi->i0, nq = vi->nq;
+            if (x + 1 < nv) {
+                const bwd_visit *nx = &b->visits[x + 1];
+                rows_prefetch(a->q, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
+                rows_prefetch(a->dout, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
+            }
+            rows_load_block(kr, a->q, attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0),
+                            a->q->stride[1], nq, d, b->qbuf, d);
+            rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
+                            a->dout->stride[1], nq, dv, b->dobuf, dv);
+            if (vi->level > 0) {
+                key_operands ko = pooled_operands(a, b, nk, vi->level);
+                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &ko, false);
+                unpool_gradients(a, b, nk, vi->level);
+            } else {
+                key_operands ko = {b->kbuf, b->kt, b->vt, b->dk, b->dv, NULL, nk};
+                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &ko, vi->masked);
             }
         }
         for (int64_t r = 0; r < nk; r++) {

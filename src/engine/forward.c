@@ -160,22 +160,6 @@ static attn_status pyramid_build(const attn_ctx *ctx, const attn_problem *p, con
     return ATTN_OK;
 }
 
-/* Ask for rows [r0, r0 + n) of head h of t (any dtype, unit stride assumed
- * for the extent; other layouts only lose the hint). Rows of one head are
- * H * D elements apart in the usual layout, a stride the hardware
- * prefetchers do not follow. */
-static void prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h,
-                          int write) {
-    const int64_t es = (int64_t)attn_dtype_size(t->dtype);
-    const int64_t bytes = t->shape[3] * es;
-    const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t x = 0; x < bytes; x += 64) {
-            if (write) __builtin_prefetch(base + r * t->stride[1] * es + x, 1, 3);
-            else __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
-        }
-}
-
 /* One key block [j0, j1) against the current query tile. */
 static void visit_block(const attn_kernels *kr, const attn_problem *p, const attn_seq *sq,
                         const attn_tensor *k, const attn_tensor *v, int64_t hk,
@@ -185,8 +169,8 @@ static void visit_block(const attn_kernels *kr, const attn_problem *p, const att
     int64_t nk = j1 - j0;
     if (next >= 0 && next < sq->m) { /* the block visited next (full-resolution rows) */
         int64_t n2 = next + nk <= sq->m ? nk : sq->m - next;
-        prefetch_rows(k, sq->tb, sq->k0 + next, n2, hk, 0);
-        prefetch_rows(v, sq->tb, sq->k0 + next, n2, hk, 0);
+        rows_prefetch(k, sq->tb, sq->k0 + next, n2, hk, 0);
+        rows_prefetch(v, sq->tb, sq->k0 + next, n2, hk, 0);
     }
     const float *ka, *vb;
     int64_t lda, ldv;
@@ -259,8 +243,8 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
     const int64_t i0 = qb * bq, nq = (i0 + bq <= sq.n) ? bq : sq.n - i0;
     const float qscale = p->softcap > 0.0f ? p->scale : p->scale * LOG2E;
 
-    prefetch_rows(q, sq.tb, sq.q0 + i0, nq, h, 0);
-    prefetch_rows(o, sq.tb, sq.q0 + i0, nq, h, 1);
+    rows_prefetch(q, sq.tb, sq.q0 + i0, nq, h, 0);
+    rows_prefetch(o, sq.tb, sq.q0 + i0, nq, h, 1);
     for (int64_t c = 0; c < nq; c++) {
         rows_load(kr, q, attn_off4(q, sq.tb, sq.q0 + i0 + c, h, 0), d, b->row);
         for (int64_t x = 0; x < d; x++) b->qt[x * bq + c] = b->row[x] * qscale;
@@ -295,7 +279,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
     }
 
     if (p->out_gate && p->out_accumulate) /* read below: ask for all rows at once */
-        prefetch_rows(o, sq.tb, sq.q0 + i0, nq, h, 1);
+        rows_prefetch(o, sq.tb, sq.q0 + i0, nq, h, 1);
     for (int64_t c = 0; c < nq; c++) {
         float *orow = b->o + c * dv;
         float inv = b->l[c] > 0.0f ? 1.0f / b->l[c] : 0.0f;

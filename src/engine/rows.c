@@ -52,6 +52,18 @@ void rows_load_transposed(const attn_kernels *kr, const attn_tensor *t, int64_t 
     }
 }
 
+void rows_prefetch(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h,
+                   int write) {
+    const int64_t es = (int64_t)attn_dtype_size(t->dtype);
+    const int64_t bytes = t->shape[3] * es;
+    const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t x = 0; x < bytes; x += 64) {
+            if (write) __builtin_prefetch(base + r * t->stride[1] * es + x, 1, 3);
+            else __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
+        }
+}
+
 void rows_pool(const attn_kernels *kr, const attn_tensor *t, int64_t off, int64_t row_stride,
                int64_t nk, int level, int64_t n, float *dst, float *tmp) {
     const int64_t f = (int64_t)1 << level;

@@ -22,6 +22,13 @@ void rows_load_transposed(const attn_kernels *kr, const attn_tensor *t, int64_t 
                           int64_t row_stride, int64_t rows, int64_t n, float *stage,
                           int64_t stage_floats, float *dst, int64_t ldd);
 
+/* Ask for rows [r0, r0 + n) of head h of t (any dtype, unit stride assumed
+ * for the extent; other layouts only lose the hint). Rows of one head are
+ * H * D elements apart in the usual layout, a stride the hardware
+ * prefetchers do not follow. */
+void rows_prefetch(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h,
+                   int write);
+
 /* Pyramid pooling of a block of nk rows (row r at off + r * row_stride, n
  * elements each): groups of 2^level consecutive rows (the last one may be
  * shorter) become their means, written to dst [groups][n]; tmp holds n floats. */

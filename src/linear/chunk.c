@@ -42,15 +42,6 @@ static inline float flush(float x) { return fabsf(x) < FLT_MIN ? 0.0f : x; }
 
 #define LOG2E 1.4426950408889634f
 
-/* Ask for rows [r0, r0 + n) of head h of t: rows of one head lie H x D
- * elements apart, a stride the hardware prefetchers do not follow. */
-void lin_prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h) {
-    const int64_t es = (int64_t)attn_dtype_size(t->dtype), bytes = t->shape[3] * es;
-    const char *base = (const char *)t->data + attn_off4(t, tb, r0, h, 0) * es;
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(base + r * t->stride[1] * es + x, 0, 3);
-}
-
 /* Chunks ahead to ask for (lin_chunk_load's callers: the backward, the span
  * maps and the forward's slow key-gate path; the forward's fast chunks ask
  * for their next rows a share at a time, forward.c): 1, 2 and 4 measured the
@@ -63,10 +54,10 @@ void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int6
     if (r1 >= sq->n) return;
     const int64_t hk = h / (p->h / p->hk), row = sq->t0 + r1;
     const int64_t n2 = r1 + n <= sq->n ? n : sq->n - r1;
-    if (q) lin_prefetch_rows(q, sq->tb, row, n2, h);
-    lin_prefetch_rows(k, sq->tb, row, n2, hk);
-    lin_prefetch_rows(v, sq->tb, row, n2, hk);
-    if (p->gate == ATTN_GATE_KEY) lin_prefetch_rows(g, sq->tb, row, n2, h);
+    if (q) rows_prefetch(q, sq->tb, row, n2, h, 0);
+    rows_prefetch(k, sq->tb, row, n2, hk, 0);
+    rows_prefetch(v, sq->tb, row, n2, hk, 0);
+    if (p->gate == ATTN_GATE_KEY) rows_prefetch(g, sq->tb, row, n2, h, 0);
 }
 
 void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,

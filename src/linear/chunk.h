@@ -75,9 +75,6 @@ void lin_chunk_load(const attn_kernels *kr, const lin_problem *p, const lin_seq 
 void lin_chunk_gates(const attn_kernels *kr, const lin_problem *p, const lin_seq *sq,
                      int64_t h, int64_t r0, int64_t n, const attn_tensor *g, lin_chunk *c);
 
-/* Ask for rows [r0, r0 + n) of head h of t (dim 0 index tb). */
-void lin_prefetch_rows(const attn_tensor *t, int64_t tb, int64_t r0, int64_t n, int64_t h);
-
 /* Ask for the rows of the chunk after [r0, r0 + n) of head h (q may be NULL). */
 void lin_chunk_prefetch(const lin_problem *p, const lin_seq *sq, int64_t h, int64_t r0,
                         int64_t n, const attn_tensor *q, const attn_tensor *k,

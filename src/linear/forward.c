@@ -73,7 +73,7 @@ static void next_rows_ask(next_rows *nr, int parts) {
     int64_t take = (nr->left + parts - 1) / parts;
     for (; take > 0 && nr->left > 0; take--, nr->left--) {
         const int64_t i = nr->total - nr->left, ti = i / nr->n;
-        lin_prefetch_rows(nr->t[ti], nr->tb, nr->row + i % nr->n, 1, nr->head[ti]);
+        rows_prefetch(nr->t[ti], nr->tb, nr->row + i % nr->n, 1, nr->head[ti], 0);
     }
 }
 
