@@ -249,6 +249,8 @@ static void test_branches_and_forward(attn_ctx *cpu, attn_ctx *ref) {
         g[x] = tu_alloc(ATTN_F32, shp[x][0], shp[x][1], shp[x][2], shp[x][3]);
         g64[x] = tu_alloc(ATTN_F64, shp[x][0], shp[x][1], shp[x][2], shp[x][3]);
     }
+    for (int x = 0; x < 6; x++) /* old contents must not leak into the sums */
+        for (int64_t y = 0; y < tu_numel(&g[x].t); y++) tu_store(&g[x].t, y, NAN);
     CHECK_OK(attn_nsa_backward(cpu, &p, &o, &in.q.t, &in.k.t, &in.v.t, &in.kc.t, &in.vc.t, sel,
                                &in.gates.t, &so.t, &sl.t, &dout.t, &g[0].t, &g[1].t, &g[2].t,
                                &g[3].t, &g[4].t, &g[5].t));
@@ -256,6 +258,26 @@ static void test_branches_and_forward(attn_ctx *cpu, attn_ctx *ref) {
                                &in64.vc.t, sel, &in64.gates.t, &so64.t, &sl64.t, &dout64.t,
                                &g64[0].t, &g64[1].t, &g64[2].t, &g64[3].t, &g64[4].t, &g64[5].t));
     for (int x = 0; x < 6; x++) CHECK_CLOSE(names[x], &g[x].t, &g64[x].t, 1e-5, 1e-4);
+
+    /* f32 gradients are summed in place branch by branch; bf16 ones in f32
+     * buffers (rounded once): both against the reference */
+    tu_case("NSA backward: bf16 gradients, CPU vs reference composition");
+    {
+        tu_buf h16[6];
+        for (int x = 0; x < 6; x++) {
+            h16[x] = tu_alloc(x == 5 ? ATTN_F32 : ATTN_BF16, shp[x][0], shp[x][1], shp[x][2], shp[x][3]);
+            for (int64_t y = 0; y < tu_numel(&h16[x].t); y++) tu_store(&h16[x].t, y, NAN);
+        }
+        CHECK_OK(attn_nsa_backward(cpu, &p, &o, &in.q.t, &in.k.t, &in.v.t, &in.kc.t, &in.vc.t,
+                                   sel, &in.gates.t, &so.t, &sl.t, &dout.t, &h16[0].t, &h16[1].t,
+                                   &h16[2].t, &h16[3].t, &h16[4].t, &h16[5].t));
+        for (int x = 0; x < 6; x++) {
+            attn_dtype dt = x == 5 ? ATTN_F32 : ATTN_BF16;
+            CHECK_CLOSE(names[x], &h16[x].t, &g64[x].t, x == 5 ? 1e-5 : tu_rms_tol(dt),
+                        x == 5 ? 1e-4 : tu_max_tol(dt));
+            tu_free(&h16[x]);
+        }
+    }
 
     tu_case("NSA: bad input");
     attn_nsa_opts bad = o;

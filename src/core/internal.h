@@ -50,10 +50,12 @@ typedef struct attn_problem {
      * |f - f'| <= rad_f, |y - y'| <= rad_h and |x - x'| <= rad_w. Set by the
      * neighbourhood mechanism with a plan of the blocks it reaches. */
     int64_t grid_f, grid_h, grid_w, rad_f, rad_h, rad_w;
-    /* A gated epilogue (the CPU engine's forward only; NULL = off): output
-     * row (i, h) becomes gate[tb, i, h, out_gate_col] times its attention,
-     * plus what o held with out_accumulate. A mixture of branches (NSA's) is
-     * then summed in o, without a buffer per branch. */
+    /* A gated epilogue (the CPU engine only; NULL = off): output row (i, h)
+     * becomes gate[tb, i, h, out_gate_col] times its attention, plus what o
+     * held with out_accumulate. The backward takes dout as the gradient of
+     * that gated output (so the attention's is g dout) and, with
+     * out_accumulate, adds its gradients to dq, dk and dv. A mixture of
+     * branches (NSA's) is then summed in place, without a buffer per branch. */
     const attn_tensor *out_gate;
     int64_t out_gate_col;
     int out_accumulate;

@@ -26,8 +26,10 @@ typedef struct bwd_bufs {
     float *dk, *dv;          /* [bk][d], [bk][dv] */
     float *dq;               /* [gp][n][d]: the task's query heads */
     float *lse2, *delta;     /* [gp][n] */
+    float *gate;             /* [gp][n] the gated epilogue's gates, else 1 */
     float *row;              /* [max(d, dv)] */
-    float *dkv;              /* [d + dv]: one row of dK and dV summed over parts */
+    float *dkv;              /* [2][d + dv]: one row of dK and dV summed over parts, and
+                              * room to add it to the output */
     /* a pooled (pyramid level > 0) block: its K rows, K^T, V^T, their
      * gradients and the + log2(count) of each pooled key */
     float *pk, *pkt, *pvt, *pdk, *pdv, *bonus;
@@ -50,8 +52,9 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.dq = scratch_take(s, (size_t)(g * n * d));
     b.lse2 = scratch_take(s, (size_t)(g * n));
     b.delta = scratch_take(s, (size_t)(g * n));
+    b.gate = scratch_take(s, (size_t)(g * n));
     b.row = scratch_take(s, (size_t)(d > dv ? d : dv));
-    b.dkv = scratch_take(s, (size_t)(d + dv));
+    b.dkv = scratch_take(s, (size_t)(2 * (d + dv)));
     b.pk = scratch_take(s, (size_t)(bk * d));
     b.pkt = scratch_take(s, (size_t)(bk * d));
     b.pvt = scratch_take(s, (size_t)(bk * dv));
@@ -226,6 +229,20 @@ static bool pair_visit(const bwd_args *a, const attn_seq *sq, int64_t h, int64_t
     return true;
 }
 
+/* A gradient row into t: stored, or added to what t holds when the gated
+ * epilogue accumulates (tmp: n floats). */
+static void put_row(const bwd_args *a, attn_tensor *t, int64_t off, int64_t n, const float *src,
+                    float *tmp) {
+    const attn_kernels *kr = a->ctx->kernels;
+    if (!(a->p->out_gate && a->p->out_accumulate)) {
+        rows_store(kr, t, off, n, src);
+        return;
+    }
+    rows_load(kr, t, off, n, tmp);
+    kr->axpy(n, 1.0f, src, tmp);
+    rows_store(kr, t, off, n, tmp);
+}
+
 /* Where task (bi, hk, part) keeps its partial dK/dV rows. */
 static float *part_rows(const bwd_args *a, int64_t bi, int64_t hk, int64_t part) {
     size_t task = (size_t)((bi * a->p->hk + hk) * a->parts + part);
@@ -253,7 +270,13 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             rows_load(kr, a->o, attn_off4(a->o, sq.tb, sq.q0 + i, h, 0), dv, b->row);
             float acc = 0.0f;
             for (int64_t x = 0; x < dv; x++) acc += b->dobuf[x] * b->row[x];
-            b->delta[(gi - g0) * n + i] = acc;
+            /* gated (o = g a): the attention's gradient is g dO */
+            float gt = p->out_gate ? (float)attn_load_f64(p->out_gate,
+                                                          attn_off4(p->out_gate, sq.tb, sq.q0 + i,
+                                                                    h, p->out_gate_col))
+                                   : 1.0f;
+            b->gate[(gi - g0) * n + i] = gt;
+            b->delta[(gi - g0) * n + i] = gt * acc;
         }
     }
     memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
@@ -293,6 +316,11 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                             a->q->stride[1], nq, d, b->qbuf, d);
             rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
                             a->dout->stride[1], nq, dv, b->dobuf, dv);
+            if (p->out_gate)
+                for (int64_t r = 0; r < nq; r++) {
+                    const float gt = b->gate[(vi->gi - g0) * n + i0 + r];
+                    for (int64_t x = 0; x < dv; x++) b->dobuf[r * dv + x] *= gt;
+                }
             if (vi->level > 0) {
                 key_operands ko = pooled_operands(a, b, nk, vi->level);
                 pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &ko, false);
@@ -308,18 +336,23 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                 memcpy(part_dkv + (j0 + r) * (d + dv) + d, b->dv + r * dv, (size_t)dv * sizeof(float));
                 continue;
             }
-            rows_store(kr, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j0 + r, hk, 0), d, b->dk + r * d);
-            rows_store(kr, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j0 + r, hk, 0), dv, b->dv + r * dv);
+            put_row(a, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j0 + r, hk, 0), d, b->dk + r * d, b->row);
+            put_row(a, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j0 + r, hk, 0), dv, b->dv + r * dv,
+                    b->row);
         }
     }
     for (int64_t gi = g0; gi < g1; gi++)
-        for (int64_t i = 0; i < n; i++)
-            rows_store(kr, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d,
-                       b->dq + ((gi - g0) * n + i) * d);
+        for (int64_t i = 0; i < n; i++) {
+            if (p->out_gate && p->out_accumulate && i % 32 == 0) /* read back: ask ahead */
+                rows_prefetch(a->dq, sq.tb, sq.q0 + i + 32, i + 64 <= n ? 32 : n - i - 32 > 0 ? n - i - 32 : 0,
+                              hk * g + gi, 1);
+            put_row(a, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d,
+                    b->dq + ((gi - g0) * n + i) * d, b->row);
+        }
 }
 
 /* dK/dV row j of kv head hk of sequence bi: the parts' partial sums added in
- * part order (the same order for any thread count). acc holds d + dv floats. */
+ * part order (the same order for any thread count). acc holds 2 (d + dv) floats. */
 static void sum_parts(const bwd_args *a, int64_t bi, int64_t hk, int64_t j, float *acc) {
     const int64_t d = a->p->d, dv = a->p->dv, w = d + dv;
     const attn_seq sq = attn_problem_seq(a->p, bi);
@@ -328,8 +361,8 @@ static void sum_parts(const bwd_args *a, int64_t bi, int64_t hk, int64_t j, floa
         const float *x = part_rows(a, bi, hk, part) + j * w;
         for (int64_t c = 0; c < w; c++) acc[c] += x[c];
     }
-    rows_store(a->ctx->kernels, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j, hk, 0), d, acc);
-    rows_store(a->ctx->kernels, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j, hk, 0), dv, acc + d);
+    put_row(a, a->dk, attn_off4(a->dk, sq.tb, sq.k0 + j, hk, 0), d, acc, acc + w);
+    put_row(a, a->dv, attn_off4(a->dv, sq.tb, sq.k0 + j, hk, 0), dv, acc + d, acc + w);
 }
 
 attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const attn_tensor *q,

@@ -138,7 +138,7 @@ static attn_status compress_cpu(const attn_ctx *ctx, const attn_nsa_opts *o,
     const int64_t tasks = t->shape[0] * mc;
     const float inv = 1.0f / (float)o->cmp_block;
     size_t stride;
-    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
+    float *scr = scratch_alloc(ctx->threads, (size_t)(4 * e + 32), &stride);
     if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression");
 #pragma omp parallel for num_threads(ctx->threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
@@ -167,7 +167,7 @@ static attn_status compress_backward_cpu(const attn_ctx *ctx, const attn_nsa_opt
     const int64_t tasks = t->shape[0] * m, s = o->cmp_stride, l = o->cmp_block;
     const float inv = 1.0f / (float)l;
     size_t stride;
-    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
+    float *scr = scratch_alloc(ctx->threads, (size_t)(4 * e + 32), &stride);
     if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression backward");
 #pragma omp parallel for num_threads(ctx->threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
@@ -481,6 +481,61 @@ attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p, const attn_n
 }
 /* ------------------------------------------------------------ backward */
 
+/* The CPU backward into f32 gradients: each branch's backward takes g_b dO
+ * and adds into the outputs through the engine's gated epilogue (the
+ * selected branch writes dq, dk, dv; the window adds; the compressed adds
+ * to dq and to dkc, dvc zeroed first), so no gradient buffer per branch
+ * exists; dgates_b = dO . o_b row by row. Gradients of other dtypes are
+ * summed in f32 buffers instead (attn_nsa_backward), to be rounded once. */
+static attn_status backward_streamed(const attn_ctx *ctx, const nsa_problems *pr,
+                                     const attn_tensor *q, const attn_tensor *k,
+                                     const attn_tensor *v, const attn_tensor *kc,
+                                     const attn_tensor *vc, const attn_tensor *gates,
+                                     const attn_tensor *saved_o, const attn_tensor *saved_lse,
+                                     const attn_tensor *dout, attn_tensor *dq, attn_tensor *dk,
+                                     attn_tensor *dv, attn_tensor *dkc, attn_tensor *dvc,
+                                     attn_tensor *dgates) {
+    const attn_kernels *kr = ctx->kernels;
+    const attn_problem *b0 = &pr->br[BRANCH_WIN];
+    const int64_t n = b0->n, h = b0->h, e = b0->dv, rows = n * h;
+    size_t stride;
+    float *scr = scratch_alloc(ctx->threads, (size_t)(4 * e + 32), &stride);
+    if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA backward");
+    const attn_tensor so[BRANCHES] = {mech_part(saved_o, BRANCHES, 0),
+                                      mech_part(saved_o, BRANCHES, 1),
+                                      mech_part(saved_o, BRANCHES, 2)};
+#pragma omp parallel for num_threads(ctx->threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) { /* dgates */
+        float *d0 = scr + stride * (size_t)engine_thread_id(), *ob = d0 + e + 16, dot[BRANCHES];
+        const int64_t i = r / h, hh = r % h;
+        rows_load(kr, dout, attn_off4(dout, 0, i, hh, 0), e, d0);
+        for (int br = 0; br < BRANCHES; br++)
+            rows_load(kr, &so[br], attn_off4(&so[br], 0, i, hh, 0), e, ob + br * e);
+        kr->dot_rows(d0, ob, BRANCHES, e, e, dot);
+        for (int br = 0; br < BRANCHES; br++)
+            attn_store_f64(dgates, attn_off4(dgates, 0, i, hh, br), dot[br]);
+    }
+    memset(scr, 0, (size_t)(kc->shape[3] > vc->shape[3] ? kc->shape[3] : vc->shape[3]) * 4);
+    for (int64_t t = 0; t < kc->shape[1]; t++) /* the compressed branch adds into these */
+        for (int64_t hh = 0; hh < kc->shape[2]; hh++) {
+            rows_store(kr, dkc, attn_off4(dkc, 0, t, hh, 0), kc->shape[3], scr);
+            rows_store(kr, dvc, attn_off4(dvc, 0, t, hh, 0), vc->shape[3], scr);
+        }
+    free(scr);
+    static const int order[BRANCHES] = {BRANCH_SEL, BRANCH_WIN, BRANCH_CMP};
+    for (int x = 0; x < BRANCHES; x++) {
+        const int br = order[x];
+        attn_problem pb = pr->br[br];
+        pb.out_gate = gates, pb.out_gate_col = br, pb.out_accumulate = br != BRANCH_SEL;
+        const attn_tensor ob = mech_part(saved_o, BRANCHES, br);
+        const attn_tensor lb = mech_part(saved_lse, BRANCHES, br);
+        const bool cmp = br == BRANCH_CMP;
+        CHECK(engine_backward(ctx, &pb, q, cmp ? kc : k, cmp ? vc : v, &ob, &lb, dout, dq,
+                              cmp ? dkc : dk, cmp ? dvc : dv));
+    }
+    return ATTN_OK;
+}
+
 attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p, const attn_nsa_opts *opt,
                               const attn_tensor *q, const attn_tensor *k, const attn_tensor *v,
                               const attn_tensor *kc, const attn_tensor *vc,
@@ -514,6 +569,11 @@ attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p, const attn_ns
                                shapes[x]->shape[2], shapes[x]->shape[3]));
         CHECK(attn_check_output(onames[x], outs[x], ins, names, 9 + x));
     }
+
+    if (!ref && dq->dtype == ATTN_F32 && dk->dtype == ATTN_F32 && dv->dtype == ATTN_F32 &&
+        dkc->dtype == ATTN_F32 && dvc->dtype == ATTN_F32)
+        return backward_streamed(ctx, &pr, q, k, v, kc, vc, gates, saved_o, saved_lse, dout, dq,
+                                 dk, dv, dkc, dvc, dgates);
 
     /* per branch: dout_b = g_b dO, then the branch backward into its own
      * gradients; the sums go to the outputs at the end */
