@@ -372,7 +372,7 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     const int64_t g = p->h / p->hk;
     bwd_args a = {ctx, p, q, k, v, o, lse, dout, dq, dk, dv,
                   p->plan ? p->plan->block_q : tiling_bwd_bq(p->d),
-                  p->plan ? p->plan->block_k : tiling_bwd_bk(p->d),
+                  p->plan ? p->plan->block_k : tiling_bwd_bk(p->d, p->window_left >= 0),
                   tiling_bwd_head_parts(p->batch, p->hk, g), 0, 0, NULL};
     a.gp = (g + a.parts - 1) / a.parts;
     int64_t nmax = 0;
