@@ -129,15 +129,23 @@ static void mask_rows(const attn_problem *p, const attn_seq *sq, float *s, int64
     }
 }
 
+/* The query rows of one pair: Q and dO as f32 rows, read in place when the
+ * tensors are f32 with unit stride (else copied into the task's buffers). */
+typedef struct query_operands {
+    const float *q, *dout;
+    int64_t ldq, lddo;
+} query_operands;
+
 static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
-                 int64_t i0, int64_t nq, int64_t j0, const key_operands *ko, bool masked) {
+                 int64_t i0, int64_t nq, int64_t j0, const query_operands *qo,
+                 const key_operands *ko, bool masked) {
     const attn_kernels *kr = a->ctx->kernels;
     const attn_problem *p = a->p;
     const int64_t d = p->d, dv = p->dv, bk = a->bk, nk = ko->nk;
     const float *lse2 = b->lse2 + gi * sq->n + i0, *delta = b->delta + gi * sq->n + i0;
 
     /* S = Q K^T, then P = 2^(S * scale * log2 e - lse2) */
-    kr->gemm(nq, nk, d, b->qbuf, d, 1, ko->kt, bk, b->p, bk, 0, NULL);
+    kr->gemm(nq, nk, d, qo->q, qo->ldq, 1, ko->kt, bk, b->p, bk, 0, NULL);
     if (p->softcap > 0.0f) /* capped logit, scaled; t kept for the derivative */
         kr->softcap(b->p, nq, nk, bk, p->scale / p->softcap, p->softcap, b->th, bk);
     if (ko->bonus)
@@ -145,11 +153,16 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
             for (int64_t c = 0; c < nk; c++) b->p[r * bk + c] += ko->bonus[c];
     if (masked) mask_rows(p, sq, b->p, bk, i0, nq, j0, nk);
     kr->exp2_rows(b->p, nq, nk, bk, p->softcap > 0.0f ? LOG2E : p->scale * LOG2E, lse2);
+    if (p->out_gate) /* gated: the attention's gradient is g dO, folded into P's rows */
+        for (int64_t r = 0; r < nq; r++) {
+            const float gt = b->gate[gi * sq->n + i0 + r];
+            for (int64_t c = 0; c < nk; c++) b->p[r * bk + c] *= gt;
+        }
 
     /* dV += P^T dO */
-    kr->gemm(nk, dv, nq, b->p, 1, bk, b->dobuf, dv, ko->dv, dv, 1, NULL);
+    kr->gemm(nk, dv, nq, b->p, 1, bk, qo->dout, qo->lddo, ko->dv, dv, 1, NULL);
     /* dP = dO V^T; dS = P (dP - delta) scale */
-    kr->gemm(nq, nk, dv, b->dobuf, dv, 1, ko->vt, bk, b->dp, bk, 0, NULL);
+    kr->gemm(nq, nk, dv, qo->dout, qo->lddo, 1, ko->vt, bk, b->dp, bk, 0, NULL);
     if (p->softcap > 0.0f) {
         kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, 1.0f);
         for (int64_t r = 0; r < nq; r++)
@@ -161,7 +174,7 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
         kr->dsoftmax_rows(b->dp, b->p, nq, nk, bk, delta, p->scale);
     }
     /* dK += dS^T Q; dQ += dS K */
-    kr->gemm(nk, d, nq, b->dp, 1, bk, b->qbuf, d, ko->dk, d, 1, NULL);
+    kr->gemm(nk, d, nq, b->dp, 1, bk, qo->q, qo->ldq, ko->dk, d, 1, NULL);
     kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
 }
 
@@ -276,7 +289,7 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                                                                     h, p->out_gate_col))
                                    : 1.0f;
             b->gate[(gi - g0) * n + i] = gt;
-            b->delta[(gi - g0) * n + i] = gt * acc;
+            b->delta[(gi - g0) * n + i] = acc; /* of dO itself: g is folded into P */
         }
     }
     memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
@@ -311,23 +324,28 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                 const bwd_visit *nx = &b->visits[x + 1];
                 rows_prefetch(a->q, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
                 rows_prefetch(a->dout, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
+                const char *dqn = (const char *)(b->dq + ((nx->gi - g0) * n + nx->i0) * d);
+                for (int64_t x = 0; x < nx->nq * d * (int64_t)sizeof(float); x += 64)
+                    __builtin_prefetch(dqn + x, 1, 3); /* its dQ rows, accumulated into */
             }
-            rows_load_block(kr, a->q, attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0),
-                            a->q->stride[1], nq, d, b->qbuf, d);
-            rows_load_block(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0),
-                            a->dout->stride[1], nq, dv, b->dobuf, dv);
-            if (p->out_gate)
-                for (int64_t r = 0; r < nq; r++) {
-                    const float gt = b->gate[(vi->gi - g0) * n + i0 + r];
-                    for (int64_t x = 0; x < dv; x++) b->dobuf[r * dv + x] *= gt;
-                }
+            query_operands qo = {b->qbuf, b->dobuf, d, dv};
+            const int64_t qoff = attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0);
+            const int64_t dooff = attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0);
+            if (a->q->dtype == ATTN_F32 && a->q->stride[3] == 1)
+                qo.q = (const float *)a->q->data + qoff, qo.ldq = a->q->stride[1];
+            else
+                rows_load_block(kr, a->q, qoff, a->q->stride[1], nq, d, b->qbuf, d);
+            if (a->dout->dtype == ATTN_F32 && a->dout->stride[3] == 1)
+                qo.dout = (const float *)a->dout->data + dooff, qo.lddo = a->dout->stride[1];
+            else
+                rows_load_block(kr, a->dout, dooff, a->dout->stride[1], nq, dv, b->dobuf, dv);
             if (vi->level > 0) {
                 key_operands ko = pooled_operands(a, b, nk, vi->level);
-                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &ko, false);
+                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &qo, &ko, false);
                 unpool_gradients(a, b, nk, vi->level);
             } else {
                 key_operands ko = {b->kbuf, b->kt, b->vt, b->dk, b->dv, NULL, nk};
-                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &ko, vi->masked);
+                pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &qo, &ko, vi->masked);
             }
         }
         for (int64_t r = 0; r < nk; r++) {
