@@ -405,8 +405,8 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
     float *scr = scratch_alloc(threads, count.used, &stride);
     if (a.parts > 1)
-        a.part_dkv = malloc((size_t)(p->batch * p->hk * a.parts) * (size_t)a.mmax *
-                            (size_t)(p->d + p->dv) * sizeof(float));
+        a.part_dkv = big_alloc((size_t)(p->batch * p->hk * a.parts) * (size_t)a.mmax *
+                               (size_t)(p->d + p->dv) * sizeof(float));
     if (!scr || (a.parts > 1 && !a.part_dkv)) {
         free(scr);
         free(a.part_dkv);

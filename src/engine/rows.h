@@ -51,6 +51,10 @@ typedef struct scratch {
 /* Allocate per-thread scratch of `floats` floats each for `threads` threads
  * (64-byte aligned parts); NULL on overflow or out of memory. */
 float *scratch_alloc(int threads, size_t floats, size_t *stride_out);
+/* bytes of memory for free(), 64-byte aligned; large blocks in 2 MiB pages
+ * where the system has them (fewer first-touch faults). NULL when out of
+ * memory. */
+void *big_alloc(size_t bytes);
 /* Next part of n floats (64-byte aligned) from a thread's slice (NULL when
  * only counting). */
 float *scratch_take(scratch *s, size_t n);
