@@ -380,6 +380,10 @@ int main(void) {
     determinism_forward(2, &d1, &pw);
     determinism_backward(0, &d3, &pc);
     determinism_backward(1, &d3, &pd);
+    /* one kv head for 8 query heads: on 2 and 3 threads the backward splits
+     * the group into one task per head, on 1 it runs the group whole */
+    shape d4 = {1, 150, 150, 8, 1, 32, 48};
+    determinism_backward(2, &d4, &pw);
     determinism_decode(0, 2, 1, 5000, ATTN_F32, 0);
     determinism_decode(1, 3, 16, 3000, ATTN_F16, 1);
 

@@ -1,9 +1,11 @@
 /* Tiled softmax attention, backward (FlashAttention-2): P is recomputed from
- * the saved LSE, never stored whole. A task is one (sequence, kv head): it
- * walks the key blocks in order, and for each the query blocks of every head
- * in its GQA group, accumulating dK and dV of the block in registers-sized
- * tiles and dQ in a per-task f32 buffer. Each output element is summed in a
- * fixed order by one task, so results do not depend on the thread count. */
+ * the saved LSE, never stored whole. A task is one (sequence, kv head), or
+ * one query head of it when there are fewer of those than threads: it walks
+ * the key blocks in order, and for each the query blocks of its heads,
+ * accumulating dK and dV of the block in tiles (head by head, the heads
+ * added in order) and dQ in dq itself (f32) or a per-task f32 buffer. Each
+ * output element is summed in one fixed order, so results do not depend on
+ * the thread count or on the split into tasks. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,8 +25,9 @@ typedef struct bwd_bufs {
     float *kbuf, *kt, *vt;   /* [bk][d], [d][bk], [dv][bk] */
     float *qbuf, *dobuf;     /* [bq][d], [bq][dv] */
     float *p, *dp, *th;      /* [bq][bk] probabilities, dP then dS, tanh (softcap) */
-    float *dk, *dv;          /* [bk][d], [bk][dv] */
-    float *dq;               /* [gp][n][d]: the task's query heads */
+    float *dk, *dv;          /* [bk][d], [bk][dv]: the key block's sums over heads */
+    float *dkh, *dvh;        /* [bk][d], [bk][dv]: one head's, added to dk/dv in order */
+    float *dq;               /* [gp][n][d]: the task's query heads (unless in place) */
     float *lse2, *delta;     /* [gp][n] */
     float *gate;             /* [gp][n] the gated epilogue's gates, else 1 */
     float *row;              /* [max(d, dv)] */
@@ -37,7 +40,7 @@ typedef struct bwd_bufs {
 } bwd_bufs;
 
 static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
-                          int64_t g, int64_t n) {
+                          int64_t g, int64_t n, bool dq_in_place) {
     bwd_bufs b;
     b.kbuf = scratch_take(s, (size_t)(bk * d));
     b.kt = scratch_take(s, (size_t)(bk * d));
@@ -49,7 +52,9 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.th = scratch_take(s, (size_t)(bq * bk));
     b.dk = scratch_take(s, (size_t)(bk * d));
     b.dv = scratch_take(s, (size_t)(bk * dv));
-    b.dq = scratch_take(s, (size_t)(g * n * d));
+    b.dkh = scratch_take(s, (size_t)(bk * d));
+    b.dvh = scratch_take(s, (size_t)(bk * dv));
+    b.dq = dq_in_place ? NULL : scratch_take(s, (size_t)(g * n * d));
     b.lse2 = scratch_take(s, (size_t)(g * n));
     b.delta = scratch_take(s, (size_t)(g * n));
     b.gate = scratch_take(s, (size_t)(g * n));
@@ -90,6 +95,7 @@ typedef struct bwd_args {
     int64_t parts, gp;  /* parts of each GQA group, query heads per part */
     int64_t mmax;       /* longest key sequence */
     float *part_dkv;    /* parts > 1: partial [seq][hk][part][mmax][d + dv] */
+    bool dq_in_place;   /* dq is f32 with unit stride: dQ accumulates there */
 } bwd_args;
 
 /* One (query block, key block) pair: the five products of FA-2's backward. */
@@ -134,6 +140,8 @@ static void mask_rows(const attn_problem *p, const attn_seq *sq, float *s, int64
 typedef struct query_operands {
     const float *q, *dout;
     int64_t ldq, lddo;
+    float *dq; /* the pair's dQ rows, accumulated into (leading dim lddq) */
+    int64_t lddq;
 } query_operands;
 
 static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
@@ -175,7 +183,7 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
     }
     /* dK += dS^T Q; dQ += dS K */
     kr->gemm(nk, d, nq, b->dp, 1, bk, qo->q, qo->ldq, ko->dk, d, 1, NULL);
-    kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, b->dq + (gi * sq->n + i0) * d, d, 1, NULL);
+    kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, qo->dq, qo->lddq, 1, NULL);
 }
 
 /* The key operands of block [j0, j0 + nk) at pyramid level `level` > 0: group
@@ -208,14 +216,15 @@ static key_operands pooled_operands(const bwd_args *a, const bwd_bufs *b, int64_
     return ko;
 }
 
-/* A mean passes 1/count of its gradient to each member key. */
-static void unpool_gradients(const bwd_args *a, const bwd_bufs *b, int64_t nk, int level) {
+/* A mean passes 1/count of its gradient to each member key (of gk, gv). */
+static void unpool_gradients(const bwd_args *a, const bwd_bufs *b, int64_t nk, int level,
+                             float *gk, float *gv) {
     const int64_t d = a->p->d, dv = a->p->dv, f = (int64_t)1 << level;
     for (int64_t r = 0; r < nk; r++) {
         const int64_t g = r / f;
         const float inv = 1.0f / (float)pool_count(nk, level, g);
-        kr_axpy(a, d, inv, b->pdk + g * d, b->dk + r * d);
-        kr_axpy(a, dv, inv, b->pdv + g * dv, b->dv + r * dv);
+        kr_axpy(a, d, inv, b->pdk + g * d, gk + r * d);
+        kr_axpy(a, dv, inv, b->pdv + g * dv, gv + r * dv);
     }
 }
 
@@ -256,6 +265,15 @@ static void put_row(const bwd_args *a, attn_tensor *t, int64_t off, int64_t n, c
     rows_store(kr, t, off, n, tmp);
 }
 
+/* A head's dK/dV tile (tdk, tdv) into the block's sums b->dk, b->dv (a no-op
+ * for the first head, which sums in place). */
+static void fold_head(const bwd_args *a, const bwd_bufs *b, int64_t nk, const float *tdk,
+                      const float *tdv) {
+    if (tdk == b->dk) return;
+    kr_axpy(a, nk * a->p->d, 1.0f, tdk, b->dk);
+    kr_axpy(a, nk * a->p->dv, 1.0f, tdv, b->dv);
+}
+
 /* Where task (bi, hk, part) keeps its partial dK/dV rows. */
 static float *part_rows(const bwd_args *a, int64_t bi, int64_t hk, int64_t part) {
     size_t task = (size_t)((bi * a->p->hk + hk) * a->parts + part);
@@ -292,7 +310,14 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             b->delta[(gi - g0) * n + i] = acc; /* of dO itself: g is folded into P */
         }
     }
-    memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
+    if (!a->dq_in_place) {
+        memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
+    } else if (!(p->out_gate && p->out_accumulate)) { /* the pairs add into dq itself */
+        memset(b->row, 0, (size_t)d * sizeof(float));
+        for (int64_t gi = g0; gi < g1; gi++)
+            for (int64_t i = 0; i < n; i++)
+                rows_store(kr, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d, b->row);
+    }
     float *part_dkv = a->parts > 1 ? part_rows(a, bi, hk, part) : NULL;
 
     for (int64_t j0 = 0; j0 < sq.m; j0 += bk) {
@@ -317,18 +342,38 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                 bwd_visit vi = {gi, i0, i0 + bq <= n ? bq : n - i0, 0, false};
                 if (pair_visit(a, &sq, hk * g + gi, kb, j0, nk, &vi)) b->visits[nv++] = vi;
             }
+        /* dK, dV of the block: each head's pairs summed alone, the heads then
+         * added in order (T_0 + T_1) + ... whatever the split into tasks, so
+         * that results do not depend on it; the first head sums in place */
+        float *tdk = b->dk, *tdv = b->dv;
         for (int64_t x = 0; x < nv; x++) {
             const bwd_visit *vi = &b->visits[x];
             const int64_t h = hk * g + vi->gi, i0 = vi->i0, nq = vi->nq;
+            if (x > 0 && vi->gi != vi[-1].gi) { /* a new head */
+                fold_head(a, b, nk, tdk, tdv);
+                tdk = b->dkh, tdv = b->dvh;
+                memset(tdk, 0, (size_t)(nk * d) * sizeof(float));
+                memset(tdv, 0, (size_t)(nk * dv) * sizeof(float));
+            }
+            query_operands qo = {b->qbuf, b->dobuf, d, dv, NULL, d};
+            if (a->dq_in_place)
+                qo.dq = (float *)a->dq->data + attn_off4(a->dq, sq.tb, sq.q0 + i0, h, 0),
+                qo.lddq = a->dq->stride[1];
+            else
+                qo.dq = b->dq + ((vi->gi - g0) * n + i0) * d;
             if (x + 1 < nv) {
                 const bwd_visit *nx = &b->visits[x + 1];
-                rows_prefetch(a->q, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
-                rows_prefetch(a->dout, sq.tb, sq.q0 + nx->i0, nx->nq, hk * g + nx->gi, 0);
-                const char *dqn = (const char *)(b->dq + ((nx->gi - g0) * n + nx->i0) * d);
-                for (int64_t x = 0; x < nx->nq * d * (int64_t)sizeof(float); x += 64)
-                    __builtin_prefetch(dqn + x, 1, 3); /* its dQ rows, accumulated into */
+                const int64_t hn = hk * g + nx->gi;
+                rows_prefetch(a->q, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 0);
+                rows_prefetch(a->dout, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 0);
+                if (a->dq_in_place) { /* its dQ rows, accumulated into */
+                    rows_prefetch(a->dq, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 1);
+                } else {
+                    const char *dqn = (const char *)(b->dq + ((nx->gi - g0) * n + nx->i0) * d);
+                    for (int64_t y = 0; y < nx->nq * d * (int64_t)sizeof(float); y += 64)
+                        __builtin_prefetch(dqn + y, 1, 3);
+                }
             }
-            query_operands qo = {b->qbuf, b->dobuf, d, dv};
             const int64_t qoff = attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0);
             const int64_t dooff = attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0);
             if (a->q->dtype == ATTN_F32 && a->q->stride[3] == 1)
@@ -342,12 +387,13 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             if (vi->level > 0) {
                 key_operands ko = pooled_operands(a, b, nk, vi->level);
                 pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &qo, &ko, false);
-                unpool_gradients(a, b, nk, vi->level);
+                unpool_gradients(a, b, nk, vi->level, tdk, tdv);
             } else {
-                key_operands ko = {b->kbuf, b->kt, b->vt, b->dk, b->dv, NULL, nk};
+                key_operands ko = {b->kbuf, b->kt, b->vt, tdk, tdv, NULL, nk};
                 pair(a, b, &sq, vi->gi - g0, i0, nq, j0, &qo, &ko, vi->masked);
             }
         }
+        fold_head(a, b, nk, tdk, tdv);
         for (int64_t r = 0; r < nk; r++) {
             if (part_dkv) { /* summed over the parts later, in order */
                 memcpy(part_dkv + (j0 + r) * (d + dv), b->dk + r * d, (size_t)d * sizeof(float));
@@ -359,6 +405,7 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                     b->row);
         }
     }
+    if (a->dq_in_place) return;
     for (int64_t gi = g0; gi < g1; gi++)
         for (int64_t i = 0; i < n; i++) {
             if (p->out_gate && p->out_accumulate && i % 32 == 0) /* read back: ask ahead */
@@ -388,21 +435,25 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
                             const attn_tensor *lse, const attn_tensor *dout, attn_tensor *dq,
                             attn_tensor *dk, attn_tensor *dv) {
     const int64_t g = p->h / p->hk;
+    const int threads = ctx->threads;
+    /* tasks: (sequence, kv head), each with its whole GQA group, when they
+     * are enough for the threads; else one per query head, whose dK/dV
+     * sums wait in part_dkv. Either way every sum runs in the same order
+     * (see run_task), so the split may follow the thread count. */
+    const int64_t parts = p->batch * p->hk >= threads ? 1 : g;
     bwd_args a = {ctx, p, q, k, v, o, lse, dout, dq, dk, dv,
                   p->plan ? p->plan->block_q : tiling_bwd_bq(p->d),
                   p->plan ? p->plan->block_k : tiling_bwd_bk(p->d, p->window_left >= 0),
-                  tiling_bwd_head_parts(p->batch, p->hk, g), 0, 0, NULL};
-    a.gp = (g + a.parts - 1) / a.parts;
+                  parts, g / parts, 0, NULL, dq->dtype == ATTN_F32 && dq->stride[3] == 1};
     int64_t nmax = 0;
     for (int64_t bi = 0; bi < p->batch; bi++) {
         attn_seq sq = attn_problem_seq(p, bi);
         if (sq.n > nmax) nmax = sq.n;
         if (sq.m > a.mmax) a.mmax = sq.m;
     }
-    const int threads = ctx->threads;
     size_t stride;
     scratch count = {NULL, 0};
-    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
+    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax, a.dq_in_place);
     float *scr = scratch_alloc(threads, count.used, &stride);
     if (a.parts > 1)
         a.part_dkv = big_alloc((size_t)(p->batch * p->hk * a.parts) * (size_t)a.mmax *
@@ -417,7 +468,7 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     {
         int tid = engine_thread_id();
         scratch mine = {scr + stride * (size_t)tid, 0};
-        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
+        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, a.gp, nmax, a.dq_in_place);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++)
             run_task(&a, &b, ti / (p->hk * a.parts), (ti / a.parts) % p->hk, ti % a.parts);

@@ -36,16 +36,6 @@ static inline int64_t tiling_bwd_bk(int64_t d, int windowed) {
     return d > 256 ? 64 : 128;
 }
 
-/* Backward tasks are (sequence, kv head, part of the GQA group): with fewer
- * than 8 (sequence, kv head) pairs, the query heads of a group are split into
- * parts whose dK/dV partial sums are added in order afterwards. A function of
- * the shape only, so results do not depend on the thread count; 8 tasks keep
- * up to 8 threads busy at the cost of parts x the dK/dV bytes in scratch. */
-static inline int64_t tiling_bwd_head_parts(int64_t batch, int64_t hk, int64_t group) {
-    int64_t pairs = batch * hk, parts = (8 + pairs - 1) / pairs;
-    return parts < group ? parts : group;
-}
-
 /* Decode: keys per split (a fixed size, so that results do not depend on the
  * thread count) and keys per inner block. */
 static inline int64_t tiling_decode_split(int64_t m) { return m >= (1 << 16) ? 8192 : 2048; }
