@@ -3,7 +3,10 @@
  * gates. The compressed branch is an ordinary problem whose keys carry
  * "compressed" positions (attn_problem.key_stride/span); the selected branch
  * runs a plan from attn_nsa_select; the window branch is the implicit window.
- * No kernel of its own. */
+ * attn_nsa_attention takes the compressed branch from the selection's pass
+ * (nsa_select.c); on the CPU the branches sum into o (and their gradients
+ * into dq, dk, dv) through the engine's gated epilogue when the outputs are
+ * f32, else through f32 buffers. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,7 +141,7 @@ static attn_status compress_cpu(const attn_ctx *ctx, const attn_nsa_opts *o,
     const int64_t tasks = t->shape[0] * mc;
     const float inv = 1.0f / (float)o->cmp_block;
     size_t stride;
-    float *scr = scratch_alloc(ctx->threads, (size_t)(4 * e + 32), &stride);
+    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
     if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression");
 #pragma omp parallel for num_threads(ctx->threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
@@ -167,7 +170,7 @@ static attn_status compress_backward_cpu(const attn_ctx *ctx, const attn_nsa_opt
     const int64_t tasks = t->shape[0] * m, s = o->cmp_stride, l = o->cmp_block;
     const float inv = 1.0f / (float)l;
     size_t stride;
-    float *scr = scratch_alloc(ctx->threads, (size_t)(4 * e + 32), &stride);
+    float *scr = scratch_alloc(ctx->threads, (size_t)(2 * e + 16), &stride);
     if (!scr) return attn_err(ATTN_ERR_NOMEM, "out of memory for the NSA compression backward");
 #pragma omp parallel for num_threads(ctx->threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
