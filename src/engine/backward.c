@@ -3,7 +3,7 @@
  * one query head of it when there are fewer of those than threads: it walks
  * the key blocks in order, and for each the query blocks of its heads,
  * accumulating dK and dV of the block in tiles (head by head, the heads
- * added in order) and dQ in dq itself (f32) or a per-task f32 buffer. Each
+ * added in order) and dQ in a per-task f32 buffer. Each
  * output element is summed in one fixed order, so results do not depend on
  * the thread count or on the split into tasks. */
 #include <math.h>
@@ -27,7 +27,7 @@ typedef struct bwd_bufs {
     float *p, *dp, *th;      /* [bq][bk] probabilities, dP then dS, tanh (softcap) */
     float *dk, *dv;          /* [bk][d], [bk][dv]: the key block's sums over heads */
     float *dkh, *dvh;        /* [bk][d], [bk][dv]: one head's, added to dk/dv in order */
-    float *dq;               /* [gp][n][d]: the task's query heads (unless in place) */
+    float *dq;               /* [gp][n][d]: the task's query heads */
     float *lse2, *delta;     /* [gp][n] */
     float *gate;             /* [gp][n] the gated epilogue's gates, else 1 */
     float *row;              /* [max(d, dv)] */
@@ -40,7 +40,7 @@ typedef struct bwd_bufs {
 } bwd_bufs;
 
 static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t dv,
-                          int64_t g, int64_t n, bool dq_in_place) {
+                          int64_t g, int64_t n) {
     bwd_bufs b;
     b.kbuf = scratch_take(s, (size_t)(bk * d));
     b.kt = scratch_take(s, (size_t)(bk * d));
@@ -54,7 +54,7 @@ static bwd_bufs bwd_carve(scratch *s, int64_t bq, int64_t bk, int64_t d, int64_t
     b.dv = scratch_take(s, (size_t)(bk * dv));
     b.dkh = scratch_take(s, (size_t)(bk * d));
     b.dvh = scratch_take(s, (size_t)(bk * dv));
-    b.dq = dq_in_place ? NULL : scratch_take(s, (size_t)(g * n * d));
+    b.dq = scratch_take(s, (size_t)(g * n * d));
     b.lse2 = scratch_take(s, (size_t)(g * n));
     b.delta = scratch_take(s, (size_t)(g * n));
     b.gate = scratch_take(s, (size_t)(g * n));
@@ -95,7 +95,6 @@ typedef struct bwd_args {
     int64_t parts, gp;  /* parts of each GQA group, query heads per part */
     int64_t mmax;       /* longest key sequence */
     float *part_dkv;    /* parts > 1: partial [seq][hk][part][mmax][d + dv] */
-    bool dq_in_place;   /* dq is f32 with unit stride: dQ accumulates there */
 } bwd_args;
 
 /* One (query block, key block) pair: the five products of FA-2's backward. */
@@ -140,8 +139,7 @@ static void mask_rows(const attn_problem *p, const attn_seq *sq, float *s, int64
 typedef struct query_operands {
     const float *q, *dout;
     int64_t ldq, lddo;
-    float *dq; /* the pair's dQ rows, accumulated into (leading dim lddq) */
-    int64_t lddq;
+    float *dq; /* the pair's dQ rows in the task's buffer, accumulated into */
 } query_operands;
 
 static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64_t gi,
@@ -183,7 +181,7 @@ static void pair(const bwd_args *a, const bwd_bufs *b, const attn_seq *sq, int64
     }
     /* dK += dS^T Q; dQ += dS K */
     kr->gemm(nk, d, nq, b->dp, 1, bk, qo->q, qo->ldq, ko->dk, d, 1, NULL);
-    kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, qo->dq, qo->lddq, 1, NULL);
+    kr->gemm(nq, d, nk, b->dp, bk, 1, ko->k, d, qo->dq, d, 1, NULL);
 }
 
 /* The key operands of block [j0, j0 + nk) at pyramid level `level` > 0: group
@@ -310,14 +308,9 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             b->delta[(gi - g0) * n + i] = acc; /* of dO itself: g is folded into P */
         }
     }
-    if (!a->dq_in_place) {
-        memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
-    } else if (!(p->out_gate && p->out_accumulate)) { /* the pairs add into dq itself */
-        memset(b->row, 0, (size_t)d * sizeof(float));
-        for (int64_t gi = g0; gi < g1; gi++)
-            for (int64_t i = 0; i < n; i++)
-                rows_store(kr, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d, b->row);
-    }
+    /* dQ of the task's heads in contiguous rows: accumulating into dq's own
+     * rows (H D apart, a multiple of 4 KiB at H D = 1024) ran 4 % slower */
+    memset(b->dq, 0, (size_t)((g1 - g0) * n * d) * sizeof(float));
     float *part_dkv = a->parts > 1 ? part_rows(a, bi, hk, part) : NULL;
 
     for (int64_t j0 = 0; j0 < sq.m; j0 += bk) {
@@ -355,24 +348,15 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                 memset(tdk, 0, (size_t)(nk * d) * sizeof(float));
                 memset(tdv, 0, (size_t)(nk * dv) * sizeof(float));
             }
-            query_operands qo = {b->qbuf, b->dobuf, d, dv, NULL, d};
-            if (a->dq_in_place)
-                qo.dq = (float *)a->dq->data + attn_off4(a->dq, sq.tb, sq.q0 + i0, h, 0),
-                qo.lddq = a->dq->stride[1];
-            else
-                qo.dq = b->dq + ((vi->gi - g0) * n + i0) * d;
+            query_operands qo = {b->qbuf, b->dobuf, d, dv, b->dq + ((vi->gi - g0) * n + i0) * d};
             if (x + 1 < nv) {
                 const bwd_visit *nx = &b->visits[x + 1];
                 const int64_t hn = hk * g + nx->gi;
                 rows_prefetch(a->q, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 0);
                 rows_prefetch(a->dout, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 0);
-                if (a->dq_in_place) { /* its dQ rows, accumulated into */
-                    rows_prefetch(a->dq, sq.tb, sq.q0 + nx->i0, nx->nq, hn, 1);
-                } else {
-                    const char *dqn = (const char *)(b->dq + ((nx->gi - g0) * n + nx->i0) * d);
-                    for (int64_t y = 0; y < nx->nq * d * (int64_t)sizeof(float); y += 64)
-                        __builtin_prefetch(dqn + y, 1, 3);
-                }
+                const char *dqn = (const char *)(b->dq + ((nx->gi - g0) * n + nx->i0) * d);
+                for (int64_t y = 0; y < nx->nq * d * (int64_t)sizeof(float); y += 64)
+                    __builtin_prefetch(dqn + y, 1, 3); /* its dQ rows, accumulated into */
             }
             const int64_t qoff = attn_off4(a->q, sq.tb, sq.q0 + i0, h, 0);
             const int64_t dooff = attn_off4(a->dout, sq.tb, sq.q0 + i0, h, 0);
@@ -405,7 +389,6 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                     b->row);
         }
     }
-    if (a->dq_in_place) return;
     for (int64_t gi = g0; gi < g1; gi++)
         for (int64_t i = 0; i < n; i++) {
             if (p->out_gate && p->out_accumulate && i % 32 == 0) /* read back: ask ahead */
@@ -444,7 +427,7 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     bwd_args a = {ctx, p, q, k, v, o, lse, dout, dq, dk, dv,
                   p->plan ? p->plan->block_q : tiling_bwd_bq(p->d),
                   p->plan ? p->plan->block_k : tiling_bwd_bk(p->d, p->window_left >= 0),
-                  parts, g / parts, 0, NULL, dq->dtype == ATTN_F32 && dq->stride[3] == 1};
+                  parts, g / parts, 0, NULL};
     int64_t nmax = 0;
     for (int64_t bi = 0; bi < p->batch; bi++) {
         attn_seq sq = attn_problem_seq(p, bi);
@@ -453,7 +436,7 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     }
     size_t stride;
     scratch count = {NULL, 0};
-    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax, a.dq_in_place);
+    bwd_carve(&count, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
     float *scr = scratch_alloc(threads, count.used, &stride);
     if (a.parts > 1)
         a.part_dkv = big_alloc((size_t)(p->batch * p->hk * a.parts) * (size_t)a.mmax *
@@ -468,7 +451,7 @@ attn_status engine_backward(const attn_ctx *ctx, const attn_problem *p, const at
     {
         int tid = engine_thread_id();
         scratch mine = {scr + stride * (size_t)tid, 0};
-        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, a.gp, nmax, a.dq_in_place);
+        bwd_bufs b = bwd_carve(&mine, a.bq, a.bk, p->d, p->dv, a.gp, nmax);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ti = 0; ti < n_tasks; ti++)
             run_task(&a, &b, ti / (p->hk * a.parts), (ti / a.parts) % p->hk, ti % a.parts);
