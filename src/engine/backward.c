@@ -297,8 +297,8 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
             b->lse2[(gi - g0) * n + i] = l == -INFINITY ? 0.0f : l * LOG2E;
             rows_load(kr, a->dout, attn_off4(a->dout, sq.tb, sq.q0 + i, h, 0), dv, b->dobuf);
             rows_load(kr, a->o, attn_off4(a->o, sq.tb, sq.q0 + i, h, 0), dv, b->row);
-            float acc = 0.0f;
-            for (int64_t x = 0; x < dv; x++) acc += b->dobuf[x] * b->row[x];
+            float acc;
+            kr->dot_rows(b->dobuf, b->row, 1, dv, dv, &acc);
             /* gated (o = g a): the attention's gradient is g dO */
             float gt = p->out_gate ? (float)attn_load_f64(p->out_gate,
                                                           attn_off4(p->out_gate, sq.tb, sq.q0 + i,
