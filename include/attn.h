@@ -434,6 +434,16 @@ ATTN_API attn_status attn_pooled_cross_forward(attn_ctx *ctx, const attn_params 
                                                const attn_tensor *q, const attn_tensor *k,
                                                const attn_tensor *v, attn_tensor *o,
                                                attn_tensor *lse);
+/* Backward (lse from the forward is required): o, dout [B, pooled, H, Dv];
+ * dq like q (each pooled query's gradient spread over its patch, 1 / (rf rh
+ * rw) per token; dq is overwritten, not added to), dk, dv like k, v. */
+ATTN_API attn_status attn_pooled_cross_backward(attn_ctx *ctx, const attn_params *p,
+                                                attn_grid grid, attn_grid ratio,
+                                                const attn_tensor *q, const attn_tensor *k,
+                                                const attn_tensor *v, const attn_tensor *o,
+                                                const attn_tensor *lse,
+                                                const attn_tensor *dout, attn_tensor *dq,
+                                                attn_tensor *dk, attn_tensor *dv);
 
 /* 2-D / 3-D neighbourhood attention (CLEAR): self-attention on a token grid
  * where query (f, y, x) sees the keys within `radius` on every axis
@@ -533,13 +543,34 @@ ATTN_API attn_status attn_head_importance(attn_ctx *ctx, const attn_tensor *o, d
  *     (each mean's logit + ln(group size), so it weighs as its tokens; empty
  *     groups are left out).
  * feats [1, N, 1, Df], centres [1, G, 1, Df], q [1, N, H, D], k/v [1, N, Hk, *],
- * o_intra, o_inter [1, N, H, Dv]; group_out int64 [N] (may be NULL): each
- * token's group. p: scale only. */
+ * o_intra, o_inter [1, N, H, Dv]; lse_intra, lse_inter [1, H, N] f32 or NULL:
+ * each branch's LSE (lse_inter over the means' logits, ln(size) included),
+ * for the backward; group_out int64 [N] (may be NULL): each token's group.
+ * p: scale only. */
 ATTN_API attn_status attn_catanet_forward(attn_ctx *ctx, const attn_params *p,
                                           const attn_tensor *feats, const attn_tensor *centres,
                                           const attn_tensor *q, const attn_tensor *k,
                                           const attn_tensor *v, attn_tensor *o_intra,
-                                          attn_tensor *o_inter, int64_t *group_out);
+                                          attn_tensor *o_inter, attn_tensor *lse_intra,
+                                          attn_tensor *lse_inter, int64_t *group_out);
+/* Backward with the forward's inputs, outputs and both LSEs (required):
+ * dout_intra, dout_inter [1, N, H, Dv] (pass zeros for a branch the loss
+ * does not use); dq, dk, dv like q, k, v (dk, dv summed over the heads of a
+ * GQA group). The groups are a discrete choice, held fixed: they are
+ * recomputed from feats and centres by the forward's own rule (so the same
+ * groups; no indices to keep in step with the forward), and no gradient
+ * reaches feats or centres. Each mean's key/value gradient goes to its
+ * group's tokens, 1 / size each; ln(size) is a constant. */
+ATTN_API attn_status attn_catanet_backward(attn_ctx *ctx, const attn_params *p,
+                                           const attn_tensor *feats, const attn_tensor *centres,
+                                           const attn_tensor *q, const attn_tensor *k,
+                                           const attn_tensor *v, const attn_tensor *o_intra,
+                                           const attn_tensor *o_inter,
+                                           const attn_tensor *lse_intra,
+                                           const attn_tensor *lse_inter,
+                                           const attn_tensor *dout_intra,
+                                           const attn_tensor *dout_inter, attn_tensor *dq,
+                                           attn_tensor *dk, attn_tensor *dv);
 
 /* ---------------------------------------------------------------- linear-time attention */
 

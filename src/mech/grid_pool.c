@@ -1,6 +1,8 @@
 /* Token grids: average pooling by a ratio per axis and its adjoint, and the
  * two mechanisms made of "pool, then attend": spatial-reduction attention
- * (pooled keys and values) and pooled cross-attention (pooled queries). */
+ * (pooled keys and values) and pooled cross-attention (pooled queries).
+ * Their backwards are attn_backward on the pooled tokens followed by the
+ * pooling's adjoint, which spreads each pooled gradient over its patch. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -105,6 +107,14 @@ static attn_tensor buffer(const attn_ctx *ctx, int64_t d0, int64_t d1, int64_t d
     return attn_tensor_4d(*mem, dt, d0, d1, d2, d3);
 }
 
+/* Every element of t set to 0 (the pooling's adjoint adds into its output). */
+static void zero(attn_tensor *t) {
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int64_t i = 0; i < t->shape[1]; i++)
+            for (int64_t h = 0; h < t->shape[2]; h++)
+                for (int64_t e = 0; e < t->shape[3]; e++) attn_store_f64(t, attn_off4(t, b, i, h, e), 0.0);
+}
+
 static attn_status check_plain(const attn_params *p) {
     if (!p) return attn_err(ATTN_ERR_NULL, "params must not be NULL");
     if (p->causal || p->plan || p->cu_seqlens_q || p->window_left != -1 || p->window_right != -1)
@@ -162,12 +172,7 @@ attn_status attn_sra_backward(attn_ctx *ctx, const attn_params *p, attn_grid gri
     if (st == ATTN_OK) st = attn_grid_pool(ctx, grid, ratio, v, &vp);
     if (st == ATTN_OK) st = attn_backward(ctx, p, q, &kp, &vp, o, lse, dout, dq, &dkp, &dvp);
     if (st == ATTN_OK) { /* dk = pool^T(dkp): zero, then the adjoint adds */
-        for (int64_t b = 0; b < dk->shape[0]; b++)
-            for (int64_t t = 0; t < dk->shape[1]; t++)
-                for (int64_t h = 0; h < dk->shape[2]; h++) {
-                    for (int64_t e = 0; e < dk->shape[3]; e++) attn_store_f64(dk, attn_off4(dk, b, t, h, e), 0.0);
-                    for (int64_t e = 0; e < dv->shape[3]; e++) attn_store_f64(dv, attn_off4(dv, b, t, h, e), 0.0);
-                }
+        zero(dk), zero(dv);
         st = attn_grid_pool_backward(ctx, grid, ratio, &dkp, dk);
         if (st == ATTN_OK) st = attn_grid_pool_backward(ctx, grid, ratio, &dvp, dv);
     }
@@ -191,5 +196,70 @@ attn_status attn_pooled_cross_forward(attn_ctx *ctx, const attn_params *p, attn_
     if (st == ATTN_OK) st = attn_grid_pool(ctx, grid, ratio, q, &qp);
     if (st == ATTN_OK) st = attn_forward(ctx, p, &qp, k, v, o, lse);
     free(mq);
+    return st;
+}
+
+/* The saved forward (o, lse), dout and the gradients of a pooled
+ * cross-attention backward: shapes by the pooled queries (o, dout, lse) and
+ * by q, k, v (dq, dk, dv); no gradient overlapping an input or another. */
+static attn_status check_pooled_cross_backward(bool ref, const attn_params *p, attn_grid grid,
+                                               attn_grid ratio, const attn_tensor *q,
+                                               const attn_tensor *k, const attn_tensor *v,
+                                               const attn_tensor *o, const attn_tensor *lse,
+                                               const attn_tensor *dout, const attn_tensor *dq,
+                                               const attn_tensor *dk, const attn_tensor *dv) {
+    CHECK(attn_check_tensor("q", q, 4, ref, false));
+    CHECK(attn_check_tensor("k", k, 4, ref, false));
+    CHECK(attn_check_tensor("v", v, 4, ref, false));
+    CHECK(check_grid(grid, ratio, q->shape[1], "q"));
+    attn_problem pr;
+    CHECK(attn_check_params(p, q, k, v, &pr));
+    const int64_t B = q->shape[0], P = pooled_tokens(grid, ratio);
+    CHECK(attn_check_tensor("o", o, 4, ref, false));
+    CHECK(attn_check_shape("o", o, B, P, pr.h, pr.dv));
+    CHECK(attn_check_tensor("lse", lse, 3, ref, false));
+    if (lse->dtype != ATTN_F32 && lse->dtype != ATTN_F64)
+        return attn_err(ATTN_ERR_DTYPE, "lse must be f32 (the forward's LSE)");
+    CHECK(attn_check_shape("lse", lse, B, pr.h, P, -1));
+    CHECK(attn_check_tensor("dout", dout, 4, ref, false));
+    CHECK(attn_check_shape("dout", dout, B, P, pr.h, pr.dv));
+    const attn_tensor *grads[] = {dq, dk, dv}, *like[] = {q, k, v};
+    static const char *const gnames[] = {"dq", "dk", "dv"};
+    const attn_tensor *all[] = {q, k, v, o, lse, dout, dq, dk, dv};
+    static const char *const names[] = {"q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv"};
+    for (int x = 0; x < 3; x++) {
+        CHECK(attn_check_tensor(gnames[x], grads[x], 4, ref, false));
+        CHECK(attn_check_shape(gnames[x], grads[x], like[x]->shape[0], like[x]->shape[1],
+                               like[x]->shape[2], like[x]->shape[3]));
+        /* each gradient against every input and the gradients before it */
+        CHECK(attn_check_output(gnames[x], grads[x], all, names, 6 + x));
+    }
+    return ATTN_OK;
+}
+
+attn_status attn_pooled_cross_backward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                       attn_grid ratio, const attn_tensor *q,
+                                       const attn_tensor *k, const attn_tensor *v,
+                                       const attn_tensor *o, const attn_tensor *lse,
+                                       const attn_tensor *dout, attn_tensor *dq,
+                                       attn_tensor *dk, attn_tensor *dv) {
+    attn_clear_error();
+    if (!ctx) return attn_err(ATTN_ERR_NULL, "ctx must not be NULL");
+    CHECK(check_plain(p));
+    CHECK(check_pooled_cross_backward(ctx->backend == ATTN_BACKEND_REF, p, grid, ratio, q, k, v,
+                                      o, lse, dout, dq, dk, dv));
+    const int64_t B = q->shape[0], P = pooled_tokens(grid, ratio), H = q->shape[2],
+                  D = q->shape[3];
+    void *mq = NULL, *mdq = NULL;
+    attn_tensor qp = buffer(ctx, B, P, H, D, &mq), dqp = buffer(ctx, B, P, H, D, &mdq);
+    attn_status st = mq && mdq ? ATTN_OK : attn_err(ATTN_ERR_NOMEM, "out of memory pooling q");
+    if (st == ATTN_OK) st = attn_grid_pool(ctx, grid, ratio, q, &qp);
+    /* dk, dv come straight out; dq of the pooled queries goes through the adjoint */
+    if (st == ATTN_OK) st = attn_backward(ctx, p, &qp, k, v, o, lse, dout, &dqp, dk, dv);
+    if (st == ATTN_OK) { /* dq = pool^T(dqp): the adjoint adds, so dq starts at zero */
+        zero(dq);
+        st = attn_grid_pool_backward(ctx, grid, ratio, &dqp, dq);
+    }
+    free(mq), free(mdq);
     return st;
 }
