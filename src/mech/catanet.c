@@ -92,8 +92,8 @@ typedef struct scratch {
 } scratch;
 
 static attn_tensor scratch_tensor(scratch *s, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
-    void *m = s->used < SCRATCH_MAX ? calloc((size_t)(d0 * d1 * d2 * d3) + 1, attn_dtype_size(s->dt))
-                                    : NULL;
+    const size_t count = (size_t)(d0 * d1 * d2 * d3) + 1;
+    void *m = s->used < SCRATCH_MAX ? calloc(count, attn_dtype_size(s->dt)) : NULL;
     if (m) s->mem[s->used++] = m;
     else s->failed = true;
     return attn_tensor_4d(m, s->dt, d0, d1, d2, d3);
@@ -150,6 +150,10 @@ static int64_t group_means(const groups *gr, const attn_tensor *wk, const attn_t
     return live;
 }
 
+static void add_at(attn_tensor *t, int64_t off, double x) {
+    attn_store_f64(t, off, attn_load_f64(t, off) + x);
+}
+
 /* The adjoint of group_means: each member row of a non-empty group gets
  * 1 / size of its mean's gradient, added to gk, gv (group-major rows). The
  * extra dim of dkm, the gradient of the constant ln(size), is dropped. */
@@ -162,16 +166,12 @@ static void group_means_backward(const groups *gr, const attn_tensor *dkm, const
         const double inv = 1.0 / (double)gr->size[g];
         for (int64_t r = gr->cu[g]; r < gr->cu[g + 1]; r++)
             for (int64_t hh = 0; hh < Hk; hh++) {
-                for (int64_t e = 0; e < D; e++) {
-                    int64_t off = attn_off4(gk, 0, r, hh, e);
-                    attn_store_f64(gk, off, attn_load_f64(gk, off) +
-                                                inv * attn_load_f64(dkm, attn_off4(dkm, 0, live, hh, e)));
-                }
-                for (int64_t e = 0; e < Dv; e++) {
-                    int64_t off = attn_off4(gv, 0, r, hh, e);
-                    attn_store_f64(gv, off, attn_load_f64(gv, off) +
-                                                inv * attn_load_f64(dvm, attn_off4(dvm, 0, live, hh, e)));
-                }
+                for (int64_t e = 0; e < D; e++)
+                    add_at(gk, attn_off4(gk, 0, r, hh, e),
+                           inv * attn_load_f64(dkm, attn_off4(dkm, 0, live, hh, e)));
+                for (int64_t e = 0; e < Dv; e++)
+                    add_at(gv, attn_off4(gv, 0, r, hh, e),
+                           inv * attn_load_f64(dvm, attn_off4(dvm, 0, live, hh, e)));
             }
         live++;
     }
@@ -181,11 +181,8 @@ static void group_means_backward(const groups *gr, const attn_tensor *dkm, const
 static void add_leading_dims(attn_tensor *dst, const attn_tensor *src) {
     for (int64_t t = 0; t < dst->shape[1]; t++)
         for (int64_t h = 0; h < dst->shape[2]; h++)
-            for (int64_t e = 0; e < dst->shape[3]; e++) {
-                int64_t off = attn_off4(dst, 0, t, h, e);
-                attn_store_f64(dst, off, attn_load_f64(dst, off) +
-                                             attn_load_f64(src, attn_off4(src, 0, t, h, e)));
-            }
+            for (int64_t e = 0; e < dst->shape[3]; e++)
+                add_at(dst, attn_off4(dst, 0, t, h, e), attn_load_f64(src, attn_off4(src, 0, t, h, e)));
 }
 
 /* What forward and backward share: params (a scale only), feats, centres,
@@ -368,7 +365,8 @@ attn_status attn_catanet_backward(attn_ctx *ctx, const attn_params *p, const att
     if (st == ATTN_OK && s.failed) st = attn_err(ATTN_ERR_NOMEM, "out of memory for CATANet");
     const attn_tensor *from[] = {q, k, v, o_intra, o_inter, dout_intra, dout_inter};
     attn_tensor *to[] = {&wqd, &wk, &wv, &woi, &wox, &wdi, &wdx};
-    for (int x = 0; x < 7 && st == ATTN_OK; x++) st = attn_gather_tokens(ctx, gr.idx, from[x], to[x]);
+    for (int x = 0; x < 7 && st == ATTN_OK; x++)
+        st = attn_gather_tokens(ctx, gr.idx, from[x], to[x]);
     if (st == ATTN_OK) {
         attn_tensor li = lse_as_tokens(lse_intra), wliv = lse_as_tokens(&wli);
         st = attn_gather_tokens(ctx, gr.idx, &li, &wliv);
@@ -385,7 +383,8 @@ attn_status attn_catanet_backward(attn_ctx *ctx, const attn_params *p, const att
     }
     if (st == ATTN_OK) { /* across groups, then the means' gradients to their members */
         set_inv_scale_dim(&wq, pr.scale);
-        km.shape[1] = vm.shape[1] = dkm.shape[1] = dvm.shape[1] = group_means(&gr, &wk, &wv, &km, &vm);
+        const int64_t live = group_means(&gr, &wk, &wv, &km, &vm);
+        km.shape[1] = vm.shape[1] = dkm.shape[1] = dvm.shape[1] = live;
         attn_params pc = *p;
         pc.scale = pr.scale;
         st = attn_backward(ctx, &pc, &wq, &km, &vm, &wox, &wlx, &wdx, &gqx, &dkm, &dvm);
