@@ -11,11 +11,13 @@ nsa_attention (with nsa_attention_backward); gated recurrences
 gla_attention, ssd, mamba_scan (with *_backward), mamba_step; linear
 mechanisms lightnet_attention, rfa_attention, wersa_attention,
 lla_attention (with *_backward); grid mechanisms
-sra_attention, pooled_cross_attention, neighborhood_attention, hilo_attention,
-global_context_attention, grid_pool; reorderings gather_tokens,
-scatter_tokens, grid_window_index, grid_axis_index, paro_choose; SpAtten's
-token_importance, top_tokens, select_tokens, head_importance; CATANet's
-catanet_attention. Plan for block-sparse plans; Context for threads/backend/ISA.
+sra_attention, pooled_cross_attention, neighborhood_attention (with
+*_backward), hilo_attention, global_context_attention, grid_pool;
+reorderings gather_tokens, scatter_tokens, grid_window_index,
+grid_axis_index, paro_choose; SpAtten's token_importance, top_tokens,
+select_tokens, head_importance; CATANet's catanet_attention (with
+catanet_attention_backward). Plan for block-sparse plans; Context for
+threads/backend/ISA.
 PyTorch autograd and torch.compile: libattn.torch.attention (imported on
 demand, so numpy users never import torch). Errors raise AttnError with the C
 library's message.
@@ -34,10 +36,10 @@ from ._ssm import (gla_attention, gla_attention_backward, mamba_scan, mamba_scan
 from ._grid import (gather_tokens, global_context_attention, grid_axis_index, grid_pool,
                     grid_window_index, hilo_attention, neighborhood_attention,
                     neighborhood_attention_backward, neighborhood_plan, paro_choose,
-                    pooled_cross_attention, scatter_tokens, sra_attention,
-                    sra_attention_backward)
-from ._tokens import (catanet_attention, head_importance, select_tokens, token_importance,
-                      top_tokens)
+                    pooled_cross_attention, pooled_cross_attention_backward, scatter_tokens,
+                    sra_attention, sra_attention_backward)
+from ._tokens import (catanet_attention, catanet_attention_backward, head_importance,
+                      select_tokens, token_importance, top_tokens)
 from .plan import BLOCK_FULL, BLOCK_PARAMS, Plan
 
 __version__ = "0.1.0"
@@ -49,10 +51,12 @@ __all__ = [
     "isa_detected", "version", "library_path",
     "gla_attention", "gla_attention_backward", "ssd", "ssd_backward", "mamba_scan",
     "mamba_scan_backward", "grid_pool", "sra_attention", "sra_attention_backward",
-    "pooled_cross_attention", "neighborhood_plan", "neighborhood_attention",
-    "neighborhood_attention_backward", "hilo_attention", "global_context_attention",
+    "pooled_cross_attention", "pooled_cross_attention_backward", "neighborhood_plan",
+    "neighborhood_attention", "neighborhood_attention_backward", "hilo_attention",
+    "global_context_attention",
     "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index", "paro_choose",
     "token_importance", "top_tokens", "select_tokens", "head_importance", "catanet_attention",
+    "catanet_attention_backward",
     "nsa_attention_backward", "lightnet_attention", "lightnet_attention_backward",
     "rfa_attention", "rfa_attention_backward", "wersa_attention", "wersa_attention_backward",
     "lla_attention", "lla_attention_backward", "linear_decode", "mamba_step",

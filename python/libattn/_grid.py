@@ -16,8 +16,9 @@ with the C library's message (which names the argument).
     global_context_attention  Global Context ViT: local windows and global queries
     gather_tokens, scatter_tokens, grid_window_index, grid_axis_index, paro_choose
                               token permutations and PAROAttention's choice of order
-Backwards: sra_attention_backward and neighborhood_attention_backward
-(differentiable in libattn.torch as sra_attention, neighborhood_attention).
+Backwards: sra_attention_backward, pooled_cross_attention_backward and
+neighborhood_attention_backward (differentiable in libattn.torch as
+sra_attention, pooled_cross_attention, neighborhood_attention).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ if HAS_GRID:
     _hilo = _sig("attn_hilo_forward", _I, _P, _P, _Grid, _Grid, _I64, _P, _P, _P, _P)
     _gc = _sig("attn_global_context_forward", _I, _P, _P, _Grid, _Grid, _P, _P, _P, _P, _P,
                _P)
+HAS_POOLED_CROSS_BACKWARD = HAS_GRID and hasattr(_lib.lib, "attn_pooled_cross_backward")
+if HAS_POOLED_CROSS_BACKWARD:
+    _pooled_cross_bwd = _lib._sig("attn_pooled_cross_backward", _I, _P, _P, _Grid, _Grid, _P,
+                                  _P, _P, _P, _P, _P, _P, _P, _P)
 
 
 def _need():
@@ -158,6 +163,21 @@ def pooled_cross_attention(q, k, v, grid, ratio, *, scale=None, softcap=0.0, ret
     _lib.check(_pooled_cross(_ctx_for(ctx, dq), _params(scale, softcap, False, None), g, r,
                              pq, pk, pv, po, pl))
     return (o, lse) if return_lse else o
+
+
+def pooled_cross_attention_backward(q, k, v, o, lse, dout, grid, ratio, *, scale=None,
+                                    softcap=0.0, ctx=None):
+    """Backward of pooled_cross_attention (lse from
+    pooled_cross_attention(return_lse=True)): dout [B, P, H, Dv] ->
+    (dq, dk, dv) shaped like q, k, v (each pooled query's gradient spread
+    over its patch, 1 / (rf rh rw) per query)."""
+    _need()
+    if not HAS_POOLED_CROSS_BACKWARD:
+        raise NotImplementedError("this libattn build has no attn_pooled_cross_backward")
+    ptrs, _keep, (gq, gk, gv), dq_ = _softmax_bwd_args(q, k, v, o, lse, dout)
+    _lib.check(_pooled_cross_bwd(_ctx_for(ctx, dq_), _params(scale, softcap, False, None),
+                                 _grid(grid, "grid"), _grid(ratio, "ratio"), *ptrs))
+    return gq, gk, gv
 
 
 def neighborhood_plan(grid, radius, block_q=64, block_k=64) -> Plan:
@@ -320,8 +340,9 @@ def paro_choose(q, k, grid, *, block=64, keep=1, samples=16, scale=None, softcap
     return out
 
 
-__all__ = ["HAS_GRID", "grid_pool", "sra_attention", "sra_attention_backward",
-           "pooled_cross_attention", "neighborhood_plan", "neighborhood_attention",
+__all__ = ["HAS_GRID", "HAS_POOLED_CROSS_BACKWARD", "grid_pool", "sra_attention",
+           "sra_attention_backward", "pooled_cross_attention",
+           "pooled_cross_attention_backward", "neighborhood_plan", "neighborhood_attention",
            "neighborhood_attention_backward", "hilo_attention", "global_context_attention",
            "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index",
            "paro_choose"]

@@ -1,11 +1,13 @@
 """Token-level mechanisms from Python: SpAtten's cascade token pruning and
-CATANet's content-aware token aggregation (forward only).
+CATANet's content-aware token aggregation.
 
     token_importance   attention probability each key receives (attn_token_importance)
     top_tokens         the `keep` most important tokens, ascending (attn_top_tokens)
     select_tokens      x[:, idx] for a subset idx (attn_select_tokens)
     head_importance    L2 norm of each head's output (attn_head_importance)
     catanet_attention  intra-group and inter-group attention (attn_catanet_forward)
+    catanet_attention_backward  its backward, the groups held fixed (attn_catanet_backward;
+                       differentiable in libattn.torch as catanet_attention)
 
 Tensors as in libattn.attention (numpy or PyTorch CPU, any strides, q's kind
 returned); index and importance vectors are int64 / float64 arrays of the
@@ -20,6 +22,7 @@ import numpy as np
 
 from . import _lib
 from ._grid import _int64_index
+from ._lib import F32
 from ._ops import _ctx_for, _empty, _params, _torch_mod, _view
 
 _P = ctypes.c_void_p
@@ -28,13 +31,19 @@ _I64 = ctypes.c_int64
 
 HAS_SPATTEN = hasattr(_lib.lib, "attn_token_importance")
 HAS_CATANET = hasattr(_lib.lib, "attn_catanet_forward")
+# the forward's LSE outputs came with the backward: a library without
+# attn_catanet_backward has the forward without them (group_out 10th)
+HAS_CATANET_BACKWARD = HAS_CATANET and hasattr(_lib.lib, "attn_catanet_backward")
 if HAS_SPATTEN:
     _importance = _lib._sig("attn_token_importance", _I, _P, _P, _P, _P, _P, _P)
     _top = _lib._sig("attn_top_tokens", _I, _P, _I64, _I64, _P)
     _select = _lib._sig("attn_select_tokens", _I, _P, _P, _I64, _P, _P)
     _head_importance = _lib._sig("attn_head_importance", _I, _P, _P, _P)
-if HAS_CATANET:
-    _catanet = _lib._sig("attn_catanet_forward", _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P)
+if HAS_CATANET_BACKWARD:
+    _catanet = _lib._sig("attn_catanet_forward", _I, *[_P] * 12)
+    _catanet_bwd = _lib._sig("attn_catanet_backward", _I, *[_P] * 16)
+elif HAS_CATANET:
+    _catanet = _lib._sig("attn_catanet_forward", _I, *[_P] * 10)
 
 
 def _need(flag, name):
@@ -136,7 +145,8 @@ def head_importance(o, *, ctx=None):
     return _kind(out, to)
 
 
-def catanet_attention(q, k, v, feats, centres, *, scale=None, return_groups=False, ctx=None):
+def catanet_attention(q, k, v, feats, centres, *, scale=None, return_lse=False,
+                      return_groups=False, ctx=None):
     """CATANet's content-aware token aggregation, one sequence.
 
     Each token joins the group of its nearest centre (L2 between feats[t] and
@@ -146,11 +156,15 @@ def catanet_attention(q, k, v, feats, centres, *, scale=None, return_groups=Fals
     as its tokens; empty groups left out).
 
     q [1, N, H, D], k [1, N, Hk, D], v [1, N, Hk, Dv], feats [1, N, 1, Df],
-    centres [1, G, 1, Df] -> (o_intra, o_inter) [1, N, H, Dv] each, and with
-    return_groups=True also each token's group, int64 [N] (q's kind).
+    centres [1, G, 1, Df] -> (o_intra, o_inter) [1, N, H, Dv] each; with
+    return_lse=True also (lse_intra, lse_inter) [1, H, N] float32 (each
+    branch's LSE, for catanet_attention_backward); with return_groups=True
+    also each token's group, int64 [N] (q's kind), last.
     scale only (no mask, no softcap).
     """
     _need(HAS_CATANET, "attn_catanet_forward")
+    if return_lse:
+        _need(HAS_CATANET_BACKWARD, "CATANet LSE outputs (attn_catanet_backward)")
     pq, oq, sq, dq, tq = _view(q, "q")
     pk, ok, sk, dk, _ = _view(k, "k")
     pv, ov, sv, dv, _ = _view(v, "v")
@@ -158,11 +172,43 @@ def catanet_attention(q, k, v, feats, centres, *, scale=None, return_groups=Fals
     pc, oc, _, _, _ = _view(centres, "centres")
     oi, poi = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
     ox, pox = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    li, pli = _empty(tq, (sq[0], sq[2], sq[1]), F32) if return_lse else (None, None)
+    lx, plx = _empty(tq, (sq[0], sq[2], sq[1]), F32) if return_lse else (None, None)
     grp = np.zeros(sq[1], dtype=np.int64)
+    lses = (pli, plx) if HAS_CATANET_BACKWARD else ()
     _lib.check(_catanet(_ctx_for(ctx, dq), _params(scale, 0.0, False, None), pf, pc, pq, pk, pv,
-                        poi, pox, grp.ctypes.data))
-    return (oi, ox, _kind(grp, tq)) if return_groups else (oi, ox)
+                        poi, pox, *lses, grp.ctypes.data))
+    out = (oi, ox) + ((li, lx) if return_lse else ())
+    return out + (_kind(grp, tq),) if return_groups else out
 
 
-__all__ = ["HAS_SPATTEN", "HAS_CATANET", "token_importance", "top_tokens", "select_tokens",
-           "head_importance", "catanet_attention"]
+def catanet_attention_backward(q, k, v, feats, centres, o_intra, o_inter, lse_intra, lse_inter,
+                               dout_intra, dout_inter, *, scale=None, ctx=None):
+    """Backward of catanet_attention with the same inputs, its outputs and
+    LSEs (return_lse=True): dout_intra, dout_inter [1, N, H, Dv] (zeros for
+    a branch the loss does not use) -> (dq, dk, dv) shaped and typed like
+    q, k, v. The groups are recomputed from feats and centres and held
+    fixed: no gradient for feats or centres."""
+    _need(HAS_CATANET_BACKWARD, "attn_catanet_backward")
+    pq, oq, sq, dq, tq = _view(q, "q")
+    pk, ok, sk, dk, _ = _view(k, "k")
+    pv, ov, sv, dv, _ = _view(v, "v")
+    pf, of, _, _, _ = _view(feats, "feats")
+    pc, oc, _, _, _ = _view(centres, "centres")
+    po, oo, _, _, _ = _view(o_intra, "o_intra")
+    pox, oox, _, _, _ = _view(o_inter, "o_inter")
+    pli, oli, _, _, _ = _view(lse_intra, "lse_intra", (3,))
+    plx, olx, _, _, _ = _view(lse_inter, "lse_inter", (3,))
+    pdi, odi, _, _, _ = _view(dout_intra, "dout_intra")
+    pdx, odx, _, _, _ = _view(dout_inter, "dout_inter")
+    gq, pgq = _empty(tq, sq, dq)
+    gk, pgk = _empty(tq, sk, dk)
+    gv, pgv = _empty(tq, sv, dv)
+    _lib.check(_catanet_bwd(_ctx_for(ctx, dq), _params(scale, 0.0, False, None), pf, pc, pq, pk,
+                            pv, po, pox, pli, plx, pdi, pdx, pgq, pgk, pgv))
+    return gq, gk, gv
+
+
+__all__ = ["HAS_SPATTEN", "HAS_CATANET", "HAS_CATANET_BACKWARD", "token_importance",
+           "top_tokens", "select_tokens", "head_importance", "catanet_attention",
+           "catanet_attention_backward"]

@@ -615,11 +615,22 @@ def _crosslmm(q, k, v, causal):
     return o[:, _patch_of_token(g, r)]
 
 
+def _crosslmm_grad(q, k, v, causal):
+    from . import torch as lat
+
+    _grid_only("crosslmm", causal)
+    g = grid_of(q.shape[1])
+    r = _clip(g, CROSS_RATIO)
+    return lat.pooled_cross_attention(q, k, v, g, r)[:, _patch_of_token(g, r)]
+
+
 register(Mechanism("crosslmm", "sparse", _crosslmm,
-                   f"CrossLMM pooled cross-attention (attn_pooled_cross_forward): queries "
-                   f"average-pooled by up to {CROSS_RATIO}x{CROSS_RATIO} on their near-square "
-                   "grid attend to all keys; each query takes its patch's output; non-causal",
-                   patterns=("noncausal-self", "noncausal-cross"), available=_has_grid))
+                   f"CrossLMM pooled cross-attention (attn_pooled_cross_forward; backward "
+                   f"attn_pooled_cross_backward): queries average-pooled by up to "
+                   f"{CROSS_RATIO}x{CROSS_RATIO} on their near-square grid attend to all keys; "
+                   "each query takes its patch's output; non-causal",
+                   patterns=("noncausal-self", "noncausal-cross"), available=_has_grid,
+                   backward=_crosslmm_grad if _grid.HAS_POOLED_CROSS_BACKWARD else None))
 
 
 def _nbhd(q, k, v, causal):
@@ -763,24 +774,40 @@ def _catanet(q, k, v, causal):
     o = (o_intra + o_inter) / 2."""
     if causal:
         raise ValueError("catanet: groups are not causal; non-causal self only")
+    return _catanet_mix(_tokens.catanet_attention, q, k, v)
+
+
+def _catanet_mix(attend, q, k, v):
+    """attend(q, k, v, feats, centres) -> (o_intra, o_inter) per sequence,
+    mixed evenly; the features come from the keys without a gradient (the
+    grouping is a discrete choice, held fixed)."""
     B, N = q.shape[:2]
     G = max(1, -(-N // CATANET_GROUP))
     centres = torch.linspace(0, N - 1, G).round().long()
     out = []
     for b in range(B):
-        feats = k[b:b + 1].float().mean(2, keepdim=True)
-        oi, ox = _tokens.catanet_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], feats,
-                                           feats[:, centres].contiguous())
+        feats = k[b:b + 1].detach().float().mean(2, keepdim=True)
+        oi, ox = attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], feats, feats[:, centres].contiguous())
         out.append(0.5 * (oi + ox))
     return torch.cat(out)
 
 
+def _catanet_grad(q, k, v, causal):
+    from . import torch as lat
+
+    if causal:
+        raise ValueError("catanet: groups are not causal; non-causal self only")
+    return _catanet_mix(lat.catanet_attention, q, k, v)
+
+
 register(Mechanism("catanet", "sparse", _catanet,
-                   f"CATANet token aggregation (attn_catanet_forward): groups of ~{CATANET_GROUP} "
+                   f"CATANet token aggregation (attn_catanet_forward; backward "
+                   f"attn_catanet_backward, groups held fixed): groups of ~{CATANET_GROUP} "
                    "tokens around evenly spaced centres (features: keys averaged over heads), "
                    "attention within the group and to the group means, averaged; "
                    "non-causal self",
-                   patterns=("noncausal-self",), available=lambda: _tokens.HAS_CATANET))
+                   patterns=("noncausal-self",), available=lambda: _tokens.HAS_CATANET,
+                   backward=_catanet_grad if _tokens.HAS_CATANET_BACKWARD else None))
 
 
 def get(name: str) -> Mechanism:

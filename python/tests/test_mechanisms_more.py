@@ -1,6 +1,9 @@
 """The bindings of GLA, SSD, the Mamba scan, the grid mechanisms, PARO,
 SpAtten and CATANet against naive PyTorch references (float64), with numpy
-and torch inputs, a non-contiguous input, bad input, and gradients."""
+and torch inputs, a non-contiguous input, bad input, and gradients: the C
+backwards of float32 inputs against PyTorch autograd of the plain
+implementation in float64 (relative error < 1e-4), and gradcheck of the
+libattn.torch functions on float64 (eps 1e-6, atol 1e-6)."""
 
 import math
 
@@ -223,6 +226,38 @@ def test_grid_pool_sra_and_pooled_cross():
         libattn.pooled_cross_attention(q2, k, v, 24, (1, 1))
 
 
+@pytest.mark.skipif(not _grid.HAS_POOLED_CROSS_BACKWARD, reason="no pooled-cross backward")
+def test_pooled_cross_backward():
+    """CrossLMM's backward against autograd of mean-pooled queries attending
+    to the keys: queries on a 2 x 3 x 4 video grid pooled by (2, 1, 2), GQA."""
+    grid, ratio = (2, 3, 4), (2, 1, 2)
+    q = rnd(2, 24, 4, 8, seed=7)
+    _, k, v = qkv(T=17)
+    o, lse = libattn.pooled_cross_attention(q, k, v, grid, ratio, return_lse=True)
+    dout = rnd(*o.shape, seed=8)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want = attn_ref(pool_ref(leaves[0], grid, ratio), leaves[1], leaves[2])
+    (want * dout.double()).sum().backward()
+    assert o.shape == (2, 6, 4, 6) and rel(o, want.detach()) < 1e-5
+    got = libattn.pooled_cross_attention_backward(q, k, v, o, lse, dout, grid, ratio)
+    for g, leaf in zip(got, leaves):
+        assert g.shape == leaf.shape and g.dtype == torch.float32 and rel(g, leaf.grad) < 1e-4
+    arrays = [x.numpy() for x in (q, k, v, o, lse, dout)]
+    gn = libattn.pooled_cross_attention_backward(*arrays, grid, ratio)
+    assert isinstance(gn[0], np.ndarray) and all(rel(a, b) < 1e-6 for a, b in zip(gn, got))
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    (lat.pooled_cross_attention(*xs, grid, ratio) * dout).sum().backward()
+    for x, leaf in zip(xs, leaves):
+        assert rel(x.grad, leaf.grad) < 1e-4
+    d = [x.requires_grad_() for x in qkv(1, 7, 2, 1, 3, 2, N=12, dtype=torch.float64)]
+    assert gradcheck(lambda *a: lat.pooled_cross_attention(*a, (3, 4), (3, 2)), d, eps=1e-6,
+                     atol=1e-6)
+    with pytest.raises(libattn.AttnError, match="dout"):
+        libattn.pooled_cross_attention_backward(q, k, v, o, lse, dout[:, 1:], grid, ratio)
+    with pytest.raises(libattn.AttnError, match="lse"):
+        libattn.pooled_cross_attention_backward(q, k, v, o, lse[:, :, 1:], dout, grid, ratio)
+
+
 @need_grid
 def test_sra_gradcheck():
     q, k, v = (x.requires_grad_() for x in qkv(1, 12, 2, 1, 3, 2, N=5, dtype=torch.float64))
@@ -393,6 +428,84 @@ def test_catanet_groups_intra_inter():
         libattn.catanet_attention(q, k, v, feats[:, 1:], centres)
 
 
+def catanet_inputs(N, G, H=4, Hk=2, D=8, Dv=6, dtype=torch.float32):
+    """q, k, v, feats, centres and the groups: centre G - 2 far from every
+    token (an empty group), centre G - 1 on token 7 alone (a group of one)."""
+    q, k, v = qkv(B=1, T=N, H=H, Hk=Hk, D=D, Dv=Dv, dtype=dtype)
+    feats = rnd(1, N, 1, 3, seed=8, dtype=dtype)
+    centres = rnd(1, G, 1, 3, seed=9, dtype=dtype)
+    centres[0, G - 2] = 50.0
+    centres[0, G - 1] = feats[0, 7] = 20.0
+    grp = ((feats[0, :, 0, None] - centres[0, None, :, 0]) ** 2).sum(-1).argmin(1)
+    assert not (grp == G - 2).any() and (grp == G - 1).sum() == 1
+    return q, k, v, feats, centres, grp
+
+
+def catanet_ref(q, k, v, grp, scale=None):
+    """CATANet's two branches in plain PyTorch (float64, differentiable in
+    q, k, v) for the fixed groups grp [N]; and their LSEs [1, H, N]."""
+    live = grp.unique().tolist()
+    same = grp[:, None] == grp[None]
+    km = torch.stack([k[:, grp == g].double().mean(1) for g in live], 1)
+    vm = torch.stack([v[:, grp == g].double().mean(1) for g in live], 1)
+    bias = torch.tensor([(grp == g).sum().item() for g in live], dtype=torch.float64).log()
+    H, D = q.shape[2], q.shape[3]
+    sc = scale or D ** -0.5
+
+    def logits(keys):
+        return torch.einsum("bnhd,bmhd->bhnm", q.double(),
+                            keys.double().repeat_interleave(H // keys.shape[2], 2)) * sc
+
+    lse_i = logits(k).masked_fill(~same, -math.inf).logsumexp(-1)
+    lse_x = (logits(km) + bias).logsumexp(-1)
+    return (attn_ref(q, k, v, same, scale=scale), attn_ref(q, km, vm, bias=bias, scale=scale),
+            lse_i, lse_x)
+
+
+@pytest.mark.skipif(not _tokens.HAS_CATANET_BACKWARD, reason="no CATANet backward")
+def test_catanet_lse_and_backward():
+    """The LSEs against logsumexp, and the backward (groups held fixed)
+    against autograd of catanet_ref: GQA, odd sizes, an empty group and a
+    group of one token."""
+    q, k, v, feats, centres, grp = catanet_inputs(N=37, G=6, D=7, Dv=5)
+    oi, ox, li, lx, got_grp = libattn.catanet_attention(q, k, v, feats, centres, return_lse=True,
+                                                         return_groups=True)
+    assert torch.equal(got_grp, grp) and li.shape == lx.shape == (1, 4, 37)
+    assert li.dtype == lx.dtype == torch.float32
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want_i, want_x, lse_i, lse_x = catanet_ref(*leaves, grp)
+    assert rel(oi, want_i.detach()) < 1e-5 and rel(ox, want_x.detach()) < 1e-5
+    assert rel(li, lse_i.detach()) < 1e-5 and rel(lx, lse_x.detach()) < 1e-5
+    doi, dox = rnd(*oi.shape, seed=10), rnd(*ox.shape, seed=11)
+    ((want_i * doi.double()).sum() + (want_x * dox.double()).sum()).backward()
+    got = libattn.catanet_attention_backward(q, k, v, feats, centres, oi, ox, li, lx, doi, dox)
+    for g, leaf in zip(got, leaves):
+        assert g.shape == leaf.shape and g.dtype == torch.float32 and rel(g, leaf.grad) < 1e-4
+    arrays = [x.numpy() for x in (q, k, v, feats, centres, oi, ox, li, lx, doi, dox)]
+    gn = libattn.catanet_attention_backward(*arrays)
+    assert isinstance(gn[0], np.ndarray) and all(rel(a, b) < 1e-6 for a, b in zip(gn, got))
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ti, tx = lat.catanet_attention(*xs, feats, centres)
+    ((ti * doi).sum() + (tx * dox).sum()).backward()
+    for x, leaf in zip(xs, leaves):
+        assert rel(x.grad, leaf.grad) < 1e-4
+    with pytest.raises(libattn.AttnError, match="dout_intra"):
+        libattn.catanet_attention_backward(q, k, v, feats, centres, oi, ox, li, lx, doi[:, 1:],
+                                           dox)
+    with pytest.raises(libattn.AttnError, match="lse_inter"):
+        libattn.catanet_attention_backward(q, k, v, feats, centres, oi, ox, li, lx[:, :1], doi,
+                                           dox)
+
+
+@pytest.mark.skipif(not _tokens.HAS_CATANET_BACKWARD, reason="no CATANet backward")
+def test_catanet_gradcheck():
+    """float64 on the reference backend, feats fixed (the groups do not move)."""
+    q, k, v, feats, centres, _ = catanet_inputs(N=13, G=5, H=2, Hk=1, D=3, Dv=2,
+                                                dtype=torch.float64)
+    assert gradcheck(lambda *a: lat.catanet_attention(*a, feats, centres, scale=0.7),
+                     tuple(x.requires_grad_() for x in (q, k, v)), eps=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- registry entries
 
 
@@ -422,6 +535,49 @@ def test_gla_and_ssd_entries_match_their_recurrences():
     for name in ("gla", "ssd"):
         with pytest.raises(ValueError, match="causal"):
             mechanisms.REGISTRY[name].fn(q, k, v, False)
+
+
+def crosslmm_plain(q, k, v):
+    """The crosslmm entry in plain PyTorch: queries pooled on grid_of(N)
+    by the clipped ratio, attention, each query its patch's output."""
+    g = mechanisms.grid_of(q.shape[1])
+    r = mechanisms._clip(g, mechanisms.CROSS_RATIO)
+    return attn_ref(pool_ref(q, g, r), k, v)[:, mechanisms._patch_of_token(g, r)]
+
+
+def catanet_plain(q, k, v):
+    """The catanet entry in plain PyTorch, per sequence: features the keys
+    averaged over heads (float32, as the entry), centres evenly spaced
+    tokens, the groups held fixed."""
+    N = q.shape[1]
+    G = max(1, -(-N // mechanisms.CATANET_GROUP))
+    out = []
+    for b in range(q.shape[0]):
+        feats = k[b].detach().float().mean(1).double()
+        centres = feats[torch.linspace(0, N - 1, G).round().long()]
+        grp = ((feats[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        oi, ox, _, _ = catanet_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], grp)
+        out.append(0.5 * (oi + ox))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name,plain", [("crosslmm", crosslmm_plain), ("catanet", catanet_plain)])
+def test_crosslmm_and_catanet_entries_differentiate(name, plain):
+    m = mechanisms.REGISTRY[name]
+    if not m.available() or m.backward is None:
+        pytest.skip(f"no {name} backward in this build")
+    q, k, v = qkv(B=2, T=300, H=2, Hk=1, D=8, Dv=8)  # catanet: 3 groups of ~128
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = m.backward(*xs, False)
+    assert rel(o.detach(), m.fn(q, k, v, False)) < 1e-6
+    do = rnd(*o.shape, seed=5)
+    (o * do).sum().backward()
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want = plain(*leaves)
+    assert rel(o.detach(), want.detach()) < 1e-5
+    (want * do.double()).sum().backward()
+    for x, leaf in zip(xs, leaves):
+        assert rel(x.grad, leaf.grad) < 1e-4
 
 
 def test_new_entries_declare_their_patterns():

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import libattn.torch as lat  # noqa: E402
-from libattn import _grid, _lib, _linmech, _ssm  # noqa: E402
+from libattn import _grid, _lib, _linmech, _ssm, _tokens  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 F = torch.nn.functional
@@ -50,6 +50,13 @@ def case(name):
     if name == "sra_attention":
         return lambda q, k, v: lat.sra_attention(q, k, v, (4, 4), (2, 1), softcap=5.0), \
             (q, k, v), _grid.HAS_GRID
+    if name == "pooled_cross_attention":
+        return lambda q, k, v: lat.pooled_cross_attention(q, k, v, (4, 4), (2, 1)), \
+            (q, k, v), _grid.HAS_POOLED_CROSS_BACKWARD
+    if name == "catanet_attention":  # two outputs, mixed unevenly so both count
+        feats, centres = rnd(1, 16, 1, 3, seed=4), rnd(1, 3, 1, 3, seed=5)
+        return lambda q, k, v: _mix(*lat.catanet_attention(q, k, v, feats, centres)), \
+            (q, k, v), _tokens.HAS_CATANET_BACKWARD
     if name == "neighborhood_attention":
         return lambda q, k, v: lat.neighborhood_attention(q, k, v, (4, 4), (1, 1), block=4), \
             (q, k, v), _grid.HAS_GRID
@@ -68,9 +75,14 @@ def case(name):
     raise KeyError(name)
 
 
+def _mix(o_intra, o_inter):
+    return o_intra + 2 * o_inter
+
+
 NAMES = ["linear_attention", "gla_attention", "ssd", "ssd_no_dskip", "mamba_scan",
-         "sra_attention", "neighborhood_attention", "lightnet_attention", "rfa_attention",
-         "wersa_attention", "lla_attention"]
+         "sra_attention", "pooled_cross_attention", "catanet_attention",
+         "neighborhood_attention", "lightnet_attention", "rfa_attention", "wersa_attention",
+         "lla_attention"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -109,6 +121,15 @@ def test_opcheck_sra():
     q, k, v = (x.requires_grad_() for x in qkv())
     assert _passed(torch.library.opcheck(torch.ops.libattn.sra_attention_fwd.default,
                                          (q, k, v, [4, 4], [2, 1], None, 0.0)))
+
+
+@pytest.mark.skipif(not _tokens.HAS_CATANET_BACKWARD, reason="no CATANet backward")
+def test_opcheck_catanet():
+    """Four outputs, two of them differentiable; no gradient for feats, centres."""
+    q, k, v = (x.requires_grad_() for x in qkv())
+    feats, centres = rnd(1, 16, 1, 3, seed=4), rnd(1, 3, 1, 3, seed=5)
+    assert _passed(torch.library.opcheck(torch.ops.libattn.catanet_attention_fwd.default,
+                                         (q, k, v, feats, centres, None)))
 
 
 @pytest.mark.skipif(not _ssm.HAS_SSD, reason="no SSD in this build")
