@@ -88,6 +88,11 @@ static void test_sra(attn_ctx *cpu, attn_ctx *ref) {
     CHECK_OK(attn_sra_backward(ref, &p, g, r, &q.t, &k.t, &v.t, &o.t, &lse.t, &dout.t, &g64[0].t, &g64[1].t, &g64[2].t));
     static const char *const names[3] = {"dq", "dk", "dv"};
     for (int x = 0; x < 3; x++) CHECK_CLOSE(names[x], &g32[x].t, &g64[x].t, 1e-5, 1e-4);
+    tu_case("SRA backward: dk aliasing k is refused");
+    CHECK(attn_sra_backward(cpu, &p, g, r, &q.t, &k.t, &v.t, &o.t, &lse.t, &dout.t, &g32[0].t,
+                            &k.t, &g32[2].t) == ATTN_ERR_ALIAS &&
+              strstr(attn_last_error(), "dk"),
+          "dk = k: %s", attn_last_error());
     for (int x = 0; x < 3; x++) tu_free(&g32[x]), tu_free(&g64[x]);
 
     tu_case("pooled cross-attention = attention from the pooled queries");

@@ -160,6 +160,11 @@ attn_status attn_sra_backward(attn_ctx *ctx, const attn_params *p, attn_grid gri
     CHECK(check_grid(grid, ratio, k->shape[1], "k"));
     CHECK(attn_check_shape("dk", dk, k->shape[0], k->shape[1], k->shape[2], k->shape[3]));
     CHECK(attn_check_shape("dv", dv, v->shape[0], v->shape[1], v->shape[2], v->shape[3]));
+    /* attn_backward below sees only the pooled copies: check dk, dv here */
+    const attn_tensor *ins[] = {q, k, v, o, lse, dout, dq, dk};
+    static const char *const names[] = {"q", "k", "v", "o", "lse", "dout", "dq", "dk"};
+    CHECK(attn_check_output("dk", dk, ins, names, 7));
+    CHECK(attn_check_output("dv", dv, ins, names, 8));
     const int64_t mp = pooled_tokens(grid, ratio);
     void *m[4] = {0};
     attn_tensor kp = buffer(ctx, k->shape[0], mp, k->shape[2], k->shape[3], &m[0]);
