@@ -21,15 +21,6 @@ static attn_status check_ctx(const attn_ctx *ctx) {
 
 static bool is_ref(const attn_ctx *ctx) { return ctx->backend == ATTN_BACKEND_REF; }
 
-static attn_status check_lse(const char *name, const attn_tensor *lse, bool ref, int64_t b,
-                             int64_t h, int64_t n) {
-    attn_status st = attn_check_tensor(name, lse, 3, ref, true);
-    if (st != ATTN_OK) return st;
-    if (lse->dtype != ATTN_F32 && lse->dtype != ATTN_F64)
-        return attn_err(ATTN_ERR_DTYPE, "%s must be f32", name);
-    return attn_check_shape(name, lse, b, h, n, -1);
-}
-
 #define CHECK(expr)                               \
     do {                                          \
         attn_status st_ = (expr);                 \
@@ -60,7 +51,7 @@ attn_status attn_forward(attn_ctx *ctx, const attn_params *p, const attn_tensor 
     const char *names[] = {"q", "k", "v", "lse"};
     CHECK(attn_check_output("o", o, ins, names, lse ? 4 : 3));
     if (lse) {
-        CHECK(check_lse("lse", lse, ref, q->shape[0], pr.h, q->shape[1]));
+        CHECK(attn_check_lse("lse", lse, ref, q->shape[0], pr.h, q->shape[1]));
         const attn_tensor *ins2[] = {q, k, v};
         CHECK(attn_check_output("lse", lse, ins2, names, 3));
     }
@@ -80,7 +71,7 @@ attn_status attn_backward(attn_ctx *ctx, const attn_params *p, const attn_tensor
     CHECK(attn_check_shape("o", o, q->shape[0], q->shape[1], pr.h, pr.dv));
     CHECK(attn_check_tensor("dout", dout, 4, ref, varlen));
     CHECK(attn_check_shape("dout", dout, q->shape[0], q->shape[1], pr.h, pr.dv));
-    CHECK(check_lse("lse", lse, ref, q->shape[0], pr.h, q->shape[1]));
+    CHECK(attn_check_lse("lse", lse, ref, q->shape[0], pr.h, q->shape[1]));
     CHECK(attn_check_tensor("dq", dq, 4, ref, varlen));
     CHECK(attn_check_shape("dq", dq, q->shape[0], q->shape[1], pr.h, pr.d));
     CHECK(attn_check_tensor("dk", dk, 4, ref, varlen));
@@ -121,7 +112,7 @@ attn_status attn_decode(attn_ctx *ctx, const attn_params *p, const attn_tensor *
     const char *names[] = {"q", "k", "v", "lse"};
     CHECK(attn_check_output("o", o, ins, names, lse ? 4 : 3));
     if (lse) {
-        CHECK(check_lse("lse", lse, ref, pr.batch, pr.h, pr.n));
+        CHECK(attn_check_lse("lse", lse, ref, pr.batch, pr.h, pr.n));
         CHECK(attn_check_output("lse", lse, ins, names, 3));
     }
     if (ref) return ref_forward(&pr, q, k, v, o, lse);
@@ -139,9 +130,9 @@ attn_status attn_lse_merge(attn_ctx *ctx, const attn_tensor *o1, const attn_tens
     CHECK(attn_check_shape("o2", o2, b, n, h, dv));
     CHECK(attn_check_tensor("o", o, 4, ref, false));
     CHECK(attn_check_shape("o", o, b, n, h, dv));
-    CHECK(check_lse("lse1", lse1, ref, b, h, n));
-    CHECK(check_lse("lse2", lse2, ref, b, h, n));
-    CHECK(check_lse("lse", lse, ref, b, h, n));
+    CHECK(attn_check_lse("lse1", lse1, ref, b, h, n));
+    CHECK(attn_check_lse("lse2", lse2, ref, b, h, n));
+    CHECK(attn_check_lse("lse", lse, ref, b, h, n));
     const attn_tensor *ins[] = {o1, lse1, o2, lse2, lse};
     const char *names[] = {"o1", "lse1", "o2", "lse2", "lse"};
     CHECK(attn_check_output("o", o, ins, names, 5));

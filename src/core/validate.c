@@ -112,6 +112,15 @@ attn_status attn_check_output(const char *name, const attn_tensor *out,
     return ATTN_OK;
 }
 
+attn_status attn_check_lse(const char *name, const attn_tensor *lse, bool ref, int64_t b,
+                           int64_t h, int64_t n) {
+    attn_status st = attn_check_tensor(name, lse, 3, ref, true);
+    if (st != ATTN_OK) return st;
+    if (lse->dtype != ATTN_F32 && lse->dtype != ATTN_F64)
+        return attn_err(ATTN_ERR_DTYPE, "%s must be f32", name);
+    return attn_check_shape(name, lse, b, h, n, -1);
+}
+
 attn_status attn_check_cu(const char *name, const int32_t *cu, int64_t batch,
                           int64_t total) {
     if (cu[0] != 0) return attn_err(ATTN_ERR_ARG, "%s[0] is %d; it must be 0", name, cu[0]);

@@ -21,6 +21,10 @@ attn_status attn_check_output(const char *name, const attn_tensor *out,
                               const attn_tensor *const *others, const char *const *names,
                               int n_others);
 
+/* An LSE [b, h, n]: f32, or f64 on the reference backend. */
+attn_status attn_check_lse(const char *name, const attn_tensor *lse, bool ref, int64_t b,
+                           int64_t h, int64_t n);
+
 /* cu (int32 [batch + 1]) starts at 0, never decreases and ends at total. */
 attn_status attn_check_cu(const char *name, const int32_t *cu, int64_t batch, int64_t total);
 
