@@ -495,25 +495,48 @@ ATTN_API attn_status attn_paro_choose(attn_ctx *ctx, const attn_params *p, attn_
 /* HiLo attention (LITv2), self-attention on an H x W (x F) grid, H == Hk:
  * the first H - lo_heads heads (Hi) attend within non-overlapping windows
  * `win`; the last lo_heads heads (Lo) attend from every query to keys and
- * values average-pooled by `win`. q, k, v [B, F H W, H, *], o [B, F H W, H, Dv].
+ * values average-pooled by `win`. q, k, v [B, F H W, H, *], o [B, F H W, H, Dv],
+ * lse [B, H, F H W] or NULL: each head's LSE in the grid's token order (Hi
+ * heads: over their window; Lo heads: over the pooled keys).
  * p: scale and softcap. */
 ATTN_API attn_status attn_hilo_forward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
                                        attn_grid win, int64_t lo_heads, const attn_tensor *q,
                                        const attn_tensor *k, const attn_tensor *v,
-                                       attn_tensor *o);
+                                       attn_tensor *o, attn_tensor *lse);
+/* Backward (the same p, grid, win and lo_heads; o and lse from the forward
+ * are required): dq, dk, dv shaped like q, k, v. */
+ATTN_API attn_status attn_hilo_backward(attn_ctx *ctx, const attn_params *p, attn_grid grid,
+                                        attn_grid win, int64_t lo_heads, const attn_tensor *q,
+                                        const attn_tensor *k, const attn_tensor *v,
+                                        const attn_tensor *o, const attn_tensor *lse,
+                                        const attn_tensor *dout, attn_tensor *dq,
+                                        attn_tensor *dk, attn_tensor *dv);
 
 /* Global Context ViT's attention on an H x W (x F) grid cut into windows
  * `win`: o_local, each token attends to the keys of its own window; o_global,
  * the same windows but queried by global query tokens shared across windows
  * (q_global [B, wtok, H, D], wtok = win.f win.h win.w: row r queries position
  * r of every window). q, k, v [B, F H W, H, *] (H == Hk), o_local and
- * o_global [B, F H W, H, Dv]. p: scale and softcap. */
+ * o_global [B, F H W, H, Dv]; lse_local, lse_global [B, H, F H W] or NULL
+ * (in the grid's token order). p: scale and softcap. */
 ATTN_API attn_status attn_global_context_forward(attn_ctx *ctx, const attn_params *p,
                                                  attn_grid grid, attn_grid win,
                                                  const attn_tensor *q,
                                                  const attn_tensor *q_global,
                                                  const attn_tensor *k, const attn_tensor *v,
-                                                 attn_tensor *o_local, attn_tensor *o_global);
+                                                 attn_tensor *o_local, attn_tensor *o_global,
+                                                 attn_tensor *lse_local,
+                                                 attn_tensor *lse_global);
+/* Backward (both outputs and LSEs from the forward are required; dout_local,
+ * dout_global [B, F H W, H, Dv]): dq, dk, dv shaped like q, k, v (dk, dv
+ * summed over both branches), dq_global [B, wtok, H, D] summed over the
+ * windows in window order (the same for any thread count). */
+ATTN_API attn_status attn_global_context_backward(
+    attn_ctx *ctx, const attn_params *p, attn_grid grid, attn_grid win, const attn_tensor *q,
+    const attn_tensor *q_global, const attn_tensor *k, const attn_tensor *v,
+    const attn_tensor *o_local, const attn_tensor *o_global, const attn_tensor *lse_local,
+    const attn_tensor *lse_global, const attn_tensor *dout_local, const attn_tensor *dout_global,
+    attn_tensor *dq, attn_tensor *dq_global, attn_tensor *dk, attn_tensor *dv);
 
 /* SpAtten's cascade pruning.
  * attn_token_importance: importance[b][j] += sum over query heads and rows i
