@@ -11,8 +11,8 @@ nsa_attention (with nsa_attention_backward); gated recurrences
 gla_attention, ssd, mamba_scan (with *_backward), mamba_step; linear
 mechanisms lightnet_attention, rfa_attention, wersa_attention,
 lla_attention (with *_backward); grid mechanisms
-sra_attention, pooled_cross_attention, neighborhood_attention (with
-*_backward), hilo_attention, global_context_attention, grid_pool;
+sra_attention, pooled_cross_attention, neighborhood_attention,
+hilo_attention, global_context_attention (all with *_backward), grid_pool;
 reorderings gather_tokens, scatter_tokens, grid_window_index,
 grid_axis_index, paro_choose; SpAtten's token_importance, top_tokens,
 select_tokens, head_importance; CATANet's catanet_attention (with
@@ -33,8 +33,9 @@ from ._linmech import (lightnet_attention, lightnet_attention_backward, linear_d
                        rfa_attention_backward, wersa_attention, wersa_attention_backward)
 from ._ssm import (gla_attention, gla_attention_backward, mamba_scan, mamba_scan_backward, ssd,
                    ssd_backward)
-from ._grid import (gather_tokens, global_context_attention, grid_axis_index, grid_pool,
-                    grid_window_index, hilo_attention, neighborhood_attention,
+from ._grid import (gather_tokens, global_context_attention, global_context_attention_backward,
+                    grid_axis_index, grid_pool, grid_window_index, hilo_attention,
+                    hilo_attention_backward, neighborhood_attention,
                     neighborhood_attention_backward, neighborhood_plan, paro_choose,
                     pooled_cross_attention, pooled_cross_attention_backward, scatter_tokens,
                     sra_attention, sra_attention_backward)
@@ -53,7 +54,7 @@ __all__ = [
     "mamba_scan_backward", "grid_pool", "sra_attention", "sra_attention_backward",
     "pooled_cross_attention", "pooled_cross_attention_backward", "neighborhood_plan",
     "neighborhood_attention", "neighborhood_attention_backward", "hilo_attention",
-    "global_context_attention",
+    "hilo_attention_backward", "global_context_attention", "global_context_attention_backward",
     "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index", "paro_choose",
     "token_importance", "top_tokens", "select_tokens", "head_importance", "catanet_attention",
     "catanet_attention_backward",

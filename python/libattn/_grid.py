@@ -16,9 +16,11 @@ with the C library's message (which names the argument).
     global_context_attention  Global Context ViT: local windows and global queries
     gather_tokens, scatter_tokens, grid_window_index, grid_axis_index, paro_choose
                               token permutations and PAROAttention's choice of order
-Backwards: sra_attention_backward, pooled_cross_attention_backward and
-neighborhood_attention_backward (differentiable in libattn.torch as
-sra_attention, pooled_cross_attention, neighborhood_attention).
+Backwards: sra_attention_backward, pooled_cross_attention_backward,
+neighborhood_attention_backward, hilo_attention_backward and
+global_context_attention_backward (differentiable in libattn.torch as
+sra_attention, pooled_cross_attention, neighborhood_attention,
+hilo_attention, global_context_attention).
 """
 
 from __future__ import annotations
@@ -60,9 +62,17 @@ if HAS_GRID:
     _win_index = _sig("attn_grid_window_index", _I, _Grid, _Grid, _P)
     _axis_index = _sig("attn_grid_axis_index", _I, _Grid, _P, _P)
     _paro = _sig("attn_paro_choose", _I, _P, _P, _Grid, _P, _P, _I64, _I64, _I64, _P)
-    _hilo = _sig("attn_hilo_forward", _I, _P, _P, _Grid, _Grid, _I64, _P, _P, _P, _P)
+
+# HiLo and Global Context: their forwards' lse arguments came with the
+# backwards, so a library without attn_hilo_backward has neither
+HAS_WINDOW_BACKWARD = HAS_GRID and hasattr(_lib.lib, "attn_hilo_backward")
+if HAS_WINDOW_BACKWARD:
+    _hilo = _sig("attn_hilo_forward", _I, _P, _P, _Grid, _Grid, _I64, _P, _P, _P, _P, _P)
+    _hilo_bwd = _sig("attn_hilo_backward", _I, _P, _P, _Grid, _Grid, _I64, _P, _P, _P, _P, _P,
+                     _P, _P, _P, _P)
     _gc = _sig("attn_global_context_forward", _I, _P, _P, _Grid, _Grid, _P, _P, _P, _P, _P,
-               _P)
+               _P, _P, _P)
+    _gc_bwd = _sig("attn_global_context_backward", _I, _P, _P, _Grid, _Grid, *([_P] * 14))
 HAS_POOLED_CROSS_BACKWARD = HAS_GRID and hasattr(_lib.lib, "attn_pooled_cross_backward")
 if HAS_POOLED_CROSS_BACKWARD:
     _pooled_cross_bwd = _lib._sig("attn_pooled_cross_backward", _I, _P, _P, _Grid, _Grid, _P,
@@ -72,6 +82,13 @@ if HAS_POOLED_CROSS_BACKWARD:
 def _need():
     if not HAS_GRID:
         raise NotImplementedError("this libattn build has no grid mechanisms")
+
+
+def _need_windows():
+    _need()
+    if not HAS_WINDOW_BACKWARD:
+        raise NotImplementedError("this libattn build predates attn_hilo_backward and "
+                                  "attn_global_context_backward (and their forwards' lse)")
 
 
 def _grid(g, name) -> _Grid:
@@ -230,7 +247,8 @@ def neighborhood_attention_backward(q, k, v, o, lse, dout, grid, radius, *, plan
     return gq, gk, gv
 
 
-def hilo_attention(q, k, v, grid, win, lo_heads, *, scale=None, softcap=0.0, ctx=None):
+def hilo_attention(q, k, v, grid, win, lo_heads, *, scale=None, softcap=0.0, return_lse=False,
+                   ctx=None):
     """HiLo attention (LITv2), self-attention on a grid with H == Hk: the
     first H - lo_heads heads (Hi) attend within non-overlapping windows
     `win` (each divides its grid extent; at most 512 tokens); the last
@@ -238,19 +256,33 @@ def hilo_attention(q, k, v, grid, win, lo_heads, *, scale=None, softcap=0.0, ctx
     average-pooled by `win`.
 
     q [B, F H W, H, D], k [B, F H W, H, D], v [B, F H W, H, Dv] ->
-    o [B, F H W, H, Dv].
+    o [B, F H W, H, Dv] (and lse [B, H, F H W] float32, in the grid's token
+    order: Hi heads over their window, Lo heads over the pooled keys).
     """
-    _need()
+    _need_windows()
     pq, oq, sq, dq, tq = _view(q, "q")
     pk, ok, sk, dk, _ = _view(k, "k")
     pv, ov, sv, dv, _ = _view(v, "v")
     o, po = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    lse, pl = _empty(tq, (sq[0], sq[2], sq[1]), F32) if return_lse else (None, None)
     _lib.check(_hilo(_ctx_for(ctx, dq), _params(scale, softcap, False, None),
-                     _grid(grid, "grid"), _grid(win, "win"), int(lo_heads), pq, pk, pv, po))
-    return o
+                     _grid(grid, "grid"), _grid(win, "win"), int(lo_heads), pq, pk, pv, po, pl))
+    return (o, lse) if return_lse else o
 
 
-def global_context_attention(q, q_global, k, v, grid, win, *, scale=None, softcap=0.0, ctx=None):
+def hilo_attention_backward(q, k, v, o, lse, dout, grid, win, lo_heads, *, scale=None,
+                            softcap=0.0, ctx=None):
+    """Backward of hilo_attention (the same grid, win and lo_heads; lse from
+    return_lse=True): dout [B, T, H, Dv] -> (dq, dk, dv) shaped like q, k, v."""
+    _need_windows()
+    ptrs, _keep, (gq, gk, gv), dq_ = _softmax_bwd_args(q, k, v, o, lse, dout)
+    _lib.check(_hilo_bwd(_ctx_for(ctx, dq_), _params(scale, softcap, False, None),
+                         _grid(grid, "grid"), _grid(win, "win"), int(lo_heads), *ptrs))
+    return gq, gk, gv
+
+
+def global_context_attention(q, q_global, k, v, grid, win, *, scale=None, softcap=0.0,
+                             return_lse=False, ctx=None):
     """Global Context ViT's attention on a grid cut into windows `win`.
 
     q, k [B, F H W, H, D], v [B, F H W, H, Dv] (H == Hk); q_global
@@ -258,18 +290,43 @@ def global_context_attention(q, q_global, k, v, grid, win, *, scale=None, softca
     by every window (row r queries position r of each window) ->
     (o_local, o_global), each [B, F H W, H, Dv]: each token's attention to
     the keys of its own window, by its own query and by the global query of
-    its position in the window.
+    its position in the window (and with return_lse=True, lse_local and
+    lse_global [B, H, F H W] float32 after them).
     """
-    _need()
+    _need_windows()
     pq, oq, sq, dq, tq = _view(q, "q")
     pg, og, _, _, _ = _view(q_global, "q_global")
     pk, ok, sk, dk, _ = _view(k, "k")
     pv, ov, sv, dv, _ = _view(v, "v")
     ol, pol = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
     ogl, pog = _empty(tq, (sq[0], sq[1], sq[2], sv[3]), dq)
+    if return_lse:
+        (ll, pll), (lg, plg) = (_empty(tq, (sq[0], sq[2], sq[1]), F32) for _ in range(2))
+    else:
+        ll = pll = lg = plg = None
     _lib.check(_gc(_ctx_for(ctx, dq), _params(scale, softcap, False, None), _grid(grid, "grid"),
-                   _grid(win, "win"), pq, pg, pk, pv, pol, pog))
-    return ol, ogl
+                   _grid(win, "win"), pq, pg, pk, pv, pol, pog, pll, plg))
+    return (ol, ogl, ll, lg) if return_lse else (ol, ogl)
+
+
+def global_context_attention_backward(q, q_global, k, v, o_local, o_global, lse_local,
+                                      lse_global, dout_local, dout_global, grid, win, *,
+                                      scale=None, softcap=0.0, ctx=None):
+    """Backward of global_context_attention (outputs and LSEs from
+    return_lse=True; dout_local, dout_global [B, T, H, Dv]) ->
+    (dq, dq_global, dk, dv) shaped like q, q_global, k, v: dk and dv carry
+    both branches, dq_global the sum over the windows."""
+    _need_windows()
+    args = (q, q_global, k, v, o_local, o_global, lse_local, lse_global, dout_local, dout_global)
+    names = ("q", "q_global", "k", "v", "o_local", "o_global", "lse_local", "lse_global",
+             "dout_local", "dout_global")
+    views = [_view(x, n, (3,) if n.startswith("lse") else (4,)) for x, n in zip(args, names)]
+    like_torch, dt = views[0][4], views[0][3]
+    grads = [_empty(like_torch, views[i][2], views[i][3]) for i in range(4)]  # like q, qg, k, v
+    _lib.check(_gc_bwd(_ctx_for(ctx, dt), _params(scale, softcap, False, None),
+                       _grid(grid, "grid"), _grid(win, "win"), *(w[0] for w in views),
+                       *(g[1] for g in grads)))
+    return tuple(g[0] for g in grads)
 
 
 def _permute_tokens(fn, x, idx, ctx):
@@ -340,9 +397,10 @@ def paro_choose(q, k, grid, *, block=64, keep=1, samples=16, scale=None, softcap
     return out
 
 
-__all__ = ["HAS_GRID", "HAS_POOLED_CROSS_BACKWARD", "grid_pool", "sra_attention",
-           "sra_attention_backward", "pooled_cross_attention",
+__all__ = ["HAS_GRID", "HAS_POOLED_CROSS_BACKWARD", "HAS_WINDOW_BACKWARD", "grid_pool",
+           "sra_attention", "sra_attention_backward", "pooled_cross_attention",
            "pooled_cross_attention_backward", "neighborhood_plan", "neighborhood_attention",
-           "neighborhood_attention_backward", "hilo_attention", "global_context_attention",
+           "neighborhood_attention_backward", "hilo_attention", "hilo_attention_backward",
+           "global_context_attention", "global_context_attention_backward",
            "gather_tokens", "scatter_tokens", "grid_window_index", "grid_axis_index",
            "paro_choose"]

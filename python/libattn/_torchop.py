@@ -26,10 +26,12 @@ class CustomOp:
       (Tensor or Tensor?) first: "Tensor q, Tensor k, Tensor v, float? scale".
     forward(*inputs) -> the output, or with outputs > 1 a tuple (o, *extra)
       (e.g. an LSE: kept for the backward, not differentiable, not returned
-      to the caller).
-    backward(*tensor_inputs, [*outputs,] dout, *other_inputs) -> one gradient
-      per tensor input, shaped and typed like it (None for an input that is
-      None); the forward's outputs come in when outputs > 1.
+      to the caller); with grads > 1 the first `grads` outputs are
+      differentiable and returned (o_1, ..., o_grads, *extra).
+    backward(*tensor_inputs, [*outputs,] dout_1, ..., dout_grads,
+      *other_inputs) -> one gradient per tensor input, shaped and typed like
+      it (None for an input that is None); the forward's outputs come in
+      when outputs > 1.
     fake(*inputs) -> new empty tensors shaped and typed as forward's result.
 
     The Function (`function`, named `name`) may take inputs after those of
@@ -39,14 +41,18 @@ class CustomOp:
     """
 
     def __init__(self, op: str, args: str, forward: Callable, backward: Callable,
-                 fake: Callable, *, outputs: int = 1, name: str = "", doc: str = ""):
+                 fake: Callable, *, outputs: int = 1, grads: int = 1, name: str = "",
+                 doc: str = ""):
         decl = [a.strip() for a in args.split(",")]
         self.ntensors = sum(d.startswith("Tensor") for d in decl)
         if any(d.startswith("Tensor") for d in decl[self.ntensors:]):
             raise ValueError(f"{op}: tensors must come first in {args!r}")
-        self.outputs, self._forward, self._backward = outputs, forward, backward
+        if not 1 <= grads <= outputs:
+            raise ValueError(f"{op}: grads must be in 1..outputs")
+        self.outputs, self.grads, self._forward, self._backward = outputs, grads, forward, backward
         outs = [f"Tensor out{i}" for i in range(outputs)] if outputs > 1 else []
-        bargs = ", ".join(decl[:self.ntensors] + outs + ["Tensor dout"] + decl[self.ntensors:])
+        douts = ["Tensor dout"] if grads == 1 else [f"Tensor dout{i}" for i in range(grads)]
+        bargs = ", ".join(decl[:self.ntensors] + outs + douts + decl[self.ntensors:])
         ret = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
         self.fwd = torch.library.custom_op(f"{LIB}::{op}_fwd", forward, mutates_args=(),
                                            schema=f"({args}) -> {ret}")
@@ -72,14 +78,22 @@ class CustomOp:
         ctx.save_for_backward(*inputs[:self.ntensors], *outs)
         ctx.others = tuple(inputs[self.ntensors:])
 
-    def _grads(self, ctx, dout, backward):
+    def _grads(self, ctx, douts, backward):
         saved = ctx.saved_tensors
-        g = backward(*saved, dout.contiguous(), *ctx.others)
+        # an output the loss does not use may come without a gradient
+        outs = saved[self.ntensors:]
+        douts = [(torch.zeros_like(outs[i]) if d is None else d).contiguous()
+                 for i, d in enumerate(douts)]
+        g = backward(*saved, *douts, *ctx.others)
         g = tuple(None if x is None else gx for x, gx in zip(saved[:self.ntensors], g))
         return g + (None,) * len(ctx.others)
 
-    def _op_backward(self, ctx, dout, *_extra):
-        return self._grads(ctx, dout, self.bwd)
+    def _op_backward(self, ctx, *douts):
+        return self._grads(ctx, douts[:self.grads], self.bwd)
+
+    def _returned(self, out):
+        """What the caller gets: the output, or the first `grads` outputs."""
+        return _tuple(out)[0] if self.grads == 1 else _tuple(out)[:self.grads]
 
     def _make_function(self, name, doc):
         spec = self
@@ -87,10 +101,10 @@ class CustomOp:
         def forward(ctx, *inputs):
             out = spec._forward(*inputs)
             spec._setup(ctx, inputs, out)
-            return _tuple(out)[0]
+            return spec._returned(out)
 
-        def backward(ctx, dout):
-            return spec._grads(ctx, dout, spec._backward)
+        def backward(ctx, *douts):
+            return spec._grads(ctx, douts, spec._backward)
 
         return type(name, (torch.autograd.Function,),
                     {"__doc__": doc, "__module__": "libattn.torch",
@@ -100,5 +114,5 @@ class CustomOp:
         if torch.compiler.is_compiling():
             # Dynamo traces the custom op (its autograd registered) rather
             # than the Function, whose forward is a ctypes call
-            return _tuple(self.fwd(*inputs))[0]
+            return self._returned(self.fwd(*inputs))
         return self.function.apply(*inputs)

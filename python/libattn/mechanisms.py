@@ -655,26 +655,39 @@ register(Mechanism("neighborhood", "sparse", _nbhd,
                    patterns=("noncausal-self",), available=_has_grid, backward=_nbhd_grad))
 
 
-def _hilo(q, k, v, causal):
-    """HiLo: the first half of the heads in windows, the rest to pooled keys."""
+def _hilo_with(fn, q, k, v, causal):
+    """HiLo through fn (the binding or its differentiable form): the first
+    half of the heads in windows, the rest to pooled keys."""
     _grid_only("hilo", causal)
     H = q.shape[2]
     g = grid_of(q.shape[1])
-    return _grid.hilo_attention(q, _expand_heads(k, H), _expand_heads(v, H), g,
-                                _clip(g, GRID_WIN), H // 2)
+    return fn(q, _expand_heads(k, H), _expand_heads(v, H), g, _clip(g, GRID_WIN), H // 2)
 
 
+def _hilo(q, k, v, causal):
+    return _hilo_with(_grid.hilo_attention, q, k, v, causal)
+
+
+def _hilo_grad(q, k, v, causal):
+    from . import torch as lat
+
+    return _hilo_with(lat.hilo_attention, q, k, v, causal)
+
+
+_has_window_backward = lambda: _grid.HAS_WINDOW_BACKWARD  # noqa: E731
 register(Mechanism("hilo", "sparse", _hilo,
-                   f"HiLo (LITv2; attn_hilo_forward): H - H/2 heads attend within windows of up "
-                   f"to {GRID_WIN}x{GRID_WIN} on the near-square grid, H/2 heads to keys and "
-                   "values pooled by the window; non-causal self",
-                   patterns=("noncausal-self",), available=_has_grid))
+                   f"HiLo (LITv2; attn_hilo_forward, backward attn_hilo_backward): H - H/2 heads "
+                   f"attend within windows of up to {GRID_WIN}x{GRID_WIN} on the near-square "
+                   "grid, H/2 heads to keys and values pooled by the window; non-causal self",
+                   patterns=("noncausal-self",), available=_has_window_backward,
+                   backward=_hilo_grad))
 
 
-def _global_context(q, k, v, causal):
-    """GC ViT: local window attention and the same windows queried by global
-    queries (here the mean query of each window position over all windows),
-    mixed evenly: o = (o_local + o_global) / 2."""
+def _global_context_with(fn, q, k, v, causal):
+    """GC ViT through fn (the binding or its differentiable form): local
+    window attention and the same windows queried by global queries (here
+    the mean query of each window position over all windows), mixed evenly:
+    o = (o_local + o_global) / 2."""
     _grid_only("global_context", causal)
     B, N, H, D = q.shape
     g = grid_of(N)
@@ -682,16 +695,27 @@ def _global_context(q, k, v, causal):
     wtok = w[0] * w[1]
     qw = q[:, torch.from_numpy(_grid.grid_window_index(g, w))]  # window-major
     qg = qw.reshape(B, N // wtok, wtok, H, D).mean(1)
-    ol, og = _grid.global_context_attention(q, qg, _expand_heads(k, H), _expand_heads(v, H), g, w)
+    ol, og = fn(q, qg, _expand_heads(k, H), _expand_heads(v, H), g, w)
     return 0.5 * (ol + og)
 
 
+def _global_context(q, k, v, causal):
+    return _global_context_with(_grid.global_context_attention, q, k, v, causal)
+
+
+def _global_context_grad(q, k, v, causal):
+    from . import torch as lat
+
+    return _global_context_with(lat.global_context_attention, q, k, v, causal)
+
+
 register(Mechanism("global_context", "sparse", _global_context,
-                   f"Global Context ViT (attn_global_context_forward): windows of up to "
-                   f"{GRID_WIN}x{GRID_WIN} on the near-square grid, local queries and global "
-                   "queries (the mean query of each window position), outputs averaged; "
-                   "non-causal self",
-                   patterns=("noncausal-self",), available=_has_grid))
+                   f"Global Context ViT (attn_global_context_forward, backward "
+                   f"attn_global_context_backward): windows of up to {GRID_WIN}x{GRID_WIN} on "
+                   "the near-square grid, local queries and global queries (the mean query of "
+                   "each window position), outputs averaged; non-causal self",
+                   patterns=("noncausal-self",), available=_has_window_backward,
+                   backward=_global_context_grad))
 
 PARO_SAMPLES = 16  # query rows scored per axis order and head
 

@@ -14,10 +14,12 @@ the backward op, so it traces under torch.compile (fullgraph=True):
     libattn::<name>_fwd, libattn::<name>_bwd (tensor inputs, [outputs,] dout,
         other inputs) -> [one gradient per tensor input], for <name> in
         linear_attention, gla_attention, ssd, mamba_scan, sra_attention,
-        pooled_cross_attention, neighborhood_attention, lightnet_attention,
-        rfa_attention, wersa_attention, lla_attention (built by
-        _torchop.CustomOp; grids, ratios and radii are int[], a None
-        optional tensor's gradient an empty tensor)
+        pooled_cross_attention, neighborhood_attention, hilo_attention,
+        global_context_attention, lightnet_attention, rfa_attention,
+        wersa_attention, lla_attention (built by _torchop.CustomOp; grids,
+        ratios, windows and radii are int[], a None optional tensor's
+        gradient an empty tensor; global_context_attention's backward takes
+        a gradient per output)
     libattn::catanet_attention_fwd (q, k, v, feats, centres, scale) ->
         (o_intra, o_inter, lse_intra, lse_inter), libattn::catanet_attention_bwd
         (..., the four outputs, dout_intra, dout_inter, scale) -> (dq, dk, dv):
@@ -345,6 +347,57 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, grid, radius, *, pla
     return _nbhd(q, k, v, _ints(grid), _ints(radius), int(block), *args)
 
 
+_hilo = CustomOp(
+    "hilo_attention",
+    "Tensor q, Tensor k, Tensor v, int[] grid, int[] win, int lo_heads, float? scale, "
+    "float softcap",
+    lambda q, k, v, grid, win, lo_heads, scale, softcap: _grid.hilo_attention(
+        q, k, v, grid, win, lo_heads, scale=scale, softcap=softcap, return_lse=True),
+    lambda q, k, v, o, lse, do, grid, win, lo_heads, scale, softcap:
+        _grid.hilo_attention_backward(q, k, v, o, lse, do, grid, win, lo_heads, scale=scale,
+                                      softcap=softcap),
+    _o_lse, outputs=2, name="HiLoFunction",
+    doc="""HiLo attention (libattn.hilo_attention), forward attn_hilo_forward,
+    backward attn_hilo_backward.""")
+HiLoFunction = _hilo.function
+
+
+def hilo_attention(q: Tensor, k: Tensor, v: Tensor, grid, win, lo_heads: int, *,
+                   scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
+    """Differentiable HiLo attention; as libattn.hilo_attention."""
+    return _hilo(q, k, v, _ints(grid), _ints(win), int(lo_heads), _float(scale), float(softcap))
+
+
+def _gc_fake(q, q_global, k, v, *_):
+    """Fake (o_local, o_global [B, T, H, Dv], lse_local, lse_global [B, H, T] f32)."""
+    o, lse = _o_lse(q, k, v)
+    return o, _o_like_qv(q, k, v), lse, torch.empty_like(lse)
+
+
+_gc = CustomOp(
+    "global_context_attention",
+    "Tensor q, Tensor q_global, Tensor k, Tensor v, int[] grid, int[] win, float? scale, "
+    "float softcap",
+    lambda q, qg, k, v, grid, win, scale, softcap: _grid.global_context_attention(
+        q, qg, k, v, grid, win, scale=scale, softcap=softcap, return_lse=True),
+    lambda q, qg, k, v, ol, og, ll, lg, dl, dg, grid, win, scale, softcap:
+        _grid.global_context_attention_backward(q, qg, k, v, ol, og, ll, lg, dl, dg, grid, win,
+                                                scale=scale, softcap=softcap),
+    _gc_fake, outputs=4, grads=2, name="GlobalContextFunction",
+    doc="""Global Context ViT's attention (libattn.global_context_attention),
+    forward attn_global_context_forward, backward
+    attn_global_context_backward; both outputs differentiable.""")
+GlobalContextFunction = _gc.function
+
+
+def global_context_attention(q: Tensor, q_global: Tensor, k: Tensor, v: Tensor, grid, win, *,
+                             scale: Optional[float] = None,
+                             softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Differentiable Global Context attention (gradients for q, q_global,
+    k, v); as libattn.global_context_attention -> (o_local, o_global)."""
+    return _gc(q, q_global, k, v, _ints(grid), _ints(win), _float(scale), float(softcap))
+
+
 _lightnet = CustomOp(
     "lightnet_attention", "Tensor q, Tensor k, Tensor v, float? scale",
     lambda q, k, v, scale: _linmech.lightnet_attention(q, k, v, scale=scale),
@@ -603,6 +656,7 @@ __all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction",
            "mamba_scan", "SRAFunction", "sra_attention", "PooledCrossFunction",
            "pooled_cross_attention", "CATANetFunction", "catanet_attention",
            "catanet_attention_fwd", "catanet_attention_bwd", "NeighborhoodFunction",
-           "neighborhood_attention", "LightNetFunction", "lightnet_attention", "RFAFunction",
+           "neighborhood_attention", "HiLoFunction", "hilo_attention", "GlobalContextFunction",
+           "global_context_attention", "LightNetFunction", "lightnet_attention", "RFAFunction",
            "rfa_attention", "WERSAFunction", "wersa_attention", "LLAFunction", "lla_attention",
            "NSAFunction", "nsa_attention"]

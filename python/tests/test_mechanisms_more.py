@@ -22,12 +22,18 @@ F = torch.nn.functional
 need_grid = pytest.mark.skipif(not _grid.HAS_GRID, reason="no grid mechanisms in this build")
 
 
-def attn_ref(q, k, v, mask=None, bias=None, scale=None):
+def logits_ref(q, k, scale=None, softcap=0.0):
+    """Scaled (and soft-capped) logits [B, H, N, M] in float64, H == Hk."""
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * (scale or q.shape[3] ** -0.5)
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
+def attn_ref(q, k, v, mask=None, bias=None, scale=None, softcap=0.0):
     """Softmax attention in float64 with GQA; mask [.., N, M] bool, bias
     added to the logits; rows with no key give 0."""
     H, Hk, D = q.shape[2], k.shape[2], q.shape[3]
     k, v = (x.double().repeat_interleave(H // Hk, 2) for x in (k, v))
-    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), k) * (scale or D ** -0.5)
+    s = logits_ref(q, k, scale, softcap)
     if bias is not None:
         s = s + bias
     if mask is not None:
@@ -326,6 +332,153 @@ def test_hilo_and_global_context():
     assert rel(og, want_g) < 1e-5
     with pytest.raises(libattn.AttnError, match="q_global"):
         libattn.global_context_attention(q, qg[:, :5], k, v, grid, win)
+
+
+need_windows = pytest.mark.skipif(not _grid.HAS_WINDOW_BACKWARD,
+                                  reason="no HiLo / Global Context backward in this build")
+
+
+def hilo_ref(q, k, v, grid, win, lo, softcap=0.0):
+    """HiLo in float64: Hi heads within their window, Lo heads to pooled keys."""
+    wid, _ = window_of(grid, win)
+    hi = q.shape[2] - lo
+    parts = []
+    if hi:
+        parts.append(attn_ref(q[:, :, :hi], k[:, :, :hi], v[:, :, :hi], wid[:, None] == wid[None],
+                              softcap=softcap))
+    if lo:
+        parts.append(attn_ref(q[:, :, hi:], pool_ref(k[:, :, hi:], grid, win),
+                              pool_ref(v[:, :, hi:], grid, win), softcap=softcap))
+    return torch.cat(parts, 2)
+
+
+def hilo_lse_ref(q, k, grid, win, lo, softcap=0.0):
+    """HiLo's LSE [B, H, T]: Hi heads over their window, Lo heads over pooled keys."""
+    wid, _ = window_of(grid, win)
+    hi = q.shape[2] - lo
+    parts = []
+    if hi:
+        s = logits_ref(q[:, :, :hi], k[:, :, :hi], softcap=softcap)
+        parts.append(s.masked_fill(wid[:, None] != wid[None], -math.inf).logsumexp(-1))
+    if lo:
+        s = logits_ref(q[:, :, hi:], pool_ref(k[:, :, hi:], grid, win), softcap=softcap)
+        parts.append(s.logsumexp(-1))
+    return torch.cat(parts, 1)
+
+
+def gc_ref(q, qg, k, v, grid, win, softcap=0.0):
+    """Global Context in float64: (o_local, o_global), and their LSEs."""
+    wid, pos = window_of(grid, win)
+    same = wid[:, None] == wid[None]
+    outs = tuple(attn_ref(x, k, v, same, softcap=softcap) for x in (q, qg[:, pos]))
+    lses = tuple(logits_ref(x, k, softcap=softcap).masked_fill(~same, -math.inf).logsumexp(-1)
+                 for x in (q, qg[:, pos]))
+    return outs, lses
+
+
+@need_windows
+@pytest.mark.parametrize("grid, win, lo", [((6, 10), (2, 5), 0), ((6, 10), (2, 5), 1),
+                                           ((6, 10), (2, 5), 3), ((2, 4, 6), (2, 2, 3), 1)])
+def test_hilo_backward_matches_autograd(grid, win, lo):
+    T = math.prod(grid)
+    q, k, v = qkv(B=2, T=T, H=3, Hk=3, D=8, Dv=6)
+    o, lse = libattn.hilo_attention(q, k, v, grid, win, lo, softcap=4.0, return_lse=True)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want = hilo_ref(*leaves, grid, win, lo, softcap=4.0)
+    assert rel(o, want) < 1e-5
+    assert lse.dtype == torch.float32 and rel(lse, hilo_lse_ref(q, k, grid, win, lo, 4.0)) < 1e-5
+    do = rnd(*o.shape, seed=9)
+    (want * do.double()).sum().backward()
+    grads = libattn.hilo_attention_backward(q, k, v, o, lse, do, grid, win, lo, softcap=4.0)
+    for g, leaf, name in zip(grads, leaves, "qkv"):
+        assert g.dtype == torch.float32 and rel(g, leaf.grad) < 1e-4, name
+    # numpy in, numpy out; the same gradients
+    npg = libattn.hilo_attention_backward(*(x.numpy() for x in (q, k, v, o, lse, do)), grid, win,
+                                          lo, softcap=4.0)
+    for g, gt in zip(npg, grads):
+        assert isinstance(g, np.ndarray) and rel(g, gt) < 1e-6
+    # autograd through libattn.torch gives the same
+    lq, lk, lv = (x.clone().requires_grad_() for x in (q, k, v))
+    (lat.hilo_attention(lq, lk, lv, grid, win, lo, softcap=4.0) * do).sum().backward()
+    for leaf, gt in zip((lq, lk, lv), grads):
+        assert rel(leaf.grad, gt) < 1e-6
+    with pytest.raises(libattn.AttnError, match="dout"):
+        libattn.hilo_attention_backward(q, k, v, o, lse, do[..., :-1], grid, win, lo)
+    with pytest.raises(libattn.AttnError, match="lse"):
+        libattn.hilo_attention_backward(q, k, v, o, lse[:, :, 1:], do, grid, win, lo)
+
+
+@need_windows
+@pytest.mark.parametrize("grid, win", [((6, 10), (2, 5)), ((2, 4, 6), (2, 2, 3))])
+def test_global_context_backward_matches_autograd(grid, win):
+    T, wtok = math.prod(grid), math.prod(win)
+    q, k, v = qkv(B=2, T=T, H=2, Hk=2, D=8, Dv=6)
+    qg = rnd(2, wtok, 2, 8, seed=11)
+    ol, og, ll, lg = libattn.global_context_attention(q, qg, k, v, grid, win, softcap=4.0,
+                                                      return_lse=True)
+    leaves = [x.double().requires_grad_() for x in (q, qg, k, v)]
+    (wl, wg), (rll, rlg) = gc_ref(*leaves, grid, win, softcap=4.0)
+    assert rel(ol, wl) < 1e-5 and rel(og, wg) < 1e-5
+    assert rel(ll, rll) < 1e-5 and rel(lg, rlg) < 1e-5
+    dl, dg = rnd(*ol.shape, seed=12), rnd(*og.shape, seed=13)
+    ((wl * dl.double()).sum() + (wg * dg.double()).sum()).backward()
+    grads = libattn.global_context_attention_backward(q, qg, k, v, ol, og, ll, lg, dl, dg, grid,
+                                                      win, softcap=4.0)
+    for g, leaf, name in zip(grads, leaves, ("q", "q_global", "k", "v")):
+        assert g.shape == leaf.shape and rel(g, leaf.grad) < 1e-4, name
+    # autograd through libattn.torch: both outputs differentiable
+    lq, lg_, lk, lv = (x.clone().requires_grad_() for x in (q, qg, k, v))
+    a, b = lat.global_context_attention(lq, lg_, lk, lv, grid, win, softcap=4.0)
+    ((a * dl).sum() + (b * dg).sum()).backward()
+    for leaf, gt in zip((lq, lg_, lk, lv), grads):
+        assert rel(leaf.grad, gt) < 1e-6
+    with pytest.raises(libattn.AttnError, match="dout_global"):
+        libattn.global_context_attention_backward(q, qg, k, v, ol, og, ll, lg, dl, dg[:, :-1],
+                                                  grid, win)
+    with pytest.raises(libattn.AttnError, match="q_global"):
+        libattn.global_context_attention_backward(q, qg[:, :-1], k, v, ol, og, ll, lg, dl, dg,
+                                                  grid, win)
+
+
+@need_windows
+def test_hilo_and_global_context_gradcheck():
+    d = qkv(1, 12, 3, 3, 3, 2, dtype=torch.float64)
+    q, k, v = (x.requires_grad_() for x in d)
+    assert gradcheck(lambda *a: lat.hilo_attention(*a, (3, 4), (1, 2), 1, softcap=2.0),
+                     (q, k, v), eps=1e-6, atol=1e-6)
+    qg = rnd(1, 2, 3, 3, seed=5, dtype=torch.float64).requires_grad_()
+    assert gradcheck(lambda q, qg, k, v: lat.global_context_attention(q, qg, k, v, (3, 4), (1, 2)),
+                     (q, qg, k, v), eps=1e-6, atol=1e-6)
+
+
+@need_windows
+@pytest.mark.parametrize("name", ["hilo", "global_context"])
+def test_registry_window_backwards(name):
+    """The registry's differentiable forms (GQA kv heads, the grid and
+    windows the benchmark picks) against autograd of the references."""
+    m = mechanisms.REGISTRY[name]
+    assert m.backward is not None
+    q, k, v = qkv(B=1, T=128, H=2, Hk=1, D=8, Dv=6)
+    do = rnd(1, 128, 2, 6, seed=14)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    (m.backward(*leaves, False) * do).sum().backward()
+    refs = [x.double().requires_grad_() for x in (q, k, v)]
+    g = mechanisms.grid_of(128)
+    w = mechanisms._clip(g, mechanisms.GRID_WIN)
+    assert math.prod(g) // math.prod(w) > 1  # several windows
+    qr, kr, vr = refs[0], refs[1].repeat_interleave(2, 2), refs[2].repeat_interleave(2, 2)
+    if name == "hilo":
+        want = hilo_ref(qr, kr, vr, g, w, 1)
+    else:
+        wid, pos = window_of(g, w)
+        qw = qr[:, torch.from_numpy(_grid.grid_window_index(g, w))]
+        qg = qw.reshape(1, -1, math.prod(w), 2, 8).mean(1)
+        (ol, og), _ = gc_ref(qr, qg, kr, vr, g, w)
+        want = 0.5 * (ol + og)
+    assert rel(m.fn(q, k, v, False), want) < 1e-5
+    (want * do.double()).sum().backward()
+    for leaf, r in zip(leaves, refs):
+        assert rel(leaf.grad, r.grad) < 1e-4
 
 
 @need_grid

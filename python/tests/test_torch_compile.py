@@ -1,7 +1,7 @@
 """The mechanisms of libattn.torch registered as torch.library custom ops:
 torch.compile(fullgraph=True) of a small function over each one gives the
 eager values and gradients (a graph break, e.g. a ctypes call traced,
-fails fullgraph), and torch.library.opcheck passes on two of them. The
+fails fullgraph), and torch.library.opcheck passes on three of them. The
 compile backend is aot_eager: Dynamo and AOTAutograd over the fake
 implementations, without Inductor's C++ build (seconds per op)."""
 
@@ -60,6 +60,15 @@ def case(name):
     if name == "neighborhood_attention":
         return lambda q, k, v: lat.neighborhood_attention(q, k, v, (4, 4), (1, 1), block=4), \
             (q, k, v), _grid.HAS_GRID
+    if name == "hilo_attention":
+        q, k, v = qkv(Hk=2)
+        return lambda q, k, v: lat.hilo_attention(q, k, v, (4, 4), (2, 2), 1, softcap=5.0), \
+            (q, k, v), _grid.HAS_WINDOW_BACKWARD
+    if name == "global_context_attention":  # both outputs in the loss
+        q, k, v = qkv(Hk=2)
+        return lambda q, qg, k, v: torch.cat(
+            lat.global_context_attention(q, qg, k, v, (4, 4), (2, 2)), -1), \
+            (q, rnd(1, 4, 2, 8, seed=4), k, v), _grid.HAS_WINDOW_BACKWARD
     if name == "lightnet_attention":
         return lambda q, k, v: lat.lightnet_attention(q, k, v), (q, k, v), _linmech.HAS_LIGHTNET
     if name == "rfa_attention":
@@ -81,8 +90,8 @@ def _mix(o_intra, o_inter):
 
 NAMES = ["linear_attention", "gla_attention", "ssd", "ssd_no_dskip", "mamba_scan",
          "sra_attention", "pooled_cross_attention", "catanet_attention",
-         "neighborhood_attention", "lightnet_attention", "rfa_attention", "wersa_attention",
-         "lla_attention"]
+         "neighborhood_attention", "hilo_attention", "global_context_attention",
+         "lightnet_attention", "rfa_attention", "wersa_attention", "lla_attention"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,6 +139,16 @@ def test_opcheck_catanet():
     feats, centres = rnd(1, 16, 1, 3, seed=4), rnd(1, 3, 1, 3, seed=5)
     assert _passed(torch.library.opcheck(torch.ops.libattn.catanet_attention_fwd.default,
                                          (q, k, v, feats, centres, None)))
+
+
+@pytest.mark.skipif(not _grid.HAS_WINDOW_BACKWARD, reason="no HiLo / GC backward in this build")
+def test_opcheck_global_context():
+    """Four outputs of which two are differentiable (a gradient each)."""
+    q, k, v = qkv(Hk=2)
+    qg = rnd(1, 4, 2, 8, seed=4)
+    args = [x.requires_grad_() for x in (q, qg, k, v)]
+    assert _passed(torch.library.opcheck(torch.ops.libattn.global_context_attention_fwd.default,
+                                         (*args, [4, 4], [2, 2], None, 0.0)))
 
 
 @pytest.mark.skipif(not _ssm.HAS_SSD, reason="no SSD in this build")
