@@ -57,6 +57,29 @@ static void test_orders(attn_ctx *ref) {
     CHECK(attn_gather_tokens(ref, dup, &x.t, &y.t) == ATTN_ERR_ARG && strstr(attn_last_error(), "idx"),
           "a non-permutation must be refused: %s", attn_last_error());
     tu_free(&x), tu_free(&y), tu_free(&z);
+
+    /* rows of one dtype with unit stride move as bytes, others element by
+     * element: both give every element exactly (bf16 -> f32 widens) */
+    attn_ctx *cpu = tu_ctx("test_reorder", ATTN_BACKEND_CPU, 2);
+    for (int w = 0; w < 3; w++) {
+        tu_case("gather on the CPU: %s", w == 0 ? "f32" : w == 1 ? "bf16 to f32" : "strided f32");
+        tu_buf a = tu_alloc(w == 1 ? ATTN_BF16 : ATTN_F32, 2, 16, 3, 5 + (w == 2));
+        tu_buf c = tu_alloc(ATTN_F32, 2, 16, 3, 5);
+        tu_fill(&a.t, &rng, -1, 1);
+        attn_tensor av = a.t;
+        if (w == 2) av.shape[3] = 5, av.stride[3] = 1, av.stride[2] = 6; /* rows of 6, 5 used */
+        CHECK_OK(attn_gather_tokens(cpu, idx, &av, &c.t));
+        int same = 1;
+        for (int64_t b = 0; b < 2; b++)
+            for (int64_t t = 0; t < 16; t++)
+                for (int64_t h = 0; h < 3; h++)
+                    for (int64_t e = 0; e < 5; e++)
+                        same &= tu_load(&c.t, tu_off4(&c.t, b, t, h, e)) ==
+                                tu_load(&av, tu_off4(&av, b, idx[t], h, e));
+        CHECK(same, "gather differs from x[idx[t]]");
+        tu_free(&a), tu_free(&c);
+    }
+    attn_ctx_free(cpu);
 }
 
 /* Log-sum-exp, naively in double, of the logits (scaled, no softcap) of

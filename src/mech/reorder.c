@@ -41,13 +41,24 @@ static attn_status move_tokens(attn_ctx *ctx, const int64_t *idx, const attn_ten
     const char *names[] = {"x"};
     CHECK(attn_check_output("out", out, ins, names, 1));
     CHECK(check_perm(idx, x->shape[1]));
+    /* rows of one dtype with unit stride move as bytes; else element by
+     * element through double (exact for every dtype) */
+    const bool bytes = x->dtype == out->dtype && x->stride[3] == 1 && out->stride[3] == 1;
+    const size_t es = attn_dtype_size(x->dtype);
     for (int64_t b = 0; b < x->shape[0]; b++)
         for (int64_t t = 0; t < x->shape[1]; t++) {
             int64_t from = scatter ? t : idx[t], to = scatter ? idx[t] : t;
-            for (int64_t h = 0; h < x->shape[2]; h++)
+            for (int64_t h = 0; h < x->shape[2]; h++) {
+                const int64_t src = attn_off4(x, b, from, h, 0), dst = attn_off4(out, b, to, h, 0);
+                if (bytes) {
+                    memcpy((char *)out->data + (size_t)dst * es,
+                           (const char *)x->data + (size_t)src * es, (size_t)x->shape[3] * es);
+                    continue;
+                }
                 for (int64_t e = 0; e < x->shape[3]; e++)
-                    attn_store_f64(out, attn_off4(out, b, to, h, e),
-                                   attn_load_f64(x, attn_off4(x, b, from, h, e)));
+                    attn_store_f64(out, dst + e * out->stride[3],
+                                   attn_load_f64(x, src + e * x->stride[3]));
+            }
         }
     return ATTN_OK;
 }
