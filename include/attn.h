@@ -353,7 +353,10 @@ ATTN_API attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p,
  * attn_nsa_select, gates f32 [B, N, H, 3], o [B, N, H, Dv];
  * saved_o f32 [3 B, N, H, Dv] and saved_lse f32 [3 B, H, N]: each branch's
  * output and LSE (branch-major), for the backward; both NULL or both set.
- * p sets scale and softcap (causal is implied). */
+ * p sets scale and softcap (causal is implied). Without saved branches and
+ * with an f32 o, the CPU adds each branch into o as it finishes (no buffer
+ * per branch: the faster way for inference); on ATTN_ERR_NOMEM o is then
+ * unspecified. */
 ATTN_API attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p,
                                       const attn_nsa_opts *opt, const attn_tensor *q,
                                       const attn_tensor *k, const attn_tensor *v,
@@ -363,8 +366,9 @@ ATTN_API attn_status attn_nsa_forward(attn_ctx *ctx, const attn_params *p,
                                       attn_tensor *saved_lse);
 
 /* Selection and forward in one call, as attn_nsa_select then
- * attn_nsa_forward would give (the same plan, the same output), with the
- * compressed branch computed once: its LSE is the selection's. The plan is
+ * attn_nsa_forward would give (the same plan; the same output within f32
+ * rounding), with the compressed branch computed once: one pass over its
+ * logits gives the branch and the selection's scores. The plan is
  * returned in *sel_out for the backward (free it with attn_plan_free), or
  * freed when sel_out is NULL; on error *sel_out is NULL. */
 ATTN_API attn_status attn_nsa_attention(attn_ctx *ctx, const attn_params *p,
