@@ -8,6 +8,7 @@
 #include "nsa_select.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,10 +20,31 @@ typedef struct cand {
     int64_t u;
 } cand;
 
-static int by_score(const void *a, const void *b) {
-    const cand *x = a, *y = b;
-    if (x->s != y->s) return x->s < y->s ? 1 : -1;
-    return (x->u > y->u) - (x->u < y->u);
+/* The ranking of candidates: higher score first (NaN lowest), then lower
+ * block index; a strict total order, so the kept set is unique. */
+static bool ranks_above(const cand *x, const cand *y) {
+    if (x->s != y->s) {
+        if (y->s != y->s) return true;  /* y is NaN */
+        if (x->s != x->s) return false; /* x is NaN */
+        return x->s > y->s;
+    }
+    return x->u < y->u;
+}
+
+/* The `keep` best of c candidates into cd[0..keep), best first: an insertion
+ * into a short sorted list, which most candidates leave at one comparison. */
+static void keep_best(cand *cd, int64_t c, int64_t keep) {
+    int64_t n = 0;
+    for (int64_t x = 0; x < c; x++) {
+        cand e = cd[x];
+        if (n == keep && !ranks_above(&e, &cd[n - 1])) continue;
+        int64_t at = n < keep ? n++ : n - 1; /* the slot freed: the end, or the worst */
+        while (at > 0 && ranks_above(&e, &cd[at - 1])) {
+            cd[at] = cd[at - 1];
+            at--;
+        }
+        cd[at] = e;
+    }
 }
 
 static int by_index(const void *a, const void *b) {
@@ -148,9 +170,9 @@ static int64_t run_task(const sel_job *j, const sel_bufs *b, double *score, cand
         cd[c].u = u;
         c++;
     }
-    qsort(cd, (size_t)c, sizeof(cand), by_score);
     int64_t kept = c < opt->sel_count ? c : opt->sel_count;
     if (kept < 2 && c >= 2) kept = 2; /* the two forced blocks always */
+    keep_best(cd, c, kept);
     qsort(cd, (size_t)kept, sizeof(cand), by_index);
     for (int64_t x = 0; x < kept; x++) chosen[x] = (int32_t)cd[x].u;
     return kept;
