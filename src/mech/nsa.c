@@ -277,10 +277,6 @@ attn_status attn_nsa_select(attn_ctx *ctx, const attn_params *p, const attn_nsa_
 
 /* ------------------------------------------------------------ forward */
 
-static int64_t numel4(const attn_tensor *t) {
-    return t->shape[0] * t->shape[1] * t->shape[2] * t->shape[3];
-}
-
 /* Contiguous row-major f32: the mixing loops then run on plain arrays. */
 static bool dense_f32(const attn_tensor *t) {
     if (t->dtype != ATTN_F32) return false;
@@ -593,54 +589,21 @@ attn_status attn_nsa_backward(attn_ctx *ctx, const attn_params *p, const attn_ns
             st = attn_err(ATTN_ERR_NOMEM, "out of memory for NSA gradients");
     }
 
-    const bool fast = dense_f32(gates) && dense_f32(dout) && dense_f32(saved_o) &&
-                      dense_f32(dq) && dense_f32(dk) && dense_f32(dv) && dense_f32(dkc) &&
-                      dense_f32(dvc) && dense_f32(dgates) && dense_f32(&db);
-    const int64_t rows = b0->n * b0->h;
+    /* (all-f32 gradients on the CPU took backward_streamed: what is left
+     * here is the reference, or 16-bit gradients summed in f32 once) */
     for (int br = 0; br < BRANCHES && st == ATTN_OK; br++) {
-        if (fast) {
-            const float *g = gates->data, *d0 = dout->data;
-            float *d1 = db.data;
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t e = 0; e < b0->dv; e++) d1[r * b0->dv + e] = g[r * 3 + br] * d0[r * b0->dv + e];
-        } else {
-            for (int64_t i = 0; i < b0->n; i++)
-                for (int64_t h = 0; h < b0->h; h++) {
-                    double gt = attn_load_f64(gates, attn_off4(gates, 0, i, h, br));
-                    for (int64_t e = 0; e < b0->dv; e++)
-                        attn_store_f64(&db, attn_off4(&db, 0, i, h, e),
-                                       gt * attn_load_f64(dout, attn_off4(dout, 0, i, h, e)));
-                }
-        }
+        for (int64_t i = 0; i < b0->n; i++)
+            for (int64_t h = 0; h < b0->h; h++) {
+                double gt = attn_load_f64(gates, attn_off4(gates, 0, i, h, br));
+                for (int64_t e = 0; e < b0->dv; e++)
+                    attn_store_f64(&db, attn_off4(&db, 0, i, h, e),
+                                   gt * attn_load_f64(dout, attn_off4(dout, 0, i, h, e)));
+            }
         attn_tensor ob = mech_part(saved_o, BRANCHES, br), lb = mech_part(saved_lse, BRANCHES, br);
         const attn_tensor *kk = br == BRANCH_CMP ? kc : k, *vv = br == BRANCH_CMP ? vc : v;
         st = mech_backward(ctx, &pr.br[br], q, kk, vv, &ob, &lb, &db, &gq[br], &gk[br], &gv[br]);
     }
-    if (st == ATTN_OK && fast) { /* the same sums on plain arrays */
-        const int64_t nq = rows * b0->d;
-        float *q0 = dq->data;
-        const float *a = gq[0].data, *b = gq[1].data, *c = gq[2].data;
-        for (int64_t x = 0; x < nq; x++) q0[x] = a[x] + b[x] + c[x];
-        attn_tensor *dst[2] = {dk, dv}, *dstc[2] = {dkc, dvc};
-        attn_tensor *gs[2] = {gk, gv};
-        for (int w = 0; w < 2; w++) {
-            int64_t n1 = numel4(dst[w]), nc = numel4(dstc[w]);
-            const float *s1 = gs[w][BRANCH_SEL].data, *s2 = gs[w][BRANCH_WIN].data,
-                        *s3 = gs[w][BRANCH_CMP].data;
-            float *o1 = dst[w]->data, *o2 = dstc[w]->data;
-            for (int64_t x = 0; x < n1; x++) o1[x] = s1[x] + s2[x];
-            memcpy(o2, s3, (size_t)nc * sizeof(float));
-        }
-        const float *d0 = dout->data, *so = saved_o->data;
-        float *dg = dgates->data;
-        for (int64_t r = 0; r < rows; r++)
-            for (int br = 0; br < BRANCHES; br++) {
-                float acc = 0.0f;
-                const float *orow = so + ((int64_t)br * rows + r) * b0->dv;
-                for (int64_t e = 0; e < b0->dv; e++) acc += d0[r * b0->dv + e] * orow[e];
-                dg[r * 3 + br] = acc;
-            }
-    } else if (st == ATTN_OK) {
+    if (st == ATTN_OK) {
         for (int64_t x = 0; x < b0->n * b0->h * b0->d; x++) { /* dq: all three */
             int64_t i = x / (b0->h * b0->d), h = (x / b0->d) % b0->h, e = x % b0->d;
             double s = 0.0;
