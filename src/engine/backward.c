@@ -389,10 +389,11 @@ static void run_task(const bwd_args *a, const bwd_bufs *b, int64_t bi, int64_t h
                     b->row);
         }
     }
+    const bool read_back = p->out_gate && p->out_accumulate;
     for (int64_t gi = g0; gi < g1; gi++)
         for (int64_t i = 0; i < n; i++) {
-            if (p->out_gate && p->out_accumulate && i % 32 == 0) /* read back: ask ahead */
-                rows_prefetch(a->dq, sq.tb, sq.q0 + i + 32, i + 64 <= n ? 32 : n - i - 32 > 0 ? n - i - 32 : 0,
+            if (read_back && i % 32 == 0 && i + 32 < n) /* dq rows read back: the next 32 */
+                rows_prefetch(a->dq, sq.tb, sq.q0 + i + 32, n - i - 32 < 32 ? n - i - 32 : 32,
                               hk * g + gi, 1);
             put_row(a, a->dq, attn_off4(a->dq, sq.tb, sq.q0 + i, hk * g + gi, 0), d,
                     b->dq + ((gi - g0) * n + i) * d, b->row);

@@ -243,8 +243,9 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
     const int64_t i0 = qb * bq, nq = (i0 + bq <= sq.n) ? bq : sq.n - i0;
     const float qscale = p->softcap > 0.0f ? p->scale : p->scale * LOG2E;
 
+    const bool read_back = p->out_gate && p->out_accumulate;
     rows_prefetch(q, sq.tb, sq.q0 + i0, nq, h, 0);
-    rows_prefetch(o, sq.tb, sq.q0 + i0, nq, h, 1);
+    if (!read_back) rows_prefetch(o, sq.tb, sq.q0 + i0, nq, h, 1); /* else asked for at the end */
     for (int64_t c = 0; c < nq; c++) {
         rows_load(kr, q, attn_off4(q, sq.tb, sq.q0 + i0 + c, h, 0), d, b->row);
         for (int64_t x = 0; x < d; x++) b->qt[x * bq + c] = b->row[x] * qscale;
@@ -278,7 +279,7 @@ static void run_task(const attn_ctx *ctx, const attn_problem *p, const attn_tens
         }
     }
 
-    if (p->out_gate && p->out_accumulate) /* read below: ask for all rows at once */
+    if (read_back) /* read below: ask for all rows at once */
         rows_prefetch(o, sq.tb, sq.q0 + i0, nq, h, 1);
     for (int64_t c = 0; c < nq; c++) {
         float *orow = b->o + c * dv;
