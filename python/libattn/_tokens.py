@@ -30,20 +30,18 @@ _I = ctypes.c_int
 _I64 = ctypes.c_int64
 
 HAS_SPATTEN = hasattr(_lib.lib, "attn_token_importance")
-HAS_CATANET = hasattr(_lib.lib, "attn_catanet_forward")
 # the forward's LSE outputs came with the backward: a library without
-# attn_catanet_backward has the forward without them (group_out 10th)
-HAS_CATANET_BACKWARD = HAS_CATANET and hasattr(_lib.lib, "attn_catanet_backward")
+# attn_catanet_backward has another forward signature, so neither is bound
+HAS_CATANET = hasattr(_lib.lib, "attn_catanet_backward")
+HAS_CATANET_BACKWARD = HAS_CATANET
 if HAS_SPATTEN:
     _importance = _lib._sig("attn_token_importance", _I, _P, _P, _P, _P, _P, _P)
     _top = _lib._sig("attn_top_tokens", _I, _P, _I64, _I64, _P)
     _select = _lib._sig("attn_select_tokens", _I, _P, _P, _I64, _P, _P)
     _head_importance = _lib._sig("attn_head_importance", _I, _P, _P, _P)
-if HAS_CATANET_BACKWARD:
+if HAS_CATANET:
     _catanet = _lib._sig("attn_catanet_forward", _I, *[_P] * 12)
     _catanet_bwd = _lib._sig("attn_catanet_backward", _I, *[_P] * 16)
-elif HAS_CATANET:
-    _catanet = _lib._sig("attn_catanet_forward", _I, *[_P] * 10)
 
 
 def _need(flag, name):
@@ -162,9 +160,7 @@ def catanet_attention(q, k, v, feats, centres, *, scale=None, return_lse=False,
     also each token's group, int64 [N] (q's kind), last.
     scale only (no mask, no softcap).
     """
-    _need(HAS_CATANET, "attn_catanet_forward")
-    if return_lse:
-        _need(HAS_CATANET_BACKWARD, "CATANet LSE outputs (attn_catanet_backward)")
+    _need(HAS_CATANET, "attn_catanet_forward with LSE outputs")
     pq, oq, sq, dq, tq = _view(q, "q")
     pk, ok, sk, dk, _ = _view(k, "k")
     pv, ov, sv, dv, _ = _view(v, "v")
@@ -175,9 +171,8 @@ def catanet_attention(q, k, v, feats, centres, *, scale=None, return_lse=False,
     li, pli = _empty(tq, (sq[0], sq[2], sq[1]), F32) if return_lse else (None, None)
     lx, plx = _empty(tq, (sq[0], sq[2], sq[1]), F32) if return_lse else (None, None)
     grp = np.zeros(sq[1], dtype=np.int64)
-    lses = (pli, plx) if HAS_CATANET_BACKWARD else ()
     _lib.check(_catanet(_ctx_for(ctx, dq), _params(scale, 0.0, False, None), pf, pc, pq, pk, pv,
-                        poi, pox, *lses, grp.ctypes.data))
+                        poi, pox, pli, plx, grp.ctypes.data))
     out = (oi, ox) + ((li, lx) if return_lse else ())
     return out + (_kind(grp, tq),) if return_groups else out
 
